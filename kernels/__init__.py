@@ -1,0 +1,1 @@
+"""Triton kernels (maths only, no policy). Installed as ``simnpo_fast.kernels``."""

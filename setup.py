@@ -1,0 +1,43 @@
+"""simnpo-fast: fused, memory-frugal LLM unlearning (SimNPO, NPO, GA, GradDiff)."""
+from setuptools import setup
+
+setup(
+    name="simnpo-fast",
+    version="0.1.0",
+    description="Fused Triton / chunked-PyTorch SimNPO unlearning losses and a lean FSDP2 unlearning loop",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # The Triton kernels live in the top-level kernels/ folder of the repository but are installed as
+    # simnpo_fast.kernels (a bare top-level "kernels" package would clash with an unrelated PyPI package).
+    packages=[
+        "simnpo_fast",
+        "simnpo_fast.backends",
+        "simnpo_fast.objectives",
+        "simnpo_fast.data",
+        "simnpo_fast.kernels",
+    ],
+    package_dir={"simnpo_fast.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "pyyaml",
+        "tqdm",
+        "safetensors",
+        "transformers>=4.46",
+        "tokenizers",
+        "datasets",
+        "scipy",
+        "rouge-score",
+        "matplotlib",
+        "psutil",
+        "triton; platform_system=='Linux'",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-benchmark", "pytest-timeout"],
+        "bench": ["liger-kernel", "cut-cross-entropy", "matplotlib", "pytest-benchmark"],
+        "gpu": ["flash-attn"],
+        "lora": ["peft"],
+    },
+    entry_points={"console_scripts": ["simnpo-fast=simnpo_fast.cli:main"]},
+)

@@ -1,0 +1,24 @@
+"""simnpo-fast: fused, memory-frugal LLM unlearning.
+
+The public surface is small::
+
+    sequence_logprob(hidden, weight, labels)          -> (logp_sum [B], n_tokens [B])
+    simnpo_loss / npo_loss / ga_loss / nll_loss       -> scalar (or [B] with reduction="none")
+    FusedSimNPOLoss, FusedNPOLoss, FusedNLLLoss, FusedGALoss, UnlearningLoss   (nn.Modules)
+
+No function holds the [tokens, vocab] logits unless backend="reference" is asked for.
+"""
+from .backends import available_backends, get_backend
+from .modules import (FusedGALoss, FusedNLLLoss, FusedNPOLoss, FusedSimNPOLoss, LossOutput,
+                      UnlearningLoss)
+from .objectives import GA, NLL, NPO, OBJECTIVES, SequenceObjective, SimNPO
+from .ops import (fused_sequence_loss, ga_loss, nll_loss, npo_loss, sequence_logprob, simnpo_loss)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "sequence_logprob", "simnpo_loss", "npo_loss", "ga_loss", "nll_loss", "fused_sequence_loss",
+    "FusedSimNPOLoss", "FusedNPOLoss", "FusedNLLLoss", "FusedGALoss", "UnlearningLoss", "LossOutput",
+    "SequenceObjective", "SimNPO", "NPO", "GA", "NLL", "OBJECTIVES",
+    "available_backends", "get_backend", "__version__",
+]

@@ -1,0 +1,74 @@
+"""The contract every backend implements.
+
+Notation: ``x [M, d]`` packed hidden rows (all targets valid), ``w [V, d]``, optional ``b [V]``,
+``targets [M]``. Per token ``lp_t = z_t[y_t] - logsumexp(z_t)`` with ``z_t = x_t W^T + b``. A sequence's
+``logp_sum`` is the sum of its ``lp_t``. For a scalar loss ``L = sum_i f_i(logp_sum_i) / normalizer`` the
+gradient of the logits of token ``t`` of sequence ``i`` is ``g_i (onehot(y_t) - softmax(z_t))`` with
+``g_i = f_i'(logp_sum_i) / normalizer``: one number per *sequence*, known only once the whole sequence has
+been seen. Backends therefore offer two paths:
+
+* ``token_logprob`` / ``token_logprob_backward`` -- the generic path (any loss on top, e.g. a
+  ``reduction="none"`` output): forward keeps the per-token ``lse`` (O(M) floats) and the backward
+  recomputes the logits tiles and folds the per-token scale ``g_t`` in before the two GEMMs (8 M d V flops).
+* ``fused_seq_loss`` -- the scalar-loss path. The default implementation below runs the two halves of the
+  generic path back to back inside the forward; the chunked backend overrides it with a sequence-aligned
+  scheme that computes the gradients while the logits tile is still live (6 M d V flops).
+
+Backends return gradients in fp32; the autograd layer casts them to the parameter dtypes.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+# head(logp_sum_chunk [k] fp32, seq_index_chunk [k] int64) -> (f [k] fp32, df/dlogp_sum [k] fp32)
+Head = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
+
+
+class Backend:
+    name = "base"
+    #: True when the backend builds the autograd graph itself (the reference oracle).
+    autograd_native = False
+
+    def supports(self, device: torch.device) -> bool:  # pragma: no cover - overridden
+        return True
+
+    # -- generic path -------------------------------------------------------------------------------------
+    def token_logprob(self, x, w, b, targets) -> "tuple[torch.Tensor, torch.Tensor]":
+        """Return ``(lp [M] fp32, lse [M] fp32)``; no autograd."""
+        raise NotImplementedError
+
+    def token_logprob_backward(
+        self, x, w, b, targets, lse, grad_lp, need_dx: bool, need_dw: bool, need_db: bool
+    ) -> "tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]":
+        """Gradients of ``sum_t grad_lp[t] * lp_t`` w.r.t. x, w, b (fp32), ``None`` where not needed."""
+        raise NotImplementedError
+
+    # -- scalar-loss path ---------------------------------------------------------------------------------
+    def fused_seq_loss(
+        self,
+        x,
+        w,
+        b,
+        targets,
+        seq_ids,
+        offsets: "list[int]",
+        num_seqs: int,
+        head: Head,
+        need_dx: bool,
+        need_dw: bool,
+        need_db: bool,
+    ):
+        """Return ``(loss_sum, logp_sum [S], dx, dw, db)`` with ``loss_sum = sum_i f_i`` (unnormalised)."""
+        lp, lse = self.token_logprob(x, w, b, targets)
+        logp_sum = torch.zeros(num_seqs, dtype=torch.float32, device=x.device).index_add_(0, seq_ids, lp)
+        idx = torch.arange(num_seqs, device=x.device)
+        f, g = head(logp_sum, idx)
+        loss_sum = f.sum()
+        dx = dw = db = None
+        if need_dx or need_dw or need_db:
+            dx, dw, db = self.token_logprob_backward(
+                x, w, b, targets, lse, g.index_select(0, seq_ids), need_dx, need_dw, need_db
+            )
+        return loss_sum, logp_sum, dx, dw, db

@@ -1,0 +1,208 @@
+"""Pure-PyTorch chunked backend: the CPU path and the fallback everywhere.
+
+Chunk rule (the largest temporary is one fp32 logits tile ``[R, V]``)::
+
+    R = max(128, d // 2)          # override: chunk_rows= or SIMNPO_FAST_CHUNK_ROWS
+
+so a tile holds at most half as many floats as the fp32 LM-head gradient ``[V, d]`` that any training step
+must hold anyway (and at least 128 rows so the GEMMs stay efficient). Memory therefore does not grow with
+the number of tokens beyond the gradients themselves.
+
+Scalar losses use a *sequence-aligned* schedule: whole sequences are grouped into tiles of <= R rows, so
+every sequence's ``logp_sum`` -- hence its weight ``g_i`` -- is complete while its logits tile is still
+live, and the tile is turned into ``dX`` and ``dW`` at once (one logits GEMM + two gradient GEMMs = 6MdV).
+A sequence longer than R answer tokens cannot fit one tile; it is handled in two passes over R-row token
+tiles (first its ``logp_sum``, then the gradient with the logits recomputed: 8 x its share of MdV).
+
+Within a tile the softmax is done in place in four passes with no second [R, V] buffer:
+``m = max z``; ``z <- exp(z - m)``; ``s = sum z``; ``z <- -(g / s) z``; ``z[t, y_t] += g``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from .base import Backend, Head
+
+_MIN_ROWS = 128
+
+
+def chunk_rows(d: int, override: Optional[int] = None) -> int:
+    if override is None:
+        env = os.environ.get("SIMNPO_FAST_CHUNK_ROWS")
+        override = int(env) if env else None
+    if override is not None:
+        if override < 1:
+            raise ValueError(f"chunk_rows must be >= 1, got {override}")
+        return int(override)
+    return max(_MIN_ROWS, d // 2)
+
+
+def acc_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp32 accumulation whatever the input precision (fp64 inputs keep fp64)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _logits(xc: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+    """fp32 logits tile. Low-precision inputs use the native GEMM (fp32 accumulation inside) then upcast."""
+    z = torch.mm(xc, w.t())
+    if z.dtype not in (torch.float32, torch.float64):
+        z = z.float()
+    if b is not None:
+        z.add_(b.to(z.dtype))
+    return z
+
+
+def _lse_inplace(z: torch.Tensor):
+    """Turn z into exp(z - max) in place; return (max, sum) so that lse = max + log(sum)."""
+    m = z.amax(dim=1)
+    z.sub_(m.unsqueeze(1)).exp_()
+    return m, z.sum(dim=1)
+
+
+class _Grads:
+    """fp32 accumulators, allocated only for what autograd needs."""
+
+    def __init__(self, x, w, b, need_dx, need_dw, need_db):
+        f32 = acc_dtype(x)
+        self.dx = torch.empty(x.shape, dtype=f32, device=x.device) if need_dx else None
+        self.dw = torch.zeros(w.shape, dtype=f32, device=w.device) if need_dw else None
+        self.db = torch.zeros(w.shape[0], dtype=f32, device=w.device) if (need_db and b is not None) else None
+        self.any = need_dx or need_dw or self.db is not None
+
+    def add_tile(self, p: torch.Tensor, xc: torch.Tensor, w: torch.Tensor, r0: int, r1: int):
+        """p is the fp32 d_logits tile of rows [r0, r1)."""
+        if self.db is not None:
+            self.db.add_(p.sum(dim=0))
+        pl = p if p.dtype == w.dtype else p.to(w.dtype)
+        if self.dx is not None:
+            self.dx[r0:r1] = torch.mm(pl, w)
+        if self.dw is not None:
+            if pl.dtype == self.dw.dtype:
+                self.dw.addmm_(pl.t(), xc)
+            else:
+                self.dw.add_(torch.mm(pl.t(), xc))
+
+
+def _to_dlogits_(p, s, g, tgt):
+    """p = exp(z - m) (in place) -> g * (onehot - softmax)."""
+    p.mul_((-g / s).unsqueeze(1))
+    p.scatter_add_(1, tgt.unsqueeze(1), g.unsqueeze(1))
+    return p
+
+
+class ChunkedBackend(Backend):
+    name = "chunked"
+
+    def __init__(self, chunk_rows: Optional[int] = None):
+        self._rows = chunk_rows
+
+    def supports(self, device) -> bool:
+        return True
+
+    def rows(self, d: int) -> int:
+        return chunk_rows(d, self._rows)
+
+    # -- generic path -------------------------------------------------------------------------------------
+    def token_logprob(self, x, w, b, targets):
+        M = x.shape[0]
+        R = self.rows(x.shape[1])
+        lp = torch.empty(M, dtype=acc_dtype(x), device=x.device)
+        lse = torch.empty(M, dtype=acc_dtype(x), device=x.device)
+        for r0 in range(0, M, R):
+            r1 = min(M, r0 + R)
+            z = _logits(x[r0:r1], w, b)
+            tgt = z.gather(1, targets[r0:r1].unsqueeze(1)).squeeze(1)
+            m, s = _lse_inplace(z)
+            lse[r0:r1] = m + s.log()
+            lp[r0:r1] = tgt - lse[r0:r1]
+            del z
+        return lp, lse
+
+    def token_logprob_backward(self, x, w, b, targets, lse, grad_lp, need_dx, need_dw, need_db):
+        M = x.shape[0]
+        R = self.rows(x.shape[1])
+        acc = _Grads(x, w, b, need_dx, need_dw, need_db)
+        if not acc.any:
+            return None, None, None
+        grad_lp = grad_lp.to(acc_dtype(x))
+        for r0 in range(0, M, R):
+            r1 = min(M, r0 + R)
+            xc = x[r0:r1]
+            z = _logits(xc, w, b)
+            z.sub_(lse[r0:r1].unsqueeze(1)).exp_()  # softmax, using the saved lse
+            ones = torch.ones(r1 - r0, dtype=grad_lp.dtype, device=x.device)
+            p = _to_dlogits_(z, ones, grad_lp[r0:r1], targets[r0:r1])
+            acc.add_tile(p, xc, w, r0, r1)
+            del z, p
+        return acc.dx, acc.dw, acc.db
+
+    # -- scalar-loss path: sequence-aligned, gradients while the tile is live ------------------------------
+    def fused_seq_loss(self, x, w, b, targets, seq_ids, offsets, num_seqs, head: Head, need_dx, need_dw, need_db):
+        dev = x.device
+        R = self.rows(x.shape[1])
+        acc = _Grads(x, w, b, need_dx, need_dw, need_db)
+        acc_t = acc_dtype(x)
+        logp_sum = torch.zeros(num_seqs, dtype=acc_t, device=dev)
+        loss_sum = torch.zeros((), dtype=acc_t, device=dev)
+        for kind, s0, s1 in _schedule(offsets, R):
+            r0, r1 = offsets[s0], offsets[s1]
+            sidx = torch.arange(s0, s1, device=dev)
+            if kind == "tile":  # whole sequences s0..s1-1 in one tile
+                xc, tgt = x[r0:r1], targets[r0:r1]
+                z = _logits(xc, w, b)
+                zt = z.gather(1, tgt.unsqueeze(1)).squeeze(1)
+                m, s = _lse_inplace(z)
+                lp = zt - m - s.log()
+                local = seq_ids[r0:r1] - s0
+                seq_lp = torch.zeros(s1 - s0, dtype=acc_t, device=dev).index_add_(0, local, lp)
+                logp_sum[s0:s1] = seq_lp
+                f, g = head(seq_lp, sidx)
+                loss_sum += f.sum()
+                if acc.any:
+                    p = _to_dlogits_(z, s, g.index_select(0, local), tgt)
+                    acc.add_tile(p, xc, w, r0, r1)
+                    del p
+                del z
+            else:  # one long sequence: two passes over token tiles
+                lp, lse = self.token_logprob(x[r0:r1], w, b, targets[r0:r1])
+                seq_lp = lp.sum().reshape(1)
+                logp_sum[s0] = seq_lp[0]
+                f, g = head(seq_lp, sidx)
+                loss_sum += f.sum()
+                if acc.any:
+                    for t0 in range(r0, r1, R):
+                        t1 = min(r1, t0 + R)
+                        xc = x[t0:t1]
+                        z = _logits(xc, w, b)
+                        z.sub_(lse[t0 - r0 : t1 - r0].unsqueeze(1)).exp_()
+                        gt = g.expand(t1 - t0).contiguous()
+                        p = _to_dlogits_(z, torch.ones_like(gt), gt, targets[t0:t1])
+                        acc.add_tile(p, xc, w, t0, t1)
+                        del z, p
+        # Sequences with no answer token never enter a tile; the head still defines their (zero) loss.
+        return loss_sum, logp_sum, acc.dx, acc.dw, acc.db
+
+
+def _schedule(offsets: "list[int]", R: int):
+    """Group consecutive sequences into tiles of <= R rows; sequences longer than R get a 'long' entry."""
+    S = len(offsets) - 1
+    out = []
+    s = 0
+    while s < S:
+        n = offsets[s + 1] - offsets[s]
+        if n == 0:
+            s += 1
+            continue
+        if n > R:
+            out.append(("long", s, s + 1))
+            s += 1
+            continue
+        e = s + 1
+        while e < S and offsets[e + 1] - offsets[s] <= R:
+            e += 1
+        out.append(("tile", s, e))
+        s = e
+    return out

@@ -1,0 +1,9 @@
+"""Unlearning objectives: one small file each on :class:`SequenceObjective`."""
+from .base import REDUCTIONS, SequenceObjective
+from .nll import GA, NLL
+from .npo import NPO
+from .simnpo import SimNPO
+
+OBJECTIVES = {cls.name: cls for cls in (SimNPO, NPO, GA, NLL)}
+
+__all__ = ["SequenceObjective", "SimNPO", "NPO", "GA", "NLL", "OBJECTIVES", "REDUCTIONS"]

@@ -1,0 +1,201 @@
+"""Functional API: fused LM head + log-softmax + target gather + per-sequence reduction + objective.
+
+None of these functions holds a ``[tokens, V]`` logits tensor unless the ``reference`` backend is asked for.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional, Union
+
+import torch
+
+from ._inputs import check_inputs, pack
+from .backends import Backend, get_backend
+from .objectives import GA, NLL, NPO, SequenceObjective, SimNPO
+from .objectives.base import check_reduction
+
+BackendArg = Union[None, str, Backend]
+
+
+class _SeqLogprob(torch.autograd.Function):
+    """logp_sum [S] with a recomputing backward: any loss may be built on top of it."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, targets, seq_ids, num_seqs, backend):
+        lp, lse = backend.token_logprob(x, w, b, targets)
+        out = torch.zeros(num_seqs, dtype=lp.dtype, device=x.device).index_add_(0, seq_ids, lp)
+        ctx.save_for_backward(x, w, b, targets, seq_ids, lse)
+        ctx.backend = backend
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, w, b, targets, seq_ids, lse = ctx.saved_tensors
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        g = grad_out.to(lse.dtype).index_select(0, seq_ids)
+        dx, dw, db = ctx.backend.token_logprob_backward(
+            x, w, b, targets, lse, g, need_dx, need_dw, need_db and b is not None
+        )
+        return (
+            None if dx is None else dx.to(x.dtype),
+            None if dw is None else dw.to(w.dtype),
+            None if db is None else db.to(b.dtype),
+            None, None, None, None,
+        )
+
+
+class _FusedSeqLoss(torch.autograd.Function):
+    """Scalar loss whose gradients are computed during the forward (they only need scaling afterwards)."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, targets, seq_ids, offsets, num_seqs, backend, head, scale, want_grad):
+        need = [want_grad and n for n in ctx.needs_input_grad[:3]]
+        need[2] = need[2] and b is not None
+        loss_sum, logp_sum, dx, dw, db = backend.fused_seq_loss(
+            x, w, b, targets, seq_ids, offsets, num_seqs, head, *need
+        )
+        ctx.grads = []
+        for grad, ref in ((dx, x), (dw, w), (db, b)):
+            ctx.grads.append(None if grad is None else (grad.mul_(scale).to(ref.dtype)))
+        ctx.mark_non_differentiable(logp_sum)
+        return loss_sum * scale, logp_sum
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, _grad_logp):
+        grads = ctx.grads
+        ctx.grads = None
+        out = [None if g is None else g * grad_loss.to(g.dtype) for g in grads]
+        return (*out, None, None, None, None, None, None, None, None)
+
+
+def _make_head(objective: SequenceObjective, n_tokens: torch.Tensor, extras: dict):
+    def head(logp_chunk: torch.Tensor, idx: torch.Tensor):
+        with torch.enable_grad():
+            s = logp_chunk.detach().requires_grad_(True)
+            sub = {k: v.index_select(0, idx) for k, v in extras.items()}
+            f = objective(s, n_tokens.index_select(0, idx), **sub)
+            (g,) = torch.autograd.grad(f.sum(), s)
+        return f.detach(), g
+
+    return head
+
+
+def _prepare(hidden, weight, labels, bias, ignore_index, shift):
+    check_inputs(hidden, weight, labels, bias, ignore_index)
+    return pack(hidden, labels, ignore_index=ignore_index, shift=shift)
+
+
+def sequence_logprob(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    shift: bool = True,
+    backend: BackendArg = None,
+):
+    """Summed answer log-likelihood and answer-token count of each sequence.
+
+    Returns ``(logp_sum [B] fp32, n_tokens [B] int64)``. Differentiable w.r.t. hidden, weight and bias;
+    the backward recomputes the logits tiles (no ``[B*T, V]`` tensor is ever held).
+    """
+    pk = _prepare(hidden, weight, labels, bias, ignore_index, shift)
+    be = get_backend(backend, hidden.device)
+    if be.autograd_native:
+        lp = be.token_logprob_autograd(pk.x, weight, bias, pk.targets)
+        out = torch.zeros(pk.num_seqs, dtype=lp.dtype, device=lp.device).index_add(0, pk.seq_ids, lp)
+        return out, pk.n_tokens
+    out = _SeqLogprob.apply(pk.x, weight, bias, pk.targets, pk.seq_ids, pk.num_seqs, be)
+    return out, pk.n_tokens
+
+
+def fused_sequence_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    objective: SequenceObjective,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    normalizer: Optional[float] = None,
+    shift: bool = True,
+    backend: BackendArg = None,
+    return_logp: bool = False,
+    **extras: torch.Tensor,
+):
+    """Any :class:`SequenceObjective` on top of the fused LM head (see ``objectives/base.py``).
+
+    With ``return_logp=True`` also returns the detached ``(logp_sum [B], n_tokens [B])`` that were computed
+    on the way (free: e.g. the trainer logs the forget-set log-likelihood from them).
+    """
+    check_reduction(reduction, normalizer)
+    pk = _prepare(hidden, weight, labels, bias, ignore_index, shift)
+    be = get_backend(backend, hidden.device)
+    B = pk.num_seqs
+    for k, v in extras.items():
+        if not isinstance(v, torch.Tensor) or v.shape != (B,):
+            raise ValueError(f"{k} must be a tensor of shape [{B}] (one value per sequence), got "
+                             f"{getattr(v, 'shape', type(v).__name__)}")
+        extras[k] = v.detach().to(device=hidden.device, dtype=torch.float32)
+
+    if reduction == "none":
+        logp, n = sequence_logprob(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
+                                   shift=shift, backend=be)
+        f = objective(logp, n, **extras)
+        return (f, logp.detach(), n) if return_logp else f
+
+    if reduction == "mean" and normalizer is None:
+        denom = objective.denominator(pk.n_tokens)
+    else:
+        denom = float(normalizer) if normalizer is not None else 1.0
+    if pk.x.shape[0] == 0:
+        warnings.warn("every label is ignore_index: the loss is 0 and all gradients are zero", stacklevel=2)
+    scale = 1.0 / denom if denom > 0 else 0.0
+
+    if be.autograd_native:
+        lp = be.token_logprob_autograd(pk.x, weight, bias, pk.targets)
+        logp = torch.zeros(B, dtype=lp.dtype, device=lp.device).index_add(0, pk.seq_ids, lp)
+        loss = objective(logp, pk.n_tokens, **extras).sum() * scale
+        logp = logp.detach()
+    else:
+        head = _make_head(objective, pk.n_tokens, extras)
+        loss, logp = _FusedSeqLoss.apply(
+            pk.x, weight, bias, pk.targets, pk.seq_ids, pk.offsets, B, be, head, scale,
+            torch.is_grad_enabled(),
+        )
+    return (loss, logp, pk.n_tokens) if return_logp else loss
+
+
+def simnpo_loss(hidden, weight, labels, *, beta: float = 2.5, gamma: float = 0.0, bias=None,
+                ignore_index: int = -100, reduction: str = "mean", normalizer=None, shift: bool = True,
+                backend: BackendArg = None):
+    """SimNPO: ``-(2/beta) * logsigmoid(-(beta/|y|) * log p(y|x) - gamma)``, mean over forget sequences."""
+    return fused_sequence_loss(hidden, weight, labels, SimNPO(beta, gamma), bias=bias,
+                               ignore_index=ignore_index, reduction=reduction, normalizer=normalizer,
+                               shift=shift, backend=backend)
+
+
+def npo_loss(hidden, weight, labels, ref_logp_sum, *, beta: float = 0.1, bias=None, ignore_index: int = -100,
+             reduction: str = "mean", normalizer=None, shift: bool = True, backend: BackendArg = None):
+    """NPO: ``-(2/beta) * logsigmoid(-beta * (log p - log p_ref))`` with summed log-likelihoods."""
+    return fused_sequence_loss(hidden, weight, labels, NPO(beta), bias=bias, ignore_index=ignore_index,
+                               reduction=reduction, normalizer=normalizer, shift=shift, backend=backend,
+                               ref_logp_sum=ref_logp_sum)
+
+
+def nll_loss(hidden, weight, labels, *, bias=None, ignore_index: int = -100, reduction: str = "mean",
+             normalizer=None, shift: bool = True, backend: BackendArg = None):
+    """Retain NLL: token-mean cross-entropy over answer tokens (or the sum divided by ``normalizer``)."""
+    return fused_sequence_loss(hidden, weight, labels, NLL(), bias=bias, ignore_index=ignore_index,
+                               reduction=reduction, normalizer=normalizer, shift=shift, backend=backend)
+
+
+def ga_loss(hidden, weight, labels, *, bias=None, ignore_index: int = -100, reduction: str = "mean",
+            normalizer=None, shift: bool = True, backend: BackendArg = None):
+    """Gradient ascent: the negated token-mean NLL of the forget answers."""
+    return fused_sequence_loss(hidden, weight, labels, GA(), bias=bias, ignore_index=ignore_index,
+                               reduction=reduction, normalizer=normalizer, shift=shift, backend=backend)
