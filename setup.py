@@ -1,5 +1,5 @@
 """simnpo-fast: fused, memory-frugal LLM unlearning (SimNPO, NPO, GA, GradDiff)."""
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="simnpo-fast",
@@ -10,13 +10,7 @@ setup(
     python_requires=">=3.10",
     # The Triton kernels live in the top-level kernels/ folder of the repository but are installed as
     # simnpo_fast.kernels (a bare top-level "kernels" package would clash with an unrelated PyPI package).
-    packages=[
-        "simnpo_fast",
-        "simnpo_fast.backends",
-        "simnpo_fast.objectives",
-        "simnpo_fast.data",
-        "simnpo_fast.kernels",
-    ],
+    packages=find_packages(include=["simnpo_fast", "simnpo_fast.*"]) + ["simnpo_fast.kernels"],
     package_dir={"simnpo_fast.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",
@@ -39,5 +33,6 @@ setup(
         "gpu": ["flash-attn"],
         "lora": ["peft"],
     },
+    package_data={"simnpo_fast": ["configs/*.yaml"]},
     entry_points={"console_scripts": ["simnpo-fast=simnpo_fast.cli:main"]},
 )
