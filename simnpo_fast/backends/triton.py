@@ -65,3 +65,11 @@ class TritonBackend(Backend):
             x, w, b, targets, lse, grad_lp, self.ignore_index,
             need_dx=need_dx, need_dw=need_dw, need_db=bool(need_db and b is not None),
         )
+
+    def fused_seq_loss(self, x, w, b, targets, seq_ids, offsets, num_seqs, head, need_dx, need_dw, need_db):
+        # Not a speed override: fp64 inputs keep fp64 sums end to end in the chunked backend.
+        if x.dtype == torch.float64:
+            return self._fp64.fused_seq_loss(x, w, b, targets, seq_ids, offsets, num_seqs, head,
+                                             need_dx, need_dw, need_db)
+        return super().fused_seq_loss(x, w, b, targets, seq_ids, offsets, num_seqs, head,
+                                      need_dx, need_dw, need_db)
