@@ -1,0 +1,143 @@
+"""Batching: the padding collator and the forget/retain paired dataset.
+
+The collator builds ``attention_mask`` and the label padding from each example's *length*, never from
+``input_ids == pad_token_id``: with ``pad == eos`` tokenizers a real EOS stays a target (open-unlearning #128).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .formats import DataError, DataWarning, _lines
+from .template import IGNORE_INDEX
+
+
+class DataCollator:
+    """Pad ``{"input_ids", "labels"}`` examples into ``input_ids`` / ``attention_mask`` / ``labels`` tensors.
+
+    ``padding_side`` is ``"right"`` (default, for training) or ``"left"``; ``pad_to_multiple_of`` rounds the
+    padded length up; labels are ``-100`` on padding. Examples without ``labels`` get ``labels = input_ids``.
+    Nested dict examples (e.g. ``{"forget": ex, "retain": ex}``) are collated key by key.
+    """
+
+    def __init__(self, pad_token_id: int, *, padding_side: str = "right", pad_to_multiple_of: int | None = None,
+                 label_pad_id: int = IGNORE_INDEX):
+        if padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+        self.pad_token_id = int(pad_token_id)
+        self.padding_side = padding_side
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.label_pad_id = label_pad_id
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, **kw) -> "DataCollator":
+        """Pad with the tokenizer's pad id (its EOS id when it has none: padding is masked by length anyway)."""
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if pad is None:
+            raise ValueError("the tokenizer has neither a pad nor an eos token")
+        return cls(pad, **kw)
+
+    def __call__(self, features: Sequence[dict]) -> dict:
+        if not features:
+            raise ValueError("cannot collate an empty batch")
+        first = features[0]
+        if "input_ids" not in first:  # nested: collate every sub-key
+            return {k: self([f[k] for f in features]) for k in first}
+        return self.pad(features)
+
+    def pad(self, features: Sequence[dict]) -> dict[str, torch.Tensor]:
+        lengths = [len(f["input_ids"]) for f in features]
+        width = max(lengths)
+        m = self.pad_to_multiple_of
+        if m:
+            width = -(-width // m) * m
+        n = len(features)
+        ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((n, width), self.label_pad_id, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for i, f in enumerate(features):
+            L = lengths[i]
+            lab = f.get("labels", f["input_ids"])
+            if len(lab) != L:
+                raise ValueError(f"example {i}: {len(lab)} labels for {L} input_ids")
+            sl = slice(0, L) if self.padding_side == "right" else slice(width - L, width)
+            ids[i, sl] = torch.as_tensor(f["input_ids"], dtype=torch.long)
+            labels[i, sl] = torch.as_tensor(lab, dtype=torch.long)
+            mask[i, sl] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+class ForgetRetainDataset(torch.utils.data.Dataset):
+    """Each item is ``{"forget": forget[i], "retain": retain[j]}``, one item per forget example.
+
+    The retain partner ``j`` follows a seeded rule, identical on every rank and process:
+
+    * ``pairing="random"`` (default): ``j = perm[i % R]`` with ``perm`` a permutation of the R retain examples
+      drawn from ``(seed, epoch)``; forget examples get distinct partners while ``i < R``.
+    * ``pairing="cycle"``: ``j = (i + offset) % R`` with ``offset`` drawn from ``(seed, epoch)``.
+    * ``pairing="fixed"``: ``j = i % R`` (no randomness).
+
+    :meth:`set_epoch` re-draws the pairing (call it in the main process before creating the epoch's iterator).
+    Examples shared by the two sets (same token ids) raise a :class:`DataWarning` with the count.
+    """
+
+    def __init__(self, forget, retain, *, seed: int = 0, pairing: str = "random", check_overlap: bool = True):
+        if pairing not in ("random", "cycle", "fixed"):
+            raise ValueError(f"pairing must be 'random', 'cycle' or 'fixed', got {pairing!r}")
+        if len(forget) == 0:
+            raise DataError(getattr(forget, "source", "forget"), "the forget set is empty")
+        if len(retain) == 0:
+            raise DataError(getattr(retain, "source", "retain"), "the retain set is empty")
+        self.forget, self.retain = forget, retain
+        self.seed, self.pairing = int(seed), pairing
+        self.epoch = 0
+        self.shared = self._overlap() if check_overlap else []
+        if self.shared:
+            warnings.warn(f"forget and retain share {len(self.shared)} example(s) "
+                          f"(forget items {_lines(self.shared)})", DataWarning, stacklevel=2)
+        self._draw()
+
+    def _overlap(self) -> list[int]:
+        def keys(ds):
+            if hasattr(ds, "keys") and callable(ds.keys):
+                return ds.keys()
+            return [tuple(ds[i]["input_ids"]) for i in range(len(ds))]
+        seen = set(keys(self.retain))
+        return [i for i, k in enumerate(keys(self.forget)) if k in seen]
+
+    def _draw(self) -> None:
+        R = len(self.retain)
+        rng = np.random.default_rng([self.seed, self.epoch])
+        if self.pairing == "random":
+            self._perm = rng.permutation(R)
+        elif self.pairing == "cycle":
+            self._offset = int(rng.integers(R))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        self._draw()
+
+    def retain_index(self, i: int) -> int:
+        R = len(self.retain)
+        if self.pairing == "random":
+            return int(self._perm[i % R])
+        if self.pairing == "cycle":
+            return (i + self._offset) % R
+        return i % R
+
+    def __len__(self) -> int:
+        return len(self.forget)
+
+    def __getitem__(self, i: int) -> dict:
+        if i < 0:
+            i += len(self)
+        return {"forget": self.forget[i], "retain": self.retain[self.retain_index(i)]}
+
+    @property
+    def lengths(self) -> list[int]:
+        """Per item, the longer of its forget and retain example (for length bucketing)."""
+        return [max(len(self.forget[i]["input_ids"]), len(self.retain[self.retain_index(i)]["input_ids"]))
+                for i in range(len(self))]
