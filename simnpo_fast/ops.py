@@ -64,9 +64,9 @@ class _FusedSeqLoss(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_logp):
-        grads = ctx.grads
+        # The buffers are ours alone: scale them in place so dW is never held twice.
+        out = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in ctx.grads]
         ctx.grads = None
-        out = [None if g is None else g * grad_loss.to(g.dtype) for g in grads]
         return (*out, None, None, None, None, None, None, None, None)
 
 

@@ -14,6 +14,9 @@ live, and the tile is turned into ``dX`` and ``dW`` at once (one logits GEMM + t
 A sequence longer than R answer tokens cannot fit one tile; it is handled in two passes over R-row token
 tiles (first its ``logp_sum``, then the gradient with the logits recomputed: 8 x its share of MdV).
 
+Precision: the logits GEMM and the dX GEMM run in the input dtype (fp32 accumulation inside the GEMM);
+the softmax, the per-sequence sums and the dW accumulation are fp32 (fp64 for fp64 inputs).
+
 Within a tile the softmax is done in place in four passes with no second [R, V] buffer:
 ``m = max z``; ``z <- exp(z - m)``; ``s = sum z``; ``z <- -(g / s) z``; ``z[t, y_t] += g``.
 """
@@ -73,17 +76,20 @@ class _Grads:
         self.any = need_dx or need_dw or self.db is not None
 
     def add_tile(self, p: torch.Tensor, xc: torch.Tensor, w: torch.Tensor, r0: int, r1: int):
-        """p is the fp32 d_logits tile of rows [r0, r1)."""
+        """p is the fp32 d_logits tile of rows [r0, r1).
+
+        dX uses the input-precision GEMM (a bf16 GEMM is ~2x faster on CPUs with AVX512-BF16 and on GPUs);
+        dW is accumulated by an fp32 GEMM straight into the fp32 buffer (no per-tile rounding of dW).
+        """
         if self.db is not None:
             self.db.add_(p.sum(dim=0))
-        pl = p if p.dtype == w.dtype else p.to(w.dtype)
         if self.dx is not None:
-            self.dx[r0:r1] = torch.mm(pl, w)
-        if self.dw is not None:
-            if pl.dtype == self.dw.dtype:
-                self.dw.addmm_(pl.t(), xc)
+            if p.dtype == w.dtype:
+                torch.mm(p, w, out=self.dx[r0:r1])
             else:
-                self.dw.add_(torch.mm(pl.t(), xc))
+                self.dx[r0:r1] = torch.mm(p.to(w.dtype), w)
+        if self.dw is not None:
+            self.dw.addmm_(p.t(), xc if xc.dtype == p.dtype else xc.to(p.dtype))
 
 
 def _to_dlogits_(p, s, g, tgt):

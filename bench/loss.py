@@ -1,0 +1,139 @@
+"""SimNPO fwd+bwd: chunked (fused, CPU path) vs reference (naive full logits), plus the GEMM floor.
+
+    python -m bench.loss                      # N=2048 (8 x 256), d=512, V=32000, fp32 + bf16
+    python -m bench.loss --dtypes fp32 --repeats 3 --out /tmp/x
+
+Every variant runs in a fresh subprocess: peak memory is the RSS high-water mark (VmHWM) reached during
+one fwd+bwd minus the RSS just before it (inputs already allocated, libraries warmed up on a small shape;
+the gradients it leaves count, since a training step must hold them). Times are medians over ``--repeats`` fwd+bwd calls after one warm-up.
+The GEMM floor is the time of the three GEMMs any exact method must run (logits, dX, dW: 6NdV flops),
+measured in the same run at the same shapes and dtype.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from bench.common import machine_info, median_time, reset_hwm, rss_kib, run_worker, write_result
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+VARIANTS = ("reference", "chunked")
+
+
+def _inputs(N, d, V, dtype, seq_len=256, seed=0):
+    import torch
+
+    torch.manual_seed(seed)
+    B = max(1, N // seq_len)
+    h = torch.randn(B, seq_len, d).to(dtype).requires_grad_()
+    W = (torch.randn(V, d) / d**0.5).to(dtype).requires_grad_()
+    labels = torch.randint(0, V, (B, seq_len))
+    labels[:, :1] = -100
+    return h, W, labels
+
+
+def worker(args) -> dict:
+    import torch
+
+    import simnpo_fast as sf
+
+    dtype = getattr(torch, DTYPES[args.dtype])
+    N, d, V = args.N, args.d, args.V
+    if args.variant == "gemm":
+        x = torch.randn(N, d).to(dtype)
+        w = torch.randn(V, d).to(dtype)
+        g = torch.randn(N, V).to(dtype)
+        t_fwd, _ = median_time(lambda: torch.mm(x, w.t()), args.repeats)
+        t_dx, _ = median_time(lambda: torch.mm(g, w), args.repeats)
+        t_dw, _ = median_time(lambda: torch.mm(g.t(), x), args.repeats)
+        floor = t_fwd + t_dx + t_dw
+        return {"variant": "gemm", "dtype": args.dtype, "t_logits": t_fwd, "t_dx": t_dx, "t_dw": t_dw,
+                "floor_s": floor, "gemm_gflops": 6 * N * d * V / floor / 1e9}
+
+    def make_step(h, W, labels):
+        def step():
+            h.grad = None
+            W.grad = None
+            loss = sf.simnpo_loss(h, W, labels, beta=2.5, backend=args.variant)
+            loss.backward()
+            return loss
+
+        return step
+
+    make_step(*_inputs(512, d, 1024, dtype))()  # library start-up (thread pools, GEMM buffers) off the books
+    h, W, labels = _inputs(N, d, V, dtype)
+    step = make_step(h, W, labels)
+    base = rss_kib("VmRSS")
+    hwm_reset = reset_hwm()
+    loss = step()
+    peak_kib = rss_kib("VmHWM") - base
+    t, ts = median_time(step, args.repeats, warmup=0)
+    return {
+        "variant": args.variant, "dtype": args.dtype, "N": N, "d": d, "V": V,
+        "median_s": t, "times_s": ts, "peak_extra_mib": peak_kib / 1024, "hwm_reset": hwm_reset,
+        "loss": float(loss), "grad_W_norm": float(W.grad.float().norm()), "grad_h_norm": float(h.grad.float().norm()),
+        "grads_mib": (W.numel() * W.element_size() + h.numel() * h.element_size()) / 2**20,
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--variant", default="chunked")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    p.add_argument("--dtypes", default="fp32,bf16")
+    p.add_argument("--N", type=int, default=2048)
+    p.add_argument("--d", type=int, default=512)
+    p.add_argument("--V", type=int, default=32000)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--scaling", default="8192", help="extra N values for the chunked memory-growth check")
+    p.add_argument("--out", default=None, help="results folder (default bench/results)")
+    args = p.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return 0
+
+    common = ["--N", str(args.N), "--d", str(args.d), "--V", str(args.V), "--repeats", str(args.repeats)]
+    rows, gemm = [], {}
+    for dt in args.dtypes.split(","):
+        gemm[dt] = run_worker("bench.loss", ["--variant", "gemm", "--dtype", dt, *common])
+        for v in VARIANTS:
+            r = run_worker("bench.loss", ["--variant", v, "--dtype", dt, *common])
+            rows.append(r)
+            print(f"{dt:5s} {v:10s} {r['median_s']*1e3:9.1f} ms  peak +{r['peak_extra_mib']:8.1f} MiB", flush=True)
+    scaling = []
+    for n in [int(s) for s in args.scaling.split(",") if s]:
+        r = run_worker("bench.loss", ["--variant", "chunked", "--dtype", "fp32", "--N", str(n), "--d", str(args.d),
+                                      "--V", str(args.V), "--repeats", "1"])
+        scaling.append(r)
+        print(f"fp32  chunked N={n:<6d} peak +{r['peak_extra_mib']:8.1f} MiB (grads {r['grads_mib']:.1f} MiB)")
+
+    summary = []
+    for dt in args.dtypes.split(","):
+        ref = next(r for r in rows if r["dtype"] == dt and r["variant"] == "reference")
+        ch = next(r for r in rows if r["dtype"] == dt and r["variant"] == "chunked")
+        summary.append({
+            "dtype": dt,
+            "time_ratio_vs_reference": ch["median_s"] / ref["median_s"],
+            "memory_ratio_vs_reference": ch["peak_extra_mib"] / ref["peak_extra_mib"],
+            "time_ratio_vs_gemm_floor": ch["median_s"] / gemm[dt]["floor_s"],
+            "reference_vs_gemm_floor": ref["median_s"] / gemm[dt]["floor_s"],
+            "loss_rel_diff": abs(ch["loss"] - ref["loss"]) / abs(ref["loss"]),
+            "grad_W_norm_rel_diff": abs(ch["grad_W_norm"] - ref["grad_W_norm"]) / ref["grad_W_norm"],
+        })
+    print("\n| dtype | chunked / reference time | chunked / reference peak memory | chunked / GEMM floor |")
+    print("|---|---|---|---|")
+    for s in summary:
+        print(f"| {s['dtype']} | {s['time_ratio_vs_reference']:.2f}x | {s['memory_ratio_vs_reference']*100:.1f}% | "
+              f"{s['time_ratio_vs_gemm_floor']:.2f}x |")
+    payload = {"benchmark": "loss", "command": "python -m bench.loss " + " ".join(argv or sys.argv[1:]),
+               "machine": machine_info(), "config": vars(args), "gemm": gemm, "results": rows,
+               "scaling": scaling, "summary": summary}
+    path = write_result("loss", payload, args.out)
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
