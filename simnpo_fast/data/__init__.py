@@ -23,6 +23,7 @@ Batching (``collate``, ``sampler``)::
 
     DataCollator.from_tokenizer(tok, padding_side="right")   -> input_ids / attention_mask / labels tensors
     ForgetRetainDataset(forget, retain, seed=, pairing="random"|"cycle"|"fixed")  items {"forget", "retain"}
+    load_forget_retain(source, tokenizer, "forget10", retain_split=None -> "retain90", ...) -> ForgetRetainDataset
     ShardedBatchSampler(n, batch_size, rank=, world_size=, seed=, drop_last=, lengths=)  set_epoch,
         state_dict(consumed=) / load_state_dict: exact mid-epoch resume; same global batches for any world size
 
@@ -33,7 +34,7 @@ Evaluation views (``views``)::
     CandidateCollator(collator)   -> answer / paraphrased [B, T], perturbed [sum C, T] + perturbed_owner
 """
 from . import synthetic
-from .collate import DataCollator, ForgetRetainDataset
+from .collate import DataCollator, ForgetRetainDataset, load_forget_retain
 from .formats import (RETAIN_OF, TOFU_HUB_ID, TOFU_SPLITS, DataError, DataFileNotFoundError, DataWarning,
                       ReadReport, find_overlap, list_splits, load_muse, load_qa, load_text, load_tofu,
                       read_records, split_path)
@@ -49,6 +50,6 @@ __all__ = [
     "TOFU_SPLITS", "TOFU_HUB_ID", "RETAIN_OF", "DataError", "DataFileNotFoundError", "DataWarning", "ReadReport",
     "PromptTemplate", "TEMPLATES", "get_template", "with_template", "encode_qa", "encode_qa_batch",
     "encode_text_windows", "EncodedDataset", "EncodeReport", "IGNORE_INDEX",
-    "DataCollator", "ForgetRetainDataset", "ShardedBatchSampler",
+    "DataCollator", "ForgetRetainDataset", "load_forget_retain", "ShardedBatchSampler",
     "load_candidates", "encode_candidates", "load_eval_view", "CandidateDataset", "CandidateCollator",
 ]

@@ -141,3 +141,20 @@ class ForgetRetainDataset(torch.utils.data.Dataset):
         """Per item, the longer of its forget and retain example (for length bucketing)."""
         return [max(len(self.forget[i]["input_ids"]), len(self.retain[self.retain_index(i)]["input_ids"]))
                 for i in range(len(self))]
+
+
+def load_forget_retain(source: str, tokenizer, forget_split: str = "forget10", retain_split: str | None = None, *,
+                       template=None, max_length: int = 512, overlong: str = "truncate", seed: int = 0,
+                       pairing: str = "random") -> ForgetRetainDataset:
+    """Load, encode and pair two splits of a TOFU-layout source in one call. ``retain_split`` defaults to the
+    complement of ``forget_split`` (``forget10`` -> ``retain90``)."""
+    from .formats import RETAIN_OF, load_tofu
+    from .template import encode_qa
+
+    if retain_split is None:
+        if forget_split not in RETAIN_OF:
+            raise ValueError(f"no default retain split for {forget_split!r}; pass retain_split")
+        retain_split = RETAIN_OF[forget_split]
+    sets = [encode_qa(load_tofu(source, s), tokenizer, template=template, max_length=max_length, overlong=overlong,
+                      source=f"{source}:{s}") for s in (forget_split, retain_split)]
+    return ForgetRetainDataset(sets[0], sets[1], seed=seed, pairing=pairing)

@@ -196,3 +196,11 @@ def test_dataloader_resume_gives_identical_batches(syn_dir, bpe_tok):
     for a, b in zip(rest, full[4:]):
         for k in ("forget", "retain"):
             assert torch.equal(a[k]["input_ids"], b[k]["input_ids"]) and torch.equal(a[k]["labels"], b[k]["labels"])
+
+
+def test_load_forget_retain_defaults_to_the_complement(tofu_dir, bpe_tok):
+    from simnpo_fast.data import load_forget_retain
+    ds = load_forget_retain(tofu_dir, bpe_tok, "forget05", seed=2)
+    assert len(ds) == 200 and len(ds.retain) == 3800 and ds.shared == []
+    with pytest.raises(ValueError, match="retain_split"):
+        load_forget_retain(tofu_dir, bpe_tok, "full")
