@@ -11,7 +11,7 @@ def test_fused_simnpo_module_equals_function_and_oracle():
     crit = sf.FusedSimNPOLoss(beta=4.5, gamma=0.5)
     got = crit(h, W, labels, b)
     want = oracle_loss("simnpo", h, W, labels, b, beta=4.5, gamma=0.5)
-    assert abs(float(got - want)) < 1e-6 * abs(float(want))
+    assert abs(float(got - want)) < 1e-5 * abs(float(want))
     assert "SimNPO" in repr(crit)
 
 

@@ -175,7 +175,7 @@ def test_gamma_is_the_paper_margin_not_scaled_by_beta():
     got = sf.simnpo_loss(h, W, labels, bias=b, beta=beta, gamma=gamma)
     s, n = oracle_logp(h, W, labels, b)
     by_hand = (-(2 / beta) * torch.log(torch.sigmoid(-(beta / n.double()) * s - gamma))).mean()
-    assert abs(float(got) - float(by_hand)) < 1e-6 * abs(float(by_hand))
+    assert abs(float(got) - float(by_hand)) < 1e-5 * abs(float(by_hand))
 
 
 def test_hand_computed_single_token_case():

@@ -69,10 +69,13 @@ class _Grads:
     """fp32 accumulators, allocated only for what autograd needs."""
 
     def __init__(self, x, w, b, need_dx, need_dw, need_db):
-        f32 = acc_dtype(x)
-        self.dx = torch.empty(x.shape, dtype=f32, device=x.device) if need_dx else None
-        self.dw = torch.zeros(w.shape, dtype=f32, device=w.device) if need_dw else None
-        self.db = torch.zeros(w.shape[0], dtype=f32, device=w.device) if (need_db and b is not None) else None
+        self.acc = acc_dtype(x)
+        self.shape_w = w.shape
+        self.device = w.device
+        self.need_dw = need_dw
+        self.dx = torch.zeros(x.shape, dtype=self.acc, device=x.device) if need_dx else None
+        self.dw = None  # written by the first tile's GEMM (saves a zero-fill pass over [V, d])
+        self.db = torch.zeros(w.shape[0], dtype=self.acc, device=w.device) if (need_db and b is not None) else None
         self.any = need_dx or need_dw or self.db is not None
 
     def add_tile(self, p: torch.Tensor, xc: torch.Tensor, w: torch.Tensor, r0: int, r1: int):
@@ -88,8 +91,17 @@ class _Grads:
                 torch.mm(p, w, out=self.dx[r0:r1])
             else:
                 self.dx[r0:r1] = torch.mm(p.to(w.dtype), w)
-        if self.dw is not None:
-            self.dw.addmm_(p.t(), xc if xc.dtype == p.dtype else xc.to(p.dtype))
+        if self.need_dw:
+            xa = xc if xc.dtype == p.dtype else xc.to(p.dtype)
+            if self.dw is None:
+                self.dw = torch.mm(p.t(), xa)
+            else:
+                self.dw.addmm_(p.t(), xa)
+
+    def finish(self):
+        if self.need_dw and self.dw is None:  # no tile at all (every label ignored)
+            self.dw = torch.zeros(self.shape_w, dtype=self.acc, device=self.device)
+        return self.dx, self.dw, self.db
 
 
 def _to_dlogits_(p, s, g, tgt):
@@ -100,7 +112,11 @@ def _to_dlogits_(p, s, g, tgt):
 
 
 class ChunkedBackend(Backend):
+    """Sequence-aligned tiles with torch GEMMs. The per-tile epilogue (``tile_*`` methods) is the only part a
+    GPU subclass needs to replace by fused kernels; the schedule and the GEMMs stay shared."""
+
     name = "chunked"
+    grads_class = _Grads
 
     def __init__(self, chunk_rows: Optional[int] = None):
         self._rows = chunk_rows
@@ -111,6 +127,25 @@ class ChunkedBackend(Backend):
     def rows(self, d: int) -> int:
         return chunk_rows(d, self._rows)
 
+    # -- tile epilogue ------------------------------------------------------------------------------------
+    def tile_logits(self, xc, w, b):
+        return _logits(xc, w, b)
+
+    def tile_forward(self, z, tgt):
+        """``(lse, target_logit, state)`` of a logits tile; may overwrite ``z`` (here: z <- exp(z - max))."""
+        zt = z.gather(1, tgt.unsqueeze(1)).squeeze(1)
+        m, s = _lse_inplace(z)
+        return m + s.log(), zt, s
+
+    def tile_dlogits(self, z, state, tgt, g):
+        """``g * (onehot - softmax)`` from the tile as ``tile_forward`` left it."""
+        return _to_dlogits_(z, state, g, tgt)
+
+    def tile_dlogits_from_logits(self, z, lse, tgt, g):
+        """``g * (onehot - softmax)`` from a raw logits tile and the saved ``lse``."""
+        z.sub_(lse.unsqueeze(1)).exp_()
+        return _to_dlogits_(z, torch.ones_like(g), g, tgt)
+
     # -- generic path -------------------------------------------------------------------------------------
     def token_logprob(self, x, w, b, targets):
         M = x.shape[0]
@@ -119,37 +154,34 @@ class ChunkedBackend(Backend):
         lse = torch.empty(M, dtype=acc_dtype(x), device=x.device)
         for r0 in range(0, M, R):
             r1 = min(M, r0 + R)
-            z = _logits(x[r0:r1], w, b)
-            tgt = z.gather(1, targets[r0:r1].unsqueeze(1)).squeeze(1)
-            m, s = _lse_inplace(z)
-            lse[r0:r1] = m + s.log()
-            lp[r0:r1] = tgt - lse[r0:r1]
+            z = self.tile_logits(x[r0:r1], w, b)
+            lse_c, zt, _ = self.tile_forward(z, targets[r0:r1])
+            lse[r0:r1] = lse_c
+            lp[r0:r1] = zt - lse_c
             del z
         return lp, lse
 
     def token_logprob_backward(self, x, w, b, targets, lse, grad_lp, need_dx, need_dw, need_db):
         M = x.shape[0]
         R = self.rows(x.shape[1])
-        acc = _Grads(x, w, b, need_dx, need_dw, need_db)
+        acc = self.grads_class(x, w, b, need_dx, need_dw, need_db)
         if not acc.any:
             return None, None, None
         grad_lp = grad_lp.to(acc_dtype(x))
         for r0 in range(0, M, R):
             r1 = min(M, r0 + R)
             xc = x[r0:r1]
-            z = _logits(xc, w, b)
-            z.sub_(lse[r0:r1].unsqueeze(1)).exp_()  # softmax, using the saved lse
-            ones = torch.ones(r1 - r0, dtype=grad_lp.dtype, device=x.device)
-            p = _to_dlogits_(z, ones, grad_lp[r0:r1], targets[r0:r1])
+            z = self.tile_logits(xc, w, b)
+            p = self.tile_dlogits_from_logits(z, lse[r0:r1], targets[r0:r1], grad_lp[r0:r1])
             acc.add_tile(p, xc, w, r0, r1)
             del z, p
-        return acc.dx, acc.dw, acc.db
+        return acc.finish()
 
     # -- scalar-loss path: sequence-aligned, gradients while the tile is live ------------------------------
     def fused_seq_loss(self, x, w, b, targets, seq_ids, offsets, num_seqs, head: Head, need_dx, need_dw, need_db):
         dev = x.device
         R = self.rows(x.shape[1])
-        acc = _Grads(x, w, b, need_dx, need_dw, need_db)
+        acc = self.grads_class(x, w, b, need_dx, need_dw, need_db)
         acc_t = acc_dtype(x)
         logp_sum = torch.zeros(num_seqs, dtype=acc_t, device=dev)
         loss_sum = torch.zeros((), dtype=acc_t, device=dev)
@@ -158,17 +190,15 @@ class ChunkedBackend(Backend):
             sidx = torch.arange(s0, s1, device=dev)
             if kind == "tile":  # whole sequences s0..s1-1 in one tile
                 xc, tgt = x[r0:r1], targets[r0:r1]
-                z = _logits(xc, w, b)
-                zt = z.gather(1, tgt.unsqueeze(1)).squeeze(1)
-                m, s = _lse_inplace(z)
-                lp = zt - m - s.log()
+                z = self.tile_logits(xc, w, b)
+                lse, zt, state = self.tile_forward(z, tgt)
                 local = seq_ids[r0:r1] - s0
-                seq_lp = torch.zeros(s1 - s0, dtype=acc_t, device=dev).index_add_(0, local, lp)
+                seq_lp = torch.zeros(s1 - s0, dtype=acc_t, device=dev).index_add_(0, local, zt - lse)
                 logp_sum[s0:s1] = seq_lp
                 f, g = head(seq_lp, sidx)
                 loss_sum += f.sum()
                 if acc.any:
-                    p = _to_dlogits_(z, s, g.index_select(0, local), tgt)
+                    p = self.tile_dlogits(z, state, tgt, g.index_select(0, local))
                     acc.add_tile(p, xc, w, r0, r1)
                     del p
                 del z
@@ -182,14 +212,13 @@ class ChunkedBackend(Backend):
                     for t0 in range(r0, r1, R):
                         t1 = min(r1, t0 + R)
                         xc = x[t0:t1]
-                        z = _logits(xc, w, b)
-                        z.sub_(lse[t0 - r0 : t1 - r0].unsqueeze(1)).exp_()
-                        gt = g.expand(t1 - t0).contiguous()
-                        p = _to_dlogits_(z, torch.ones_like(gt), gt, targets[t0:t1])
+                        z = self.tile_logits(xc, w, b)
+                        p = self.tile_dlogits_from_logits(z, lse[t0 - r0 : t1 - r0], targets[t0:t1],
+                                                          g.expand(t1 - t0).contiguous())
                         acc.add_tile(p, xc, w, t0, t1)
                         del z, p
         # Sequences with no answer token never enter a tile; the head still defines their (zero) loss.
-        return loss_sum, logp_sum, acc.dx, acc.dw, acc.db
+        return (loss_sum, logp_sum, *acc.finish())
 
 
 def _schedule(offsets: "list[int]", R: int):
