@@ -1,0 +1,338 @@
+"""Model glue: build / load an HF causal LM, put the fused loss *inside* the LM head's forward.
+
+Why the head owns the loss: under FSDP2 the LM-head weight is a sharded DTensor outside its module's forward.
+Reading ``weight.full_tensor()`` from outside gives silently wrong LM-head gradients; reading ``self.weight``
+inside the head's own forward gets the all-gathered parameter and FSDP's backward hooks reduce-scatter its
+gradient correctly. So:
+
+* :class:`FusedLMHeadLoss` is an ``nn.Linear`` (same parameter names, so checkpoints and ``save_pretrained`` are
+  unchanged). ``head(hidden)`` returns logits as before; ``head(hidden, task=fn, **kw)`` returns
+  ``fn(self.weight, self.bias, hidden, **kw)`` -- a fused loss, never a ``[tokens, V]`` logits tensor.
+* :class:`UnlearnModel` wraps the HF causal LM: ``forward(input_ids, attention_mask, task=..., **kw)`` runs the
+  backbone to the final hidden states and hands them to the head. FSDP shards the decoder layers one by one,
+  ``[norm, lm_head]`` as one unit and the rest (embeddings; and the LM head when it is tied to them) in the root.
+* :func:`patch` makes an existing HF model's ``forward(..., labels=...)`` return the fused loss (HF drop-in).
+
+Tasks (all ``task(weight, bias, hidden, **kw)``) are built by :func:`unlearn_task`, :func:`logprob_task`,
+:func:`nll_task`, :func:`token_logprobs_task`.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import types
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .modules import UnlearningLoss
+from .objectives import NLL
+from .ops import fused_sequence_loss, sequence_logprob
+
+#: The embedded default model: a tiny Llama (vocab comes from the trained tokenizer).
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "tiny-llama": dict(model_type="llama", hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       rms_norm_eps=1e-5, tie_word_embeddings=False, vocab_size=1024),
+}
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class ModelConfig:
+    """Where the model comes from: ``path`` (a local HF folder) or ``preset`` + ``config`` overrides."""
+
+    path: Optional[str] = None
+    preset: Optional[str] = "tiny-llama"
+    config: Dict[str, Any] = field(default_factory=dict)
+    dtype: str = "float32"
+    attn_implementation: str = "auto"  # auto: flash_attention_2 on GPU when installed, else sdpa
+    trust_remote_code: bool = False
+    seed: int = 0  # initialisation seed of a model built from a config
+    lora: Dict[str, Any] = field(default_factory=dict)  # e.g. {r: 16, alpha: 32, target_modules: [q_proj, v_proj]}
+
+    def validate(self) -> None:
+        if self.path is None and self.preset is None and not self.config:
+            raise ValueError("model: give model.path (a local HF folder) or model.preset / model.config")
+        if self.path is not None and not os.path.isdir(self.path):
+            raise FileNotFoundError(f"model.path {self.path!r} is not a local folder (no hub downloads)")
+        if self.preset is not None and self.path is None and self.preset not in PRESETS:
+            raise ValueError(f"unknown model.preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+
+
+def pick_attn_implementation(requested: str, device: torch.device) -> str:
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def build_hf_model(cfg: ModelConfig, *, vocab_size: Optional[int] = None, special_ids: Optional[dict] = None,
+                   device: torch.device = torch.device("cpu")):
+    """The HF causal LM, on CPU, in ``cfg.dtype``: loaded from ``cfg.path`` (safetensors preferred) or built from
+    the preset/config (seeded init). ``vocab_size``/``special_ids`` override the config (tokenizer-driven)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg.validate()
+    dtype = DTYPES[cfg.dtype]
+    attn = pick_attn_implementation(cfg.attn_implementation, device)
+    if cfg.path is not None:
+        model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype, attn_implementation=attn,
+                                                     trust_remote_code=cfg.trust_remote_code)
+    else:
+        kw = dict(PRESETS.get(cfg.preset, {})) if cfg.preset else {}
+        kw.update(cfg.config)
+        if vocab_size is not None:
+            kw["vocab_size"] = int(vocab_size)
+        kw.update(special_ids or {})
+        model_type = kw.pop("model_type", "llama")
+        hf_cfg = AutoConfig.for_model(model_type, **kw)
+        hf_cfg._attn_implementation = attn
+        with _fork_rng(cfg.seed):
+            model = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype, attn_implementation=attn)
+    if cfg.lora:
+        model = apply_lora(model, cfg.lora)
+    return model
+
+
+class _fork_rng:
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def __enter__(self):
+        self.state = torch.get_rng_state()
+        torch.manual_seed(self.seed)
+
+    def __exit__(self, *exc):
+        torch.set_rng_state(self.state)
+
+
+def apply_lora(model, lora: Dict[str, Any]):
+    """Inject LoRA adapters (``peft``); returns the injected HF model (adapters trainable, the rest frozen)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as e:  # pragma: no cover
+        raise ImportError("model.lora needs peft: pip install peft") from e
+    lcfg = LoraConfig(r=int(lora.get("r", 16)), lora_alpha=int(lora.get("alpha", 32)),
+                      lora_dropout=float(lora.get("dropout", 0.0)),
+                      target_modules=lora.get("target_modules", ["q_proj", "k_proj", "v_proj", "o_proj"]),
+                      task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, lcfg)
+    inner = peft_model.base_model.model  # the HF model with LoRA layers injected in place
+    inner._simnpo_lora_config = dict(lora)
+    return inner
+
+
+# ----------------------------------------------------------------------------- the head
+
+class FusedLMHeadLoss(nn.Linear):
+    """The LM head Linear that can also compute a fused loss from hidden states inside its own forward."""
+
+    def forward(self, hidden: torch.Tensor, task: Optional[Callable] = None, **kw):  # type: ignore[override]
+        if task is None:
+            return F.linear(hidden, self.weight, self.bias)
+        return task(self.weight, self.bias, hidden, **kw)
+
+
+def fuse_head(hf_model) -> FusedLMHeadLoss:
+    """Turn the model's output embedding into a :class:`FusedLMHeadLoss` in place (same parameters, tying kept)."""
+    head = hf_model.get_output_embeddings()
+    if head is None or not isinstance(head, nn.Linear):
+        raise TypeError(f"{type(hf_model).__name__} has no nn.Linear output embedding to fuse")
+    if not isinstance(head, FusedLMHeadLoss):
+        head.__class__ = FusedLMHeadLoss if type(head) is nn.Linear else type(
+            "Fused" + type(head).__name__, (FusedLMHeadLoss, type(head)), {})
+    return head
+
+
+def head_is_tied(hf_model) -> bool:
+    emb, head = hf_model.get_input_embeddings(), hf_model.get_output_embeddings()
+    return emb is not None and head is not None and emb.weight is head.weight
+
+
+def backbone_of(hf_model) -> nn.Module:
+    """The decoder stack (``model.model`` for Llama-like models) returning final hidden states."""
+    base = getattr(hf_model, hf_model.base_model_prefix, None)
+    if base is None or base is hf_model:
+        raise TypeError(f"cannot find the backbone of {type(hf_model).__name__}")
+    return base
+
+
+class UnlearnModel(nn.Module):
+    """``forward(input_ids, attention_mask, task=fn, **kw)`` = ``head(backbone(...).last_hidden_state, task, **kw)``.
+
+    ``self.lm`` is the HF causal LM (state-dict keys ``lm.<hf key>``); its head is a :class:`FusedLMHeadLoss`.
+    """
+
+    def __init__(self, hf_model):
+        super().__init__()
+        fuse_head(hf_model)
+        self.lm = hf_model
+
+    @property
+    def backbone(self) -> nn.Module:
+        return backbone_of(self.lm)
+
+    @property
+    def head(self) -> FusedLMHeadLoss:
+        return self.lm.get_output_embeddings()
+
+    @property
+    def tied(self) -> bool:
+        return head_is_tied(self.lm)
+
+    def decoder_layers(self):
+        return list(self.backbone.layers)
+
+    def final_norm(self) -> Optional[nn.Module]:
+        return getattr(self.backbone, "norm", None)
+
+    def forward(self, input_ids, attention_mask=None, task: Optional[Callable] = None, **kw):
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+        return self.head(hidden, task=task, **kw)
+
+
+# ----------------------------------------------------------------------------- head tasks
+
+def shifted_targets(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Boolean mask of the positions that are targets after the causal shift (labels[:, 1:])."""
+    return labels[:, 1:] != ignore_index
+
+
+def _unlearn(weight, bias, hidden, *, criterion: UnlearningLoss, n_forget: int, labels: torch.Tensor,
+             ref_logp_sum=None, forget_normalizer=None, retain_normalizer=None, retain_kl=None):
+    fh, fl = hidden[:n_forget], labels[:n_forget]
+    rh = rl = None
+    if hidden.shape[0] > n_forget:
+        rh, rl = hidden[n_forget:], labels[n_forget:]
+    if retain_kl is None:
+        return criterion(weight, fh, fl, rh, rl, bias=bias, ref_logp_sum=ref_logp_sum,
+                         forget_normalizer=forget_normalizer, retain_normalizer=retain_normalizer)
+    # retain term = KL(ref || current) over retain answer tokens (reference log-probs given)
+    keep_w = criterion.retain_weight
+    criterion.retain_weight = 0.0
+    try:
+        out = criterion(weight, fh, fl, bias=bias, ref_logp_sum=ref_logp_sum, forget_normalizer=forget_normalizer)
+    finally:
+        criterion.retain_weight = keep_w
+    kl = chunked_kl(weight, bias, rh, rl, retain_kl, normalizer=retain_normalizer)
+    out.loss = out.loss + keep_w * kl
+    out.terms.update(retain_loss=kl.detach(), loss=out.loss.detach())
+    mask = shifted_targets(rl)
+    out.terms["retain_n_tokens"] = mask.sum(1)
+    return out
+
+
+def unlearn_task(criterion: UnlearningLoss):
+    """``task(weight, bias, hidden, n_forget=, labels=, ref_logp_sum=, forget_normalizer=, retain_normalizer=,
+    retain_kl=)``: rows ``[:n_forget]`` are the forget batch, the rest the retain batch -> :class:`LossOutput`."""
+    return functools.partial(_unlearn, criterion=criterion)
+
+
+def _logprob(weight, bias, hidden, *, labels):
+    return sequence_logprob(hidden, weight, labels, bias=bias)
+
+
+def logprob_task():
+    """``task(..., labels=)`` -> ``(logp_sum [B], n_tokens [B])`` (use under ``torch.no_grad()`` for caching)."""
+    return _logprob
+
+
+def _nll(weight, bias, hidden, *, labels, normalizer=None):
+    red = "mean" if normalizer is None else "sum"
+    return fused_sequence_loss(hidden, weight, labels, NLL(), bias=bias, reduction=red, normalizer=normalizer,
+                               return_logp=True)
+
+
+def nll_task():
+    """``task(..., labels=, normalizer=None)`` -> ``(loss, logp_sum, n_tokens)``: token-mean (or sum/normalizer) NLL."""
+    return _nll
+
+
+def _token_logprobs(weight, bias, hidden, *, labels):
+    mask = shifted_targets(labels)
+    x = hidden[:, :-1][mask]
+    logits = F.linear(x, weight, bias).float()
+    return torch.log_softmax(logits, dim=-1)
+
+
+def token_logprobs_task():
+    """``task(..., labels=)`` -> ``[n_target_tokens, V]`` log-probabilities (the frozen reference for retain KL)."""
+    return _token_logprobs
+
+
+def chunked_kl(weight, bias, hidden, labels, ref_logprobs, *, normalizer=None, chunk: int = 1024):
+    """``sum_t KL(p_ref(.|t) || p(.|t)) / normalizer`` over the target positions, one token chunk at a time with
+    recomputation in backward (the policy logits of a chunk are never kept)."""
+    from torch.utils.checkpoint import checkpoint
+
+    mask = shifted_targets(labels)
+    x = hidden[:, :-1][mask]
+    total = x.new_zeros((), dtype=torch.float32)
+
+    def piece(xc, rc):
+        logp = torch.log_softmax(F.linear(xc, weight, bias).float(), dim=-1)
+        return (rc.exp() * (rc - logp)).sum()
+
+    for s in range(0, x.shape[0], chunk):
+        total = total + checkpoint(piece, x[s:s + chunk], ref_logprobs[s:s + chunk], use_reentrant=False)
+    denom = float(normalizer) if normalizer is not None else max(1, x.shape[0])
+    return total / denom
+
+
+# ----------------------------------------------------------------------------- HF drop-in
+
+def patch(model, *, ignore_index: int = -100, backend=None):
+    """Make an HF causal LM compute its loss with the fused LM head (no ``[tokens, V]`` logits).
+
+    After ``patch(model)``:
+
+    * ``model(input_ids, attention_mask)`` (no labels) is unchanged: logits as before (generation works);
+    * ``model(input_ids, attention_mask, labels=labels)`` returns ``CausalLMOutputWithPast(loss=..., logits=None,
+      hidden_states=(last_hidden,))`` where ``loss`` is the token-mean NLL over ``labels != -100`` (HF's shifted
+      cross-entropy, same value) computed inside the LM head's forward (FSDP / DeepSpeed / accelerate safe);
+    * ``model(input_ids, attention_mask, head_task=task, **task_kw)`` returns whatever ``task(weight, bias,
+      hidden, **task_kw)`` returns (e.g. :func:`unlearn_task`), used by :class:`simnpo_fast.hf.UnlearningTrainer`.
+
+    Returns the same model object. Idempotent.
+    """
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    if getattr(model, "_simnpo_patched", False):
+        return model
+    fuse_head(model)
+    orig_forward = model.forward
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, *args, head_task=None,
+                num_items_in_batch=None, **kw):
+        if labels is None and head_task is None:
+            return orig_forward(input_ids=input_ids, attention_mask=attention_mask, *args, **kw)
+        task_kw = kw.pop("task_kwargs", None) or {}
+        kw.pop("use_cache", None)
+        kw.pop("return_dict", None)
+        out = backbone_of(self)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, *args, **kw)
+        hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+        head = self.get_output_embeddings()
+        if head_task is not None:
+            return head(hidden, task=head_task, **task_kw)
+        norm = None if num_items_in_batch is None else float(num_items_in_batch)
+        loss, _, _ = head(hidden, task=_nll, labels=labels, normalizer=norm)
+        return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=(hidden,))
+
+    model.forward = types.MethodType(forward, model)
+    model._simnpo_patched = True
+    return model
+
