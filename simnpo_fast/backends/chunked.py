@@ -14,11 +14,15 @@ live, and the tile is turned into ``dX`` and ``dW`` at once (one logits GEMM + t
 A sequence longer than R answer tokens cannot fit one tile; it is handled in two passes over R-row token
 tiles (first its ``logp_sum``, then the gradient with the logits recomputed: 8 x its share of MdV).
 
-Precision: the logits GEMM and the dX GEMM run in the input dtype (fp32 accumulation inside the GEMM);
-the softmax, the per-sequence sums and the dW accumulation are fp32 (fp64 for fp64 inputs).
-
 Within a tile the softmax is done in place in four passes with no second [R, V] buffer:
 ``m = max z``; ``z <- exp(z - m)``; ``s = sum z``; ``z <- -(g / s) z``; ``z[t, y_t] += g``.
+
+Precision. fp32 inputs: everything in fp32 (fp64 inputs: fp64). bf16/fp16 inputs: the tile stays in the
+input dtype like the naive path's logits (halving the memory traffic of the epilogue), but every reduction
+is fp32 -- row sums, ``lse = max + log(sum)``, per-sequence sums -- and the target entry of the logits
+gradient, ``g (1 - p_t)``, is computed in fp32 from ``lse`` (no bf16 cancellation when ``p_t -> 1``).
+The three GEMMs run in the input dtype (fp32 accumulation inside); each tile's dW product is added into an
+fp32 ``[V, d]`` accumulator, which is rounded to the weight dtype once at the end.
 """
 from __future__ import annotations
 
@@ -49,20 +53,19 @@ def acc_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _logits(xc: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
-    """fp32 logits tile. Low-precision inputs use the native GEMM (fp32 accumulation inside) then upcast."""
+    """Logits tile in the input dtype (the GEMM accumulates in fp32 internally)."""
     z = torch.mm(xc, w.t())
-    if z.dtype not in (torch.float32, torch.float64):
-        z = z.float()
     if b is not None:
         z.add_(b.to(z.dtype))
     return z
 
 
 def _lse_inplace(z: torch.Tensor):
-    """Turn z into exp(z - max) in place; return (max, sum) so that lse = max + log(sum)."""
+    """Turn z into exp(z - max) in place; return (max, sum) in the accumulation dtype."""
     m = z.amax(dim=1)
     z.sub_(m.unsqueeze(1)).exp_()
-    return m, z.sum(dim=1)
+    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+    return m.to(acc), z.sum(dim=1, dtype=acc)
 
 
 class _Grads:
@@ -79,24 +82,23 @@ class _Grads:
         self.any = need_dx or need_dw or self.db is not None
 
     def add_tile(self, p: torch.Tensor, xc: torch.Tensor, w: torch.Tensor, r0: int, r1: int):
-        """p is the fp32 d_logits tile of rows [r0, r1).
-
-        dX uses the input-precision GEMM (a bf16 GEMM is ~2x faster on CPUs with AVX512-BF16 and on GPUs);
-        dW is accumulated by an fp32 GEMM straight into the fp32 buffer (no per-tile rounding of dW).
-        """
+        """p is the d_logits tile of rows [r0, r1) (fp32, or the input dtype for bf16/fp16 inputs)."""
         if self.db is not None:
-            self.db.add_(p.sum(dim=0))
+            self.db.add_(p.sum(dim=0, dtype=self.acc))
+        if p.dtype != w.dtype:
+            p = p.to(w.dtype)
         if self.dx is not None:
-            if p.dtype == w.dtype:
+            if self.dx.dtype == p.dtype:
                 torch.mm(p, w, out=self.dx[r0:r1])
             else:
-                self.dx[r0:r1] = torch.mm(p.to(w.dtype), w)
+                self.dx[r0:r1] = torch.mm(p, w)
         if self.need_dw:
-            xa = xc if xc.dtype == p.dtype else xc.to(p.dtype)
-            if self.dw is None:
-                self.dw = torch.mm(p.t(), xa)
+            if self.dw is None:  # the first tile writes the accumulator
+                self.dw = torch.mm(p.t(), xc).to(self.acc)
+            elif p.dtype == self.acc:
+                self.dw.addmm_(p.t(), xc)
             else:
-                self.dw.addmm_(p.t(), xa)
+                self.dw.add_(torch.mm(p.t(), xc))
 
     def finish(self):
         if self.need_dw and self.dw is None:  # no tile at all (every label ignored)
@@ -104,10 +106,18 @@ class _Grads:
         return self.dx, self.dw, self.db
 
 
-def _to_dlogits_(p, s, g, tgt):
-    """p = exp(z - m) (in place) -> g * (onehot - softmax)."""
-    p.mul_((-g / s).unsqueeze(1))
-    p.scatter_add_(1, tgt.unsqueeze(1), g.unsqueeze(1))
+def _to_dlogits_(p, s, g, tgt, zt=None, lse=None):
+    """p = exp(z - m) (in place, row sums s) -> g * (onehot - softmax).
+
+    Low-precision tiles get the target entry ``g (1 - p_t)`` computed in fp32 from ``zt`` and ``lse``.
+    """
+    if p.dtype in (torch.float32, torch.float64):
+        p.mul_((-g / s).unsqueeze(1))
+        p.scatter_add_(1, tgt.unsqueeze(1), g.unsqueeze(1))
+        return p
+    p.mul_((-g / s).unsqueeze(1))  # fp32 scale: one rounding per entry
+    target = g * -torch.expm1(zt - lse)
+    p.scatter_(1, tgt.unsqueeze(1), target.to(p.dtype).unsqueeze(1))
     return p
 
 
@@ -135,16 +145,25 @@ class ChunkedBackend(Backend):
         """``(lse, target_logit, state)`` of a logits tile; may overwrite ``z`` (here: z <- exp(z - max))."""
         zt = z.gather(1, tgt.unsqueeze(1)).squeeze(1)
         m, s = _lse_inplace(z)
-        return m + s.log(), zt, s
+        zt = zt.to(s.dtype)
+        lse = m + s.log()
+        return lse, zt, (s, zt, lse)
 
     def tile_dlogits(self, z, state, tgt, g):
         """``g * (onehot - softmax)`` from the tile as ``tile_forward`` left it."""
-        return _to_dlogits_(z, state, g, tgt)
+        s, zt, lse = state
+        return _to_dlogits_(z, s, g, tgt, zt, lse)
 
     def tile_dlogits_from_logits(self, z, lse, tgt, g):
         """``g * (onehot - softmax)`` from a raw logits tile and the saved ``lse``."""
-        z.sub_(lse.unsqueeze(1)).exp_()
-        return _to_dlogits_(z, torch.ones_like(g), g, tgt)
+        if z.dtype in (torch.float32, torch.float64):
+            z.sub_(lse.unsqueeze(1)).exp_()
+            return _to_dlogits_(z, torch.ones_like(g), g, tgt)
+        # low precision: never round lse itself; softmax = exp(z - m) * exp(m - lse), m exact in bf16
+        zt = z.gather(1, tgt.unsqueeze(1)).squeeze(1).to(lse.dtype)
+        m = z.amax(dim=1)
+        z.sub_(m.unsqueeze(1)).exp_()
+        return _to_dlogits_(z, torch.exp(lse - m.to(lse.dtype)), g, tgt, zt, lse)
 
     # -- generic path -------------------------------------------------------------------------------------
     def token_logprob(self, x, w, b, targets):
