@@ -114,8 +114,10 @@ def apply_fsdp(model, *, mp_policy=None, reshard_after_forward: bool = True, cpu
     # root: embeddings (+ tied LM head, + norm when tied), rotary buffers, anything left
     fully_shard(model, reshard_after_forward=reshard_after_forward, **kw)
     for m in model.modules():
-        if hasattr(m, "set_gradient_divide_factor") and _is_fsdp(m):
+        if _is_fsdp(m):
+            # plain SUM reduce-scatter (no PREMUL_SUM, which gloo lacks), no division by the world size
             m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)
     return model
 
 
