@@ -6,6 +6,8 @@
 Methods (each computes the same SimNPO loss, mean over sequences, then dL/dhidden and dL/dweight):
   triton     simnpo_fast backend="triton" (tiled kernels, 10 NdV: see kernels/seq_logprob.py)
   chunked    simnpo_fast backend="chunked" (cuBLAS GEMMs, sequence-aligned 6 NdV schedule)
+  triton-gemm simnpo_fast backend="triton-gemm" (the chunked 6 NdV schedule, cuBLAS GEMMs, Triton tile
+             epilogue: kernels/epilogue.py). triton vs triton-gemm decides the CUDA default backend.
   naive      eager: full [N, V] logits, log_softmax in fp32, autograd (ReferenceBackend(dtype=None))
   torch_lce  torch.nn.functional.linear_cross_entropy(reduction="none", chunked options) + SimNPO on top
   liger      Liger FLCE (reduction="none") + SimNPO on top, if importable
@@ -33,6 +35,10 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BETA, GAMMA = 2.5, 0.0
+#: matmul flops of each design in units of N*d*V (fwd + bwd, dX and dW): the table's "NdV" column and
+#: "x own" = ms / (time of those flops at the measured GEMM rate). None: implementation-dependent.
+DESIGN_NDV = {"triton": 10, "triton-gemm": 6, "chunked": 6, "naive": 6, "liger": 6, "cce": 8,
+              "torch_lce": None}
 
 
 def _parse(argv):
@@ -70,7 +76,8 @@ def make_methods(device):
         return lambda h, w, lab, B, T: sf.simnpo_loss(h.reshape(B, T, -1), w, lab.reshape(B, T), beta=BETA,
                                                        gamma=GAMMA, shift=False, backend=backend)
 
-    methods = {"triton": ours("triton"), "chunked": ours("chunked"), "naive": ours(ReferenceBackend(None))}
+    methods = {"triton": ours("triton"), "triton-gemm": ours("triton-gemm"), "chunked": ours("chunked"),
+               "naive": ours(ReferenceBackend(None))}
     notes = {}
     if hasattr(F, "linear_cross_entropy"):
         opts = torch.nn.LinearCrossEntropyOptions() if hasattr(torch.nn, "LinearCrossEntropyOptions") else None
@@ -215,7 +222,7 @@ def run(argv=None):
     info = _machine(device)
     report = {"machine": info, "config": {"N": N, "d": d, "V": vocabs, "T": T, "dtype": str(dtype),
                                           "beta": BETA, "gamma": GAMMA, "small": small},
-              "notes": notes, "timing": {}}
+              "notes": notes, "design_NdV": DESIGN_NDV, "timing": {}}
     if device == "cpu":
         report["notes"]["smoke"] = "CPU run under TRITON_INTERPRET=1: timings are meaningless, not a result"
 
@@ -261,6 +268,9 @@ def run(argv=None):
                     step()
                 res["ms"] = _time(step, device, reps)
                 res["x_floor"] = res["ms"] / floor_ms
+                res["design_NdV"] = DESIGN_NDV.get(name)
+                if res["design_NdV"]:
+                    res["x_own_flops"] = res["ms"] / (floor_ms * res["design_NdV"] / 6.0)
             except Exception as e:
                 res["error"] = f"{type(e).__name__}: {e}"
                 traceback.print_exc()
@@ -288,10 +298,11 @@ def run(argv=None):
 
 def _print_table(V, N, d, e):
     print(f"\nN={N} d={d} V={V}: GEMM {e['gemm_tflops']:.1f} TFLOP/s, 6NdV floor {e['floor_6NdV_ms']:.3f} ms")
-    print(f"{'method':<11}{'ms':>10}{'x floor':>9}{'peak MiB':>11}{'extra MiB':>11}{'vs naive':>9}")
+    print(f"{'method':<12}{'NdV':>4}{'ms':>10}{'x floor':>9}{'x own':>7}{'peak MiB':>11}{'extra MiB':>11}"
+          f"{'vs naive':>9}")
     for name, r in e["methods"].items():
         if "error" in r:
-            print(f"{name:<11}  ERROR {r['error'][:90]}")
+            print(f"{name:<12}  ERROR {r['error'][:90]}")
             continue
 
         def f(k, fmt):
@@ -299,7 +310,9 @@ def _print_table(V, N, d, e):
             width = int(fmt.split(".")[0])
             return format(v, fmt) if isinstance(v, (int, float)) else "-".rjust(width)
 
-        print(f"{name:<11}{f('ms', '10.3f')}{f('x_floor', '9.2f')}{f('peak_above_inputs_MiB', '11.0f')}"
+        ndv = DESIGN_NDV.get(name)
+        print(f"{name:<12}{(str(ndv) if ndv else '?'):>4}{f('ms', '10.3f')}{f('x_floor', '9.2f')}"
+              f"{f('x_own_flops', '7.2f')}{f('peak_above_inputs_MiB', '11.0f')}"
               f"{f('extra_MiB', '11.0f')}{f('extra_vs_naive', '9.3f')}")
 
 

@@ -36,6 +36,15 @@ def _triton_factory():
 _FACTORIES["triton"] = _triton_factory
 
 
+def _triton_gemm_factory():
+    from .triton import TritonGemmBackend  # lazy, like "triton"; not a default: bench/gpu.py decides
+
+    return TritonGemmBackend()
+
+
+_FACTORIES["triton-gemm"] = _triton_gemm_factory
+
+
 def available_backends() -> "list[str]":
     return sorted(_FACTORIES)
 

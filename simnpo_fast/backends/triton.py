@@ -10,6 +10,10 @@ before the two products. Flops: 2 MdV forward + 8 MdV backward (see the kernel m
 made yet that would justify overriding it with a 6 MdV GEMM + epilogue schedule; ``bench/gpu.py`` times
 both this backend and the chunked one so that the choice can be made from numbers.
 
+``TritonGemmBackend`` (``"triton-gemm"``, below) is that 6 MdV variant: the chunked sequence-aligned
+schedule with torch/cuBLAS GEMMs and the Triton tile epilogue of ``simnpo_fast.kernels.epilogue``. It is
+not a default; ``bench/gpu.py`` times it next to ``"triton"`` so the CUDA default is chosen from numbers.
+
 On CPU tensors the backend runs only under ``TRITON_INTERPRET=1`` (tests); ``supports`` returns False
 otherwise and the dispatcher raises a clear error. fp64 inputs (oracle use only) are delegated to the
 chunked backend, which keeps fp64 accumulation.
@@ -73,3 +77,154 @@ class TritonBackend(Backend):
                                              need_dx, need_dw, need_db)
         return super().fused_seq_loss(x, w, b, targets, seq_ids, offsets, num_seqs, head,
                                       need_dx, need_dw, need_db)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# "triton-gemm": the chunked 6 NdV schedule with cuBLAS GEMMs and a Triton tile epilogue
+# ------------------------------------------------------------------------------------------------------------
+_F32_GEMM_OK: dict = {}
+
+
+def _mm_f32_native(a, b, out=None):
+    """``a @ b`` of 16-bit operands written as fp32 (no rounding of the product to 16 bits)."""
+    if out is None:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a, b, out_dtype=torch.float32, out=out)
+
+
+def _addmm_f32_native(acc, a, b):
+    """``acc += a @ b`` with fp32 ``acc`` and 16-bit operands, accumulated in fp32 inside the GEMM."""
+    return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+
+
+def f32_gemm_available(device, dtype) -> bool:
+    """Whether ``torch.mm/addmm(..., out_dtype=torch.float32)`` work for ``dtype`` operands on ``device``.
+
+    Probed once per (device type, dtype) on 16 x 16 operands against an fp32 product (torch builds CUDA
+    kernels for it; the CPU build of torch 2.13 has none)."""
+    key = (torch.device(device).type, dtype)
+    if key not in _F32_GEMM_OK:
+        ok = False
+        try:
+            i = torch.arange(256, device=device, dtype=torch.float32).reshape(16, 16)
+            a = ((i % 7 - 3) / 4).to(dtype)  # exact in fp16/bf16; no use of the global RNG
+            b = ((i % 5 - 2) / 8).t().to(dtype)
+            ref = a.float() @ b.float()
+            acc = torch.ones(16, 16, device=device)
+            out = torch.empty(16, 16, device=device)
+            r1 = _mm_f32_native(a, b)
+            _mm_f32_native(a, b, out=out)
+            _addmm_f32_native(acc, a, b)
+            tol = 1e-3 * ref.abs().max().item()
+            ok = (r1.dtype == torch.float32 and (r1 - ref).abs().max().item() <= tol
+                  and (out - ref).abs().max().item() <= tol and (acc - 1 - ref).abs().max().item() <= tol)
+        except Exception:
+            ok = False
+        _F32_GEMM_OK[key] = ok
+    return _F32_GEMM_OK[key]
+
+
+class _GemmGrads:
+    """Accumulators of the triton-gemm backend (same interface as the chunked ``_Grads``).
+
+    fp32 / fp64 d_logits tiles go through the chunked accumulation unchanged. A 16-bit tile (the GEMM dtype
+    of 16-bit inputs) feeds 16-bit GEMMs with fp32 results: ``dx`` rows written as fp32 and ``dW``
+    accumulated in fp32 inside the GEMM (``torch.mm/addmm(out_dtype=torch.float32)``). Fallback where that
+    op is missing (CPU torch, older torch): a 16-bit GEMM (fp32 accumulation inside) whose product is
+    rounded once to 16 bits, then added to the fp32 buffer -- one rounding per tile contribution, no
+    compounding across tiles.
+    """
+
+    def __init__(self, x, w, b, need_dx, need_dw, need_db):
+        from .chunked import _Grads
+
+        self._base = _Grads(x, w, b, need_dx, need_dw, need_db)
+        self.any = self._base.any
+        self._native = x.dtype in (torch.float16, torch.bfloat16) and f32_gemm_available(x.device, x.dtype)
+
+    def add_tile(self, p, xc, w, r0, r1):
+        base = self._base
+        if p.dtype == base.acc:
+            return base.add_tile(p, xc, w, r0, r1)
+        if base.db is not None:
+            base.db.add_(p.sum(dim=0, dtype=base.acc))
+        if base.dx is not None:
+            if self._native:
+                _mm_f32_native(p, w, out=base.dx[r0:r1])
+            else:
+                base.dx[r0:r1] = torch.mm(p, w)
+        if base.need_dw:
+            pt = p.t()
+            if self._native:
+                if base.dw is None:
+                    base.dw = _mm_f32_native(pt, xc)
+                else:
+                    _addmm_f32_native(base.dw, pt, xc)
+            else:
+                prod = torch.mm(pt, xc)
+                base.dw = prod.to(base.acc) if base.dw is None else base.dw.add_(prod)
+
+    def finish(self):
+        return self._base.finish()
+
+
+class TritonGemmBackend(ChunkedBackend):
+    """``"triton-gemm"``: the sequence-aligned chunked schedule (6 NdV for scalar losses, 8 NdV for the
+    generic path) with torch / cuBLAS GEMMs and the Triton tile epilogue of ``simnpo_fast.kernels.epilogue``.
+
+    Per tile: ``z = x_tile w^T (+ b)`` is kept in the GEMM dtype (bf16 inputs -> a bf16 tile, half the
+    bytes of the chunked backend's fp32 tile); one read pass gives ``lse`` and the target logits; one
+    read+write pass turns the tile, in place, into ``d_logits`` in the GEMM dtype; then the dX and dW GEMMs
+    (fp32 results, see ``_GemmGrads``). fp64 inputs (oracle use only) keep the chunked fp64 path.
+
+    Precision note: with bf16 inputs the logits are rounded to bf16 by the GEMM before the softmax (as in a
+    bf16 model's own LM head), so ``lp`` carries ~2^-9 |z| per token; ``backend="triton"`` keeps the logits
+    in fp32 registers instead.
+    """
+
+    name = "triton-gemm"
+    grads_class = _GemmGrads
+
+    def __init__(self, chunk_rows=None, ignore_index: int = -100, block_v=None):
+        super().__init__(chunk_rows)
+        self.ignore_index = ignore_index
+        self.block_v = block_v  # column block of the epilogue kernels (None: heuristic)
+
+    def supports(self, device) -> bool:
+        device = torch.device(device)
+        if device.type == "cuda":
+            return True
+        if device.type == "cpu" and _interpreting():
+            from simnpo_fast.kernels import epilogue as E  # bound at import: must agree with the env var
+
+            return E.INTERPRET
+        return False
+
+    @staticmethod
+    def _kernels():
+        from simnpo_fast.kernels import epilogue as E
+
+        return E
+
+    def tile_logits(self, xc, w, b):
+        if xc.dtype == torch.float64:
+            return super().tile_logits(xc, w, b)
+        if b is None:
+            return torch.mm(xc, w.t())
+        return torch.addmm(b.to(xc.dtype), xc, w.t())  # bias in the GEMM epilogue, tile in the GEMM dtype
+
+    def tile_forward(self, z, tgt):
+        if z.dtype == torch.float64:
+            return super().tile_forward(z, tgt)
+        lse, zt = self._kernels().tile_lse_target(z, tgt, self.ignore_index, block_v=self.block_v)
+        return lse, zt, lse  # z is left untouched: the state is the lse itself
+
+    def tile_dlogits(self, z, state, tgt, g):
+        if z.dtype == torch.float64:
+            return super().tile_dlogits(z, state, tgt, g)
+        return self.tile_dlogits_from_logits(z, state, tgt, g)
+
+    def tile_dlogits_from_logits(self, z, lse, tgt, g):
+        if z.dtype == torch.float64:
+            return super().tile_dlogits_from_logits(z, lse, tgt, g)
+        return self._kernels().tile_dlogits_(z, lse, tgt, g, None, self.ignore_index, block_v=self.block_v)
