@@ -267,7 +267,7 @@ def load_config(name_or_path: Optional[str] = None, overrides: Optional[List[str
         with open(config_path(name_or_path), encoding="utf-8") as f:
             d = yaml.safe_load(f) or {}
     cfg = _from_dict(TrainConfig, apply_overrides(d, overrides or []))
-    cfg.validate()
+    cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
     return cfg
 
 

@@ -1,0 +1,140 @@
+"""Acceptance: SIGKILL a run after step k, resume, and the weights after step n equal an uninterrupted run.
+Also: a non-finite gradient stops the run and keeps the last good checkpoint; config errors fail fast."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from .conftest import ROOT, base_overrides, child_env
+
+STEPS = 6
+
+
+def _overrides(corpus, out, **kw):
+    # 2 accumulation micro-batches per step and a cosine schedule: the resume must restore the sampler
+    # position, the ForgetRetainDataset pairing epoch, the optimizer moments and the scheduler
+    extra = {"max_steps": STEPS, "batch_size": 4, "micro_batch_size": 2, "checkpoint.every": 2,
+             "checkpoint.final": True, "checkpoint.export_hf": True, "optim.schedule": "cosine",
+             "optim.warmup_steps": 1, "loss.objective": "npo", "loss.beta": 0.5}
+    extra.update(kw)
+    return base_overrides(corpus, out, **extra)
+
+
+def test_sigkill_then_resume_equals_uninterrupted(corpus, tmp_path):
+    from simnpo_fast.checkpoint import latest_checkpoint
+    from simnpo_fast.trainer import load_config, train
+
+    out = str(tmp_path / "killed")
+    cmd = [sys.executable, "-m", "simnpo_fast.trainer_cli", "unlearn", "--config",
+           os.path.join(ROOT, "simnpo_fast", "configs", "default.yaml"),
+           *_overrides(corpus, out, stall_after_step=3)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    deadline = time.time() + 150
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "STALLED after step 3" in line:
+                break
+            assert time.time() < deadline, "".join(lines[-30:])
+        else:
+            pytest.fail("run ended before stalling:\n" + "".join(lines[-40:]))
+        os.kill(proc.pid, signal.SIGKILL)  # step 3 is done but not checkpointed: it must be redone
+    finally:
+        proc.kill()
+        proc.wait()
+    ck = os.path.join(out, "checkpoints")
+    assert os.path.basename(latest_checkpoint(ck)) == "step_00000002"
+    assert not os.path.exists(os.path.join(out, "hf"))
+    with open(os.path.join(out, "log.jsonl")) as f:
+        assert [json.loads(x)["step"] for x in f] == [1, 2, 3]
+    # a checkpoint torn by a crash mid-save must be ignored
+    os.makedirs(os.path.join(ck, "step_00000004.tmp"))
+    open(os.path.join(ck, "step_00000004.tmp", "junk"), "w").close()
+
+    cfg_default = os.path.join(ROOT, "simnpo_fast", "configs", "default.yaml")
+    resumed = train(load_config(cfg_default, _overrides(corpus, out, **{"checkpoint.resume": True})))
+    assert resumed.steps == STEPS and [r["step"] for r in resumed.records] == [3, 4, 5, 6]
+    straight = train(load_config(cfg_default, _overrides(corpus, str(tmp_path / "straight"))))
+    assert straight.steps == STEPS
+
+    a = load_file(os.path.join(out, "hf", "model.safetensors"))
+    b = load_file(os.path.join(tmp_path, "straight", "hf", "model.safetensors"))
+    init = None
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume: {(a[k] - b[k]).abs().max()}"
+    # the run really trained (weights moved) and the log has each step once
+    assert any(r["grad_norm"] > 0 for r in straight.records)
+    with open(os.path.join(out, "log.jsonl")) as f:
+        steps = [json.loads(x)["step"] for x in f]
+    assert steps == list(range(1, STEPS + 1))
+    la = [r["loss"] for r in resumed.records]
+    lb = [r["loss"] for r in straight.records[2:]]
+    assert la == lb
+    assert not os.path.exists(os.path.join(ck, "step_00000004.tmp"))
+
+
+def test_non_finite_gradient_stops_and_keeps_last_checkpoint(corpus, tmp_path):
+    from simnpo_fast.checkpoint import latest_checkpoint, list_checkpoints
+    from simnpo_fast.trainer import NonFiniteError, load_config, train
+
+    out = str(tmp_path / "nan")
+    cfg = load_config(None, base_overrides(corpus, out, max_steps=5, **{"checkpoint.every": 2,
+                                                                      "checkpoint.final": True,
+                                                                      "checkpoint.export_hf": True}))
+
+    def poison(run, step):
+        if step == 3:
+            p = next(p for p in run.model.parameters() if p.grad is not None)
+            p.grad.fill_(float("nan"))
+
+    with pytest.raises(NonFiniteError, match=r"non-finite gradient.*step_00000002"):
+        train(cfg, hooks={"after_backward": poison})
+    ck = os.path.join(out, "checkpoints")
+    assert [s for s, _ in list_checkpoints(ck)] == [2]
+    assert latest_checkpoint(ck).endswith("step_00000002")
+    assert not os.path.exists(os.path.join(out, "hf"))  # no export of a broken model
+    # the kept checkpoint is good: resuming from it (without the poison) finishes with finite weights
+    cfg.checkpoint.resume = True
+    res = train(cfg)
+    assert res.steps == 5
+    w = load_file(os.path.join(out, "hf", "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in w.values())
+
+
+ERRORS = [
+    ("loss.objective=simpo", "unknown objective"),
+    ("loss.beta=-4.5", "beta must be > 0"),
+    ("data.kind=tofu", "data.path"),
+    ("data.path=/nonexistent/tofu", "does not exist"),
+    ("model.path=/nonexistent/model", "not a local folder"),
+    ("optim.lrr=1e-5", "unknown config key"),
+    ("batch_size=6", "multiple of micro_batch_size"),
+]
+
+
+@pytest.mark.parametrize("override, match", ERRORS)
+def test_config_errors_raise_on_load(override, match):
+    from simnpo_fast.trainer import load_config
+
+    extra = ["data.kind=tofu"] if override.startswith("data.path") else []
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        load_config("default", ["output_dir=/tmp/never", *extra, override])
+
+
+def test_cli_config_error_fails_before_any_work(tmp_path):
+    out = tmp_path / "never"
+    cmd = [sys.executable, "-m", "simnpo_fast.trainer_cli", "unlearn", "--config", "default",
+           f"output_dir={out}", "loss.beta=-1"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=child_env(1), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "config error" in proc.stderr and "beta must be > 0" in proc.stderr
+    assert not out.exists()  # nothing generated, trained or written
