@@ -78,7 +78,7 @@ def get_backend(backend: Union[None, str, Backend], device: torch.device) -> Bac
     if not chosen.supports(device):
         raise ValueError(
             f"backend {chosen.name!r} cannot run on {device.type} tensors"
-            + (" (Triton runs on CPU tensors only with TRITON_INTERPRET=1)" if chosen.name == "triton" else "")
+            + (" (Triton runs on CPU tensors only with TRITON_INTERPRET=1)" if chosen.name.startswith("triton") else "")
         )
     return chosen
 

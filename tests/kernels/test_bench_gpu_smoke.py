@@ -14,13 +14,13 @@ def test_bench_gpu_small_cpu(tmp_path, capsys):
     assert path.parent == tmp_path and path.exists()
     data = json.loads(path.read_text())
     res = data["correctness"]["results"]
-    for name in ("triton", "chunked", "naive"):
+    for name in ("triton", "triton-gemm", "chunked", "naive"):
         for dt in ("bfloat16", "float32"):
             assert res[f"{name}/{dt}"]["ok"], (name, dt, res[f"{name}/{dt}"])
     assert res["triton/float32"]["dweight"] < 1e-5  # fp32 kernels vs the fp64 oracle
     timing = data["timing"]["90"]
     assert timing["floor_6NdV_ms"] > 0
-    for name in ("triton", "chunked", "naive"):
+    for name in ("triton", "triton-gemm", "chunked", "naive"):
         assert timing["methods"][name]["ms"] > 0
     if hasattr(torch.nn.functional, "linear_cross_entropy"):
         assert res["torch_lce/float32"]["ok"]
