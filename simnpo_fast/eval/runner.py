@@ -217,7 +217,8 @@ def batch_greedy(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
     with eval_mode(model):
         base = backbone(model)
         out = base(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-        cache = getattr(out, "past_key_values", None)
+        cache = _cache_of(out)
+        cache_kw = _cache_kwarg(base)
         h = _last_hidden(out)[:, -1]
         for _ in range(max_new_tokens):
             logits = F.linear(h, w, b).float()  # [B, V]: the last position only
@@ -239,11 +240,31 @@ def batch_greedy(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
                 full_pos = (mask.cumsum(-1) - 1).clamp(min=0)
                 out = base(input_ids=ids, attention_mask=mask, position_ids=full_pos)
             else:
-                out = base(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, past_key_values=cache,
-                           use_cache=True)
-                cache = getattr(out, "past_key_values", cache)
+                out = base(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True,
+                           **{cache_kw: cache})
+                c = _cache_of(out)
+                cache = c if c is not None else cache
             h = _last_hidden(out)[:, -1]
     return out_tokens
+
+
+def _cache_of(out):
+    for k in ("past_key_values", "cache"):
+        c = getattr(out, k, None)
+        if c is not None:
+            return c
+    return None
+
+
+def _cache_kwarg(base) -> str:
+    """``cache`` (transformers >= 5.2x) or ``past_key_values`` (older), whichever ``forward`` accepts."""
+    import inspect
+
+    try:
+        params = inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, pad_id: int, eos_id: Optional[int],

@@ -119,3 +119,12 @@ def tiny_llama(vocab_size, seed=0, layers=2, d=32):
     m = LlamaForCausalLM(cfg)
     m.eval()
     return m
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is faster, and immune to a busy shared CPU (spinning OpenMP threads)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

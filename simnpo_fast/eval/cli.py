@@ -1,0 +1,134 @@
+"""`simnpo-fast eval` and `simnpo-fast relearn`.
+
+    simnpo-fast eval --model runs/x/hf --data ../shared/data/tofu --reference runs/retain/eval/eval.json
+    torchrun --nproc_per_node 2 -m simnpo_fast.cli eval --model ... --data ...     # sharded, same numbers
+    simnpo-fast eval --task muse --model ... --data muse/news --retrain-auc runs/retrain/eval/eval.json
+    simnpo-fast relearn --model runs/x/hf --data ... --n-examples 20 --steps 10 --reference ...
+
+Each writes ``<out>/eval.json`` (or ``relearn.json``), ``summary.md`` and ``metrics.png`` (rank 0) and prints
+the table. The tokenizer is read from the model folder unless ``--tokenizer`` is given.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def _common(p):
+    p.add_argument("--model", required=True, help="a local HF model folder")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model folder)")
+    p.add_argument("--data", required=True, help="TOFU-layout folder (or the MUSE corpus folder)")
+    p.add_argument("--out", default=None, help="report folder (default <model>/eval)")
+    p.add_argument("--forget-split", default="forget10")
+    p.add_argument("--template", default=None, help="prompt template (plain, llama2, phi, zephyr, chat)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--max-examples", type=int, default=None, help="first N questions of each set")
+    p.add_argument("--reference", default=None, help="retain-only model's eval JSON (forget quality)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def add_eval_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("eval", help="TOFU / MUSE metrics of a model (JSON + Markdown + PNG)", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(p)
+    p.add_argument("--task", choices=("tofu", "muse"), default="tofu")
+    p.add_argument("--sets", nargs="*", default=None, help="TOFU sets (forget retain real_authors world_facts)")
+    p.add_argument("--retrain-auc", default=None, help="MUSE: retrained model's Min-K%% AUC (number or eval JSON)")
+    p.set_defaults(func=run_eval)
+    return p
+
+
+def add_relearn_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("relearn", help="relearning attack: NLL on a seeded forget subset, forget metrics before/after")
+    _common(p)
+    p.add_argument("--n-examples", type=int, default=20)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--relearn-batch-size", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run_relearn)
+    return p
+
+
+def _setup(args):
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    from ..data import load_tokenizer
+
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        cuda = torch.cuda.is_available() and args.device != "cpu"
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    dev = args.device
+    if dev == "auto":
+        dev = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(args.model).to(dev)
+    model.eval()
+    tok = load_tokenizer(args.tokenizer or args.model)
+    return model, tok
+
+
+def _tofu_cfg(args, sets=None):
+    from .tofu import SETS, TofuEvalConfig
+
+    return TofuEvalConfig(forget_split=args.forget_split, sets=tuple(sets or SETS), batch_size=args.batch_size,
+                          gen_batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                          max_length=args.max_length, template=args.template, max_examples=args.max_examples)
+
+
+def _rank0() -> bool:
+    from .runner import dist_info
+
+    return dist_info()[0] == 0
+
+
+def run_eval(args) -> int:
+    from .report import text_table, write_report
+
+    model, tok = _setup(args)
+    progress = not args.no_progress
+    if args.task == "tofu":
+        from .tofu import evaluate_tofu
+
+        res = evaluate_tofu(model, tok, args.data, _tofu_cfg(args, args.sets), reference=args.reference,
+                            progress=progress)
+    else:
+        from .muse import MuseEvalConfig, evaluate_muse
+
+        cfg = MuseEvalConfig(batch_size=args.batch_size, max_examples=args.max_examples)
+        res = evaluate_muse(model, tok, args.data, cfg, retrain_auc=args.retrain_auc, progress=progress)
+    res["model"] = os.path.abspath(args.model)
+    out = args.out or os.path.join(args.model, "eval")
+    if _rank0():
+        paths = write_report({"eval": res}, out, title=f"{args.task} evaluation of {args.model}")
+        print(text_table({os.path.basename(os.path.normpath(args.model)): res["summary"]}))
+        print(f"\nwritten: {paths['eval']}, {paths['markdown']}, {paths['plot']}")
+    return 0
+
+
+def run_relearn(args) -> int:
+    from .relearn import RelearnConfig, relearn_attack
+    from .report import save_json, text_table, write_report
+
+    model, tok = _setup(args)
+    rc = RelearnConfig(n_examples=args.n_examples, steps=args.steps, lr=args.lr,
+                       batch_size=args.relearn_batch_size, seed=args.seed, max_length=args.max_length,
+                       template=args.template)
+    res = relearn_attack(model, tok, args.data, rc, eval_cfg=_tofu_cfg(args, args.sets if hasattr(args, "sets")
+                                                                          else ("forget",)),
+                         reference=args.reference, in_place=True, progress=not args.no_progress)
+    out = args.out or os.path.join(args.model, "relearn")
+    if _rank0():
+        paths = write_report({"before": res["before"], "after": res["after"]}, out,
+                             title=f"relearning attack ({args.n_examples} examples, {args.steps} steps)")
+        save_json(res, os.path.join(out, "relearn.json"))
+        print(text_table({"before relearning": res["before"]["summary"],
+                          "after relearning": res["after"]["summary"]}))
+        print(f"\nwritten: {os.path.join(out, 'relearn.json')}, {paths['markdown']}, {paths['plot']}")
+    return 0
