@@ -86,12 +86,15 @@ def median_time(fn, repeats: int, warmup: int = 1) -> tuple[float, list[float]]:
     return statistics.median(ts), ts
 
 
-def run_worker(module: str, args: list[str], timeout: int = 1800) -> dict:
-    """Run ``python -m module --worker ...`` in a fresh process; it prints one JSON line last."""
+def run_worker(module: str, args: list[str], timeout: int = 1800, env: dict | None = None) -> dict:
+    """Run ``python -m module --worker ...`` in a fresh process; it prints one JSON line last.
+
+    ``env``: extra environment variables for the worker (e.g. ``{"TRITON_INTERPRET": "1"}``).
+    """
     cmd = [sys.executable, "-m", module, "--worker", *args]
     # A fixed mmap threshold makes glibc return every large block to the OS on free (no dynamic threshold
     # that would park freed tiles in the heap), so the RSS high-water mark measures live tensors.
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", **(env or {}))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
                           cwd=str(Path(__file__).resolve().parent.parent))
     if proc.returncode != 0:
@@ -106,3 +109,22 @@ def write_result(name: str, payload: dict, out_dir: Path | None = None) -> Path:
     path = out_dir / f"{name}-{machine_tag()}-{day}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+def spread(ts: list[float]) -> dict:
+    """Summary of repeated timings: median, min, max and (max - min) / median."""
+    med = statistics.median(ts)
+    return {"median_s": med, "min_s": min(ts), "max_s": max(ts), "n": len(ts),
+            "spread": (max(ts) - min(ts)) / med if med > 0 else 0.0}
+
+
+def mem_available_mib() -> float:
+    """MemAvailable from /proc/meminfo (MiB); inf if unknown."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("inf")

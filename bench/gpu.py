@@ -66,9 +66,6 @@ def simnpo_from_token_lp(lp, B, T):
 
 
 def make_methods(device):
-    import torch
-    import torch.nn.functional as F
-
     import simnpo_fast as sf
     from simnpo_fast.backends import ReferenceBackend
 
@@ -79,39 +76,23 @@ def make_methods(device):
     methods = {"triton": ours("triton"), "triton-gemm": ours("triton-gemm"), "chunked": ours("chunked"),
                "naive": ours(ReferenceBackend(None))}
     notes = {}
-    if hasattr(F, "linear_cross_entropy"):
-        opts = torch.nn.LinearCrossEntropyOptions() if hasattr(torch.nn, "LinearCrossEntropyOptions") else None
+    # the peers' per-token cross-entropy callables are shared with the CPU suite (bench/peers.py)
+    from bench.peers import cce_ce, liger_flce_ce, torch_lce_ce
 
-        def torch_lce(h, w, lab, B, T):
-            ce = F.linear_cross_entropy(h, w, lab.reshape(-1), reduction="none", options=opts)
-            return simnpo_from_token_lp(-ce, B, T)
+    def on_top(ce):
+        return lambda h, w, lab, B, T: simnpo_from_token_lp(-ce(h, w, lab.reshape(-1)), B, T)
 
-        methods["torch_lce"] = torch_lce
-    else:
-        notes["torch_lce"] = "torch.nn.functional.linear_cross_entropy missing in this torch"
+    builders = {"torch_lce": torch_lce_ce}
     if device == "cuda":
-        try:
-            from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
-
-            liger = LigerFusedLinearCrossEntropyLoss(reduction="none")
-
-            def liger_fn(h, w, lab, B, T):
-                return simnpo_from_token_lp(-liger(w, h, lab.reshape(-1)), B, T)
-
-            methods["liger"] = liger_fn
-        except Exception as e:  # optional peer
-            notes["liger"] = f"not importable: {type(e).__name__}: {e}"
-        try:
-            from cut_cross_entropy import linear_cross_entropy as cce_lce
-
-            def cce_fn(h, w, lab, B, T):
-                return simnpo_from_token_lp(-cce_lce(h, w, lab.reshape(-1), reduction="none"), B, T)
-
-            methods["cce"] = cce_fn
-        except Exception as e:
-            notes["cce"] = f"not importable: {type(e).__name__}: {e}"
+        builders.update(liger=liger_flce_ce, cce=lambda: cce_ce("cce"))
     else:
         notes["liger"] = notes["cce"] = "CUDA only"
+    for name, build in builders.items():
+        ce, note = build()
+        if ce is None:
+            notes[name] = note
+        else:
+            methods[name] = on_top(ce)
     return methods, notes
 
 

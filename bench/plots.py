@@ -1,0 +1,182 @@
+"""Plots and the README section of a suite result (``python -m bench.suite --report`` calls these).
+
+One PNG per sweep axis and dtype: left panel median fwd+bwd time, right panel peak memory above the inputs,
+one line per method, log-log axes; the 6NdV GEMM floor is drawn as a dashed black line on the time panel.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+STYLE = {  # method -> (colour, marker)
+    "naive": ("tab:red", "o"), "chunked": ("tab:blue", "s"), "triton": ("tab:cyan", "D"), "triton-gemm": ("tab:olive", "d"),
+    "torch_lce": ("tab:orange", "^"), "liger_flce": ("tab:purple", "v"), "liger_chunked": ("tab:pink", "P"),
+    "cce": ("tab:green", "X"),
+}
+AXIS_LABEL = {"N": "tokens N", "V": "vocabulary V", "d": "hidden size d"}
+
+
+def make_plots(data: dict, out_dir: Path, stem: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = []
+    for sw in data.get("sweeps", []):
+        axis, dt = sw["axis"], sw["dtype"]
+        fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
+        methods = sorted({m for p in sw["points"] for m in p["methods"]}, key=lambda m: list(STYLE).index(m)
+                         if m in STYLE else 99)
+        for m in methods:
+            xs, ts, mem = [], [], []
+            for p in sw["points"]:
+                r = p["methods"].get(m, {})
+                if "median_s" in r:
+                    xs.append(p[axis])
+                    ts.append(r["median_s"] * 1e3)
+                    mem.append(max(r["peak_extra_mib"], 1e-2))
+            if not xs:
+                continue
+            c, mk = STYLE.get(m, ("gray", "."))
+            ax_t.plot(xs, ts, color=c, marker=mk, label=m)
+            ax_m.plot(xs, mem, color=c, marker=mk, label=m)
+        fx = [p[axis] for p in sw["points"] if "floor_s" in p.get("gemm", {})]
+        fy = [p["gemm"]["floor_s"] * 1e3 for p in sw["points"] if "floor_s" in p.get("gemm", {})]
+        if fx:
+            ax_t.plot(fx, fy, "k--", label="6NdV GEMM floor")
+        base = sw["base"]
+        fixed = ", ".join(f"{k}={v}" for k, v in base.items() if k != axis)
+        for ax, yl in ((ax_t, "fwd+bwd time (ms, median)"), (ax_m, "peak memory above inputs (MiB)")):
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel(AXIS_LABEL.get(axis, axis))
+            ax.set_ylabel(yl)
+            ax.grid(True, which="both", alpha=0.3)
+        ax_t.legend(fontsize=8)
+        m = data.get("machine", {})
+        fig.suptitle(f"SimNPO fwd+bwd vs {axis} ({dt}, {fixed}) -- {m.get('cpu', '')} x{m.get('cores', '')}"
+                     f"{' ' + m['gpu'] if m.get('gpu') else ''}, {m.get('date', '')[:10]}"
+                     f"{' (quick)' if data.get('quick') else ''}", fontsize=9)
+        fig.tight_layout()
+        path = Path(out_dir) / f"{stem}-{axis}-{dt}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        out.append(path)
+    return out
+
+
+def _fmt_ms(r):
+    return f"{r['median_s'] * 1e3:.0f} ms (±{r['spread'] * 50:.0f}%)" if "median_s" in r else \
+        ("skipped" if "skipped" in r else "error")
+
+
+def readme_section(data: dict, json_path: Path, pngs: list[Path], out_dir: Path) -> str:
+    m = data.get("machine", {})
+    rel = lambda p: os.path.relpath(p, Path(out_dir).parent.parent)  # noqa: E731  (paths from the repo root)
+    L = ["## Benchmarks", ""]
+    L.append(f"Machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores"
+             + (f", {m['gpu']}" if m.get("gpu") else "") + f"; torch {m.get('torch')}, triton {m.get('triton')}, "
+             + ", ".join(f"{k} {v}" for k, v in (m.get("versions") or {}).items()
+                         if k in ("liger-kernel", "cut-cross-entropy") and v)
+             + f". Date {m.get('date', '?')}, commit {m.get('git')}.")
+    L.append(f"Command: `{data.get('command')}` ({data.get('seconds', 0) / 60:.1f} min)"
+             + (" -- **quick mode on a shared CPU: noisy, indicative only**" if data.get("quick") else "")
+             + f". Raw numbers: `{rel(json_path)}`.")
+    L.append("")
+    L.append("Every method computes the same SimNPO loss (beta=2.5, mean over sequences) and its gradients w.r.t. the "
+             "hidden states and the LM-head weight; the peers (torch `F.linear_cross_entropy`, Liger, Cut "
+             "Cross-Entropy) give per-token cross-entropy (Liger's chunked framework: a per-sequence hook) and SimNPO "
+             "is assembled on top. Each is checked against an fp64 oracle before it is timed. Labels are sampled from "
+             "the head's own softmax (realistic logits). Time = median fwd+bwd over repeated runs (± half the "
+             "min-max spread); memory = RSS / CUDA peak above the inputs in a fresh process, gradients included.")
+    L.append("")
+    chk = data.get("check")
+    if chk:
+        L.append("### Correctness vs the fp64 oracle (relative max error of loss / d hidden / d weight)")
+        L.append("")
+        L.append("| method | dtype | shape (M, d, V) | loss | d hidden | d weight | verdict |")
+        L.append("|---|---|---|---|---|---|---|")
+        for r in chk["runs"]:
+            for name, res in r["results"].items():
+                shape = f"{r.get('M', r.get('N'))}, {r['d']}, {r['V']}" + (" (interpreter)" if r.get("interpreter") else "")
+                if "error" in res:
+                    L.append(f"| {name} | {r['dtype']} | {shape} | - | - | - | error: {res['error'][:80]} |")
+                else:
+                    L.append(f"| {name} | {r['dtype']} | {shape} | {res['loss']:.1e} | {res['dhidden']:.1e} | "
+                             f"{res['dweight']:.1e} | {'ok' if res['ok'] else '**differs: not timed**'} (tol {res['tol']:.0e}) |")
+        una = {k: v for r in chk["runs"] for k, v in r.get("unavailable", {}).items()}
+        for k, v in una.items():
+            L.append(f"\n- `{k}` not run here: {v}")
+        L.append("")
+    for h in data.get("headline", []):
+        g = h.get("gemm", {})
+        L.append(f"### SimNPO fwd+bwd at N={h['N']}, d={h['d']}, V={h['V']}, {h['dtype']}")
+        L.append("")
+        if "floor_s" in g:
+            L.append(f"GEMM rate measured in the same run: {g['gemm_gflops']:.1f} GFLOP/s; 6NdV floor "
+                     f"{g['floor_s'] * 1e3:.0f} ms.")
+            L.append("")
+        L.append("| method | time | GFLOP/s | x floor | peak memory | vs naive time | vs naive memory |")
+        L.append("|---|---|---|---|---|---|---|")
+        naive = h["methods"].get("naive", {})
+        for name, r in h["methods"].items():
+            if "median_s" not in r:
+                L.append(f"| {name} | {_fmt_ms(r)} | | | | | |")
+                continue
+            vt = f"{r['median_s'] / naive['median_s']:.2f}x" if "median_s" in naive else "-"
+            vm = f"{r['peak_extra_mib'] / naive['peak_extra_mib'] * 100:.1f}%" if "median_s" in naive else "-"
+            L.append(f"| {name} | {_fmt_ms(r)} | {r['gflops']:.1f} | {r.get('x_floor', float('nan')):.2f} | "
+                     f"{r['peak_extra_mib']:.0f} MiB | {vt} | {vm} |")
+        t = h.get("targets", {})
+        if t.get("met"):
+            L.append("")
+            L.append(f"Targets for `{t['method']}`: " + "; ".join(
+                f"{k.replace('_', ' ')} {t[k]:.2f} (target <= {data['targets_max'][k]}: "
+                f"{'met' if t['met'][k] else '**not met**'})" for k in data["targets_max"] if k in t)
+                + (f"; fastest peer: {t['best_peer']}." if t.get("best_peer") else "."))
+        L.append("")
+    if pngs:
+        L.append("### Scaling")
+        L.append("")
+        for p in pngs:
+            L.append(f"![{p.stem}]({rel(p)})")
+        L.append("")
+    skipped = [(p["N"], p["d"], p["V"], p["dtype"], mth, r["skipped"]) for sw in data.get("sweeps", [])
+               for p in sw["points"] for mth, r in p["methods"].items() if "skipped" in r]
+    if skipped:
+        L.append("Skipped (memory): " + "; ".join(f"{m} at N={n} d={d} V={v} {dt}" for n, d, v, dt, m, _ in
+                                                   sorted(set(skipped))) + ".")
+        L.append("")
+    step = data.get("step")
+    if step:
+        L.append("### One unlearning step end to end")
+        L.append("")
+        if "skipped" in step:
+            L.append(f"Not run: {step['skipped']}.")
+        else:
+            L.append(f"`{step.get('command')}` (exit {step.get('returncode')}); JSON: "
+                     f"`{rel(step['json_path']) if step.get('json_path') else '-'}`.")
+            if step.get("result"):
+                L.append("")
+                L.append("```")
+                L.append(step["stdout_tail"].strip()[-1500:])
+                L.append("```")
+        L.append("")
+    plan = data.get("plan")
+    if plan and "rows" in plan:
+        L.append("### Memory planner vs measured peak (`simnpo-fast plan`)")
+        L.append("")
+        L.append(plan_table(plan))
+        L.append("")
+    elif plan:
+        L.append(f"Planner validation failed: {plan.get('error', '')[:300]}")
+    return "\n".join(L) + "\n"
+
+
+def plan_table(plan: dict) -> str:
+    L = ["| model | params | loss | seq x batch | predicted | measured | error |", "|---|---|---|---|---|---|---|"]
+    for r in plan["rows"]:
+        L.append(f"| {r['name']} | {r['params'] / 1e6:.1f} M | {r['loss']} | {r['seq']} x {r['batch']} | "
+                 f"{r['predicted_mib']:.0f} MiB | {r['measured_mib']:.0f} MiB | {r['error'] * 100:+.1f}% |")
+    return "\n".join(L)

@@ -1,0 +1,56 @@
+"""Suite bookkeeping on synthetic results: target ratios, plots and README section (fast, no timing)."""
+import json
+
+import pytest
+
+pytest.importorskip("matplotlib")
+from bench import plots, suite  # noqa: E402
+
+
+def _r(method, t, mem):
+    return {"method": method, "median_s": t, "min_s": t, "max_s": t * 1.1, "spread": 0.1, "n": 2,
+            "peak_extra_mib": mem, "gflops": 1.0, "times_s": [t]}
+
+
+def _point(N, d, V, dt="fp32", scale=1.0):
+    ms = {"naive": _r("naive", 2.0 * scale, 1000.0), "chunked": _r("chunked", 1.0 * scale, 50.0),
+          "torch_lce": _r("torch_lce", 1.5 * scale, 80.0), "cce": {"method": "cce", "skipped": "memory"}}
+    return {"N": N, "d": d, "V": V, "dtype": dt, "gemm": {"floor_s": 0.9 * scale, "gemm_gflops": 10.0}, "methods": ms}
+
+
+def test_targets():
+    t = suite.targets(_point(2048, 512, 32000), "chunked")
+    assert t["time_vs_naive"] == pytest.approx(0.5)
+    assert t["memory_vs_naive"] == pytest.approx(0.05)
+    assert t["time_vs_floor"] == pytest.approx(1 / 0.9)
+    assert t["best_peer"] == "torch_lce" and t["time_vs_best_peer"] == pytest.approx(1 / 1.5)
+    assert t["met"] == {"time_vs_naive": True, "memory_vs_naive": True, "time_vs_floor": True,
+                        "time_vs_best_peer": True}
+
+
+def test_plots_and_readme(tmp_path):
+    head = _point(2048, 512, 32000)
+    head["targets"] = suite.targets(head, "chunked")
+    data = {"benchmark": "suite", "command": "python -m bench.suite --quick", "quick": True, "seconds": 60,
+            "machine": {"cpu": "Test CPU", "cores": 2, "date": "2026-01-01T00:00:00Z", "torch": "x", "triton": "y",
+                        "versions": {"liger-kernel": "1", "cut-cross-entropy": "2"}},
+            "targets_max": suite.TARGETS,
+            "check": {"runs": [{"dtype": "fp32", "N": 64, "M": 60, "d": 48, "V": 300, "interpreter": False,
+                                "results": {"naive": {"ok": True, "loss": 1e-7, "dhidden": 1e-6, "dweight": 1e-6,
+                                                      "tol": 1e-4}},
+                                "unavailable": {"triton": "CUDA only"}}], "passed": {"fp32": ["naive"]}},
+            "headline": [head],
+            "sweeps": [{"axis": "N", "dtype": "fp32", "base": {"N": 512, "d": 256, "V": 8192},
+                        "points": [_point(n, 256, 8192, scale=n / 512) for n in (512, 1024, 2048)]}],
+            "step": {"skipped": "bench/step.py not present"},
+            "plan": {"rows": [{"name": "m", "params": 1e6, "loss": "fused", "seq": 8, "batch": 2,
+                               "predicted_mib": 10.0, "measured_mib": 11.0, "error": -1 / 11}]}}
+    path = tmp_path / "cpu2-2026-01-01-quick.json"
+    path.write_text(json.dumps(data))
+    written = suite.report(path, tmp_path)
+    md = (tmp_path / "README_section.md").read_text()
+    assert (tmp_path / "cpu2-2026-01-01-quick-N-fp32.png").stat().st_size > 1000
+    assert "| chunked |" in md and "0.50x" in md and "quick mode" in md and "-9.1%" in md
+    assert "time vs naive 0.50 (target <= 0.9: met)" in md
+    assert len(written) == 2
+    assert suite.latest_result(tmp_path) == path
