@@ -13,7 +13,13 @@ def main(argv=None) -> int:
 
     add_unlearn_parser(sub)
     add_finetune_parser(sub)
+    from .plan import add_plan_parser
+
+    add_plan_parser(sub)
+    _add_bench_parser(sub)
     args = parser.parse_args(argv)
+    if args.cmd in ("plan", "bench"):
+        return args.func(args)
     if args.cmd in ("unlearn", "finetune"):
         return args.func(args)
     if args.cmd == "demo":
@@ -21,6 +27,29 @@ def main(argv=None) -> int:
 
         return demo_main()
     return 0
+
+
+def _add_bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="benchmark suite (source checkout only): loss vs peers, sweeps, step, planner")
+    p.add_argument("--quick", action="store_true", help="small sweeps, < 10 min on a 2-core CPU")
+    p.add_argument("--report", action="store_true", help="regenerate plots + README section from the newest JSON")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="more bench.suite options (e.g. --stages check,headline)")
+    p.set_defaults(func=_run_bench)
+
+
+def _run_bench(args) -> int:
+    """Run ``python -m bench.suite`` from the source checkout this package is installed from (editable install)."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "bench" / "suite.py").exists():
+        print("simnpo-fast bench needs a source checkout (bench/ is not installed): clone the repository, "
+              "`pip install -e '.[bench]'` and run it from there", file=sys.stderr)
+        return 1
+    cmd = [sys.executable, "-m", "bench.suite"] + (["--quick"] if args.quick else []) \
+        + (["--report"] if args.report else []) + [a for a in args.rest if a != "--"]
+    return subprocess.call(cmd, cwd=str(root))
 
 
 if __name__ == "__main__":
