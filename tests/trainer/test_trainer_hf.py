@@ -1,0 +1,107 @@
+"""HF drop-in: patch() equals HF's own loss (value and gradients) without logits; UnlearningTrainer's loss and
+gradients equal a naive full-logits SimNPO / NPO + retain NLL; a short Trainer run works (accelerate, CPU)."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+
+def _close(got, want, name, tol=2e-5):
+    scale = want.abs().max().item()
+    err = (got - want).abs().max().item()
+    assert scale > 0 and err <= tol * scale, f"{name}: max error {err} vs max |grad| {scale}"
+
+
+def _tiny(vocab, tied=False):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied, pad_token_id=0,
+                      bos_token_id=1, eos_token_id=2)
+    return LlamaForCausalLM(cfg)
+
+
+@pytest.fixture(scope="module")
+def qa(corpus):
+    from simnpo_fast import data as D
+
+    tok = D.load_tokenizer(corpus["tokenizer"])
+    forget = D.encode_qa(D.load_tofu(corpus["data"], "forget10"), tok, max_length=96)
+    retain = D.encode_qa(D.load_tofu(corpus["data"], "retain90"), tok, max_length=96)
+    return tok, forget, retain
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_patch_matches_hf_loss_and_gradients(qa, tied):
+    from simnpo_fast import data as D
+    from simnpo_fast.model import patch
+
+    tok, forget, retain = qa
+    col = D.DataCollator.from_tokenizer(tok)
+    b = col.pad([retain[i] for i in range(6)])
+    ref = _tiny(len(tok), tied)
+    mine = patch(copy.deepcopy(ref))
+    out_ref = ref(**b)
+    out = mine(**b)
+    assert out.logits is None  # no [B, T, V] tensor
+    torch.testing.assert_close(out.loss, out_ref.loss, rtol=1e-5, atol=1e-6)
+    out_ref.loss.backward()
+    out.loss.backward()
+    for (n, p), (_, q) in zip(ref.named_parameters(), mine.named_parameters()):
+        _close(q.grad, p.grad, n)
+    # without labels: unchanged logits (generation path)
+    with torch.no_grad():
+        torch.testing.assert_close(mine(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+                                   ref(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits)
+
+
+def _naive(model, fb, rb, objective, beta, gamma, fw, rw, ref_logp=None):
+    logits = model(input_ids=fb["input_ids"], attention_mask=fb["attention_mask"]).logits.float()
+    tgt = fb["labels"][:, 1:]
+    m = tgt != -100
+    lp = (torch.log_softmax(logits[:, :-1], -1).gather(-1, tgt.clamp_min(0)[..., None])[..., 0] * m).sum(1)
+    if objective == "simnpo":
+        f = -(2 / beta) * F.logsigmoid(-beta * lp / m.sum(1) - gamma)
+    else:
+        f = -(2 / beta) * F.logsigmoid(-beta * (lp - ref_logp))
+    return fw * f.mean() + rw * model(**rb).loss
+
+
+@pytest.mark.parametrize("objective", ["simnpo", "npo"])
+def test_unlearning_trainer_compute_loss_matches_naive(qa, tmp_path, objective):
+    from transformers import TrainingArguments
+
+    from simnpo_fast import data as D
+    from simnpo_fast.hf import ForgetRetainCollator, UnlearningTrainer, add_reference_logps
+
+    tok, forget, retain = qa
+    base = _tiny(len(tok))
+    naive_model = copy.deepcopy(base)
+    ds = D.ForgetRetainDataset(forget, retain, seed=0)
+    col = ForgetRetainCollator.from_tokenizer(tok)
+    beta = 2.5 if objective == "simnpo" else 0.5
+    if objective == "npo":
+        ds = add_reference_logps(ds, base, col.collator)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3,
+                             learning_rate=1e-3, report_to=[], use_cpu=True, remove_unused_columns=False,
+                             logging_steps=1, save_strategy="no", dataloader_num_workers=0)
+    tr = UnlearningTrainer(model=base, args=args, train_dataset=ds, data_collator=col, objective=objective,
+                           beta=beta, gamma=0.3 if objective == "simnpo" else 0.0, retain_weight=0.8)
+    batch = col([ds[i] for i in range(4)])
+    loss = tr.compute_loss(base, batch)
+    loss.backward()
+    ref_logp = batch.get("ref_logp_sum")
+    nl = _naive(naive_model, batch["forget"], batch["retain"], objective, beta,
+                0.3 if objective == "simnpo" else 0.0, 1.0, 0.8, ref_logp)
+    nl.backward()
+    torch.testing.assert_close(loss, nl, rtol=1e-5, atol=1e-6)
+    for (n, p), (_, q) in zip(naive_model.named_parameters(), base.named_parameters()):
+        _close(q.grad, p.grad, n)
+    base.zero_grad(set_to_none=True)
+    # a short real Trainer run (accelerate under the hood)
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    res = tr.train()
+    assert res.global_step == 3 and torch.isfinite(torch.tensor(res.training_loss))
+    assert any(not torch.equal(before[n], p) for n, p in base.named_parameters())
