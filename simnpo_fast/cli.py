@@ -8,7 +8,17 @@ import sys
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="simnpo-fast", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("demo", help="run the main job on the embedded default")
+    demo = sub.add_parser("demo", help="run the main job on the embedded default")
+    demo.add_argument("--out", default="demo_out", help="output folder (default demo_out/)")
+    demo.add_argument("--config", default="demo", help="demo config name or YAML path")
+    demo.add_argument("--showcase", action="store_true", help="also print the fused-loss showcase")
+    demo.add_argument("overrides", nargs="*", metavar="key=value")
+    from .eval.cli import add_eval_parser, add_relearn_parser
+    from .study import add_study_parser
+
+    add_eval_parser(sub)
+    add_relearn_parser(sub)
+    add_study_parser(sub)
     from .trainer_cli import add_finetune_parser, add_unlearn_parser
 
     add_unlearn_parser(sub)
@@ -20,12 +30,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.cmd in ("plan", "bench"):
         return args.func(args)
-    if args.cmd in ("unlearn", "finetune"):
+    if args.cmd in ("unlearn", "finetune", "eval", "relearn", "study"):
         return args.func(args)
     if args.cmd == "demo":
         from .demo import main as demo_main
 
-        return demo_main()
+        return demo_main(args.out, args.config, args.overrides, with_showcase=args.showcase)
     return 0
 
 

@@ -1,18 +1,22 @@
-"""`make demo`: a real, self-contained showcase of the fused SimNPO loss (no downloads).
+"""`make demo`: the main job on the embedded default, no downloads, a few minutes on a 2-core CPU.
 
-It builds a forget batch (8 sequences x 256 tokens, prompts masked), an LM head with a 32k vocabulary,
-and computes the SimNPO loss and its gradients twice: with the naive full-logits reference and with the
-fused chunked backend. It prints both results, their agreement, the time and the largest tensor each held.
+1. generate the fictitious-author corpus (TOFU layout) and train its BPE tokenizer;
+2. finetune a tiny Llama on all of it (the *target*) and a retain-only twin (the forget-quality reference);
+3. unlearn forget10 from the target with SimNPO (fused loss, FSDP2 trainer), evaluating every few steps;
+4. evaluate target, retain and unlearned models with the TOFU metrics and print the table, plus where the
+   report, the plots and the unlearned HF model were written.
+
+Sizes and hyper-parameters: ``simnpo_fast/configs/demo.yaml``. ``python -m simnpo_fast.cli demo --out DIR``.
+The old fused-loss showcase is kept as :func:`showcase` (``--showcase``).
 """
 from __future__ import annotations
 
+import copy
+import os
 import time
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-
-import simnpo_fast as sf
-from simnpo_fast._batch import lm_batch
 
 
 class _Largest(TorchDispatchMode):
@@ -29,7 +33,12 @@ class _Largest(TorchDispatchMode):
 
 
 def showcase(B=8, T=256, d=512, V=32000, beta=2.5, seed=0) -> dict:
-    h, W, labels = lm_batch(B, T, d, V, seed=seed)  # labels sampled from the model: realistic log-probs
+    """SimNPO loss + gradients with the full-logits reference and the fused chunked backend (agreement, time,
+    largest tensor held)."""
+    import simnpo_fast as sf
+    from simnpo_fast._batch import lm_batch
+
+    h, W, labels = lm_batch(B, T, d, V, seed=seed)
     h.requires_grad_()
     W.requires_grad_()
     out = {}
@@ -47,19 +56,80 @@ def showcase(B=8, T=256, d=512, V=32000, beta=2.5, seed=0) -> dict:
     return out
 
 
-def main() -> int:
-    print("simnpo-fast demo: SimNPO loss on a forget batch of 8 x 256 tokens, d=512, V=32000 (CPU)")
+def print_showcase() -> None:
     res = showcase()
-    ref, ch = res["reference"], res["chunked"]
-    rel = lambda a, b: float((a - b).abs().max() / b.abs().max())  # noqa: E731
-    print(f"mean answer-token log p = {res['mean_logp']:.3f} nats")
     print(f"{'backend':<10} {'loss':>12} {'fwd+bwd s':>10} {'largest tensor MiB':>20}")
-    for name, r in ((k, v) for k, v in res.items() if k != "mean_logp"):
+    for name in ("reference", "chunked"):
+        r = res[name]
         print(f"{name:<10} {r['loss']:12.6f} {r['seconds']:10.2f} {r['largest_mib']:20.1f}")
-    print(f"agreement: |loss diff| = {abs(ref['loss'] - ch['loss']):.2e}, "
-          f"grad W rel err = {rel(ch['gW'], ref['gW']):.2e}, grad h rel err = {rel(ch['gh'], ref['gh']):.2e}")
-    print("The chunked backend never holds the [tokens x vocab] logits; see `make test` and `python -m bench.loss`.")
+
+
+def main(out_dir: str = "demo_out", config: str = "demo", overrides=None, with_showcase: bool = False) -> int:
+    from .eval import evaluate_tofu
+    from .eval.hook import EvalHook
+    from .eval.report import text_table, write_report
+    from .study import eval_config, finetune, load_hf, load_study_config, prepare_data, set_threads, unlearn
+
+    t0 = time.perf_counter()
+    cfg = load_study_config(config, overrides)
+    set_threads(cfg)
+    out_dir = os.path.abspath(out_dir)
+    seed = int(cfg.get("seed", 0))
+    print(f"simnpo-fast demo -> {out_dir}")
+    print("[1/5] corpus + tokenizer", flush=True)
+    data_dir, kind, tok_dir, tok = prepare_data(cfg, out_dir)
+    print("[2/5] finetune the target model on the full corpus (+ real-authors / world-facts QA)", flush=True)
+    target = finetune(cfg, data_dir, kind, tok_dir, os.path.join(out_dir, "target"), "pretrain_full", seed)
+    print("[3/5] finetune the retain-only model (retain90)", flush=True)
+    retain_split = "retain" + str(100 - int(cfg["forget_split"][-2:]))
+    retain = finetune(cfg, data_dir, kind, tok_dir, os.path.join(out_dir, "retain"), f"pretrain_{retain_split}",
+                      seed)
+    print("[4/5] evaluate retain + target, then unlearn forget10 with SimNPO (evaluated during training)",
+          flush=True)
+    ecfg = eval_config(cfg)
+    ref = evaluate_tofu(load_hf(retain), tok, data_dir, copy.deepcopy(ecfg), progress=True)
+    from .eval.tofu import summarize
+
+    summarize(ref, ref)
+    before = evaluate_tofu(load_hf(target), tok, data_dir, copy.deepcopy(ecfg), reference=ref, progress=True)
+    every = int(cfg.get("eval", {}).get("every", 0))
+    hook = EvalHook(data_dir, tok, every, copy.deepcopy(ecfg), reference=ref,
+                    out_path=os.path.join(out_dir, "report", "history.json")) if every else None
+    hf = unlearn(cfg, "SimNPO", target, data_dir, kind, tok_dir, os.path.join(out_dir, "simnpo"), seed, hook=hook)
+    print("[5/5] evaluate the unlearned model", flush=True)
+    after = evaluate_tofu(load_hf(hf), tok, data_dir, copy.deepcopy(ecfg), reference=ref, progress=True)
+    history = None
+    if hook is not None:
+        steps = _train_steps(os.path.join(out_dir, "simnpo"))
+        history = [h for h in hook.history if h["step"] < steps] + [{"step": steps, "summary": after["summary"]}]
+    results = {"target": before, "retain": ref, "simnpo": after}
+    paths = write_report(results, os.path.join(out_dir, "report"), title="demo: SimNPO on forget10",
+                         history=history)
+    rows = {"target (before)": before["summary"], "retain (oracle)": ref["summary"],
+            "SimNPO (after)": after["summary"]}
+    print()
+    print(text_table(rows))
+    print()
+    print(f"report:          {paths['markdown']}")
+    print(f"plots:           {paths['plot']}" + (f", {paths['curves']}" if "curves" in paths else ""))
+    print(f"unlearned model: {hf}  (AutoModelForCausalLM.from_pretrained)")
+    print(f"total time:      {time.perf_counter() - t0:.0f} s")
+    if with_showcase:
+        print_showcase()
     return 0
+
+
+def _train_steps(run_dir: str) -> int:
+    import json
+
+    last = 0
+    p = os.path.join(run_dir, "log.jsonl")
+    if os.path.isfile(p):
+        with open(p) as f:
+            for line in f:
+                if line.strip():
+                    last = max(last, int(json.loads(line).get("step", 0)))
+    return last
 
 
 if __name__ == "__main__":
