@@ -175,8 +175,12 @@ def unlearn(cfg: dict, method: str, base_hf: str, data_dir, kind, tok_dir, out_d
         return hf
     t = _base_train_config(cfg, data_dir, kind, tok_dir, out_dir, seed)
     u = copy.deepcopy(cfg["unlearn"])
-    m = dict(METHODS[method])
-    m.update(u.get("methods", {}).get(method, {}))
+    over = dict(u.get("methods", {}).get(method, {}))
+    base = over.pop("base", method)  # a variant: {"SimNPO-b4.5": {"base": "SimNPO", "beta": 4.5}}
+    if base not in METHODS:
+        raise ValueError(f"unknown method {method!r} (base {base!r}); known: {sorted(METHODS)}")
+    m = dict(METHODS[base])
+    m.update(over)
     t.name = f"unlearn-{method}"
     t.model.path, t.model.preset, t.model.config = base_hf, None, {}
     t.loss.objective = m.pop("objective")
@@ -340,7 +344,8 @@ def add_study_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--data", default=None, help="a TOFU-layout folder (default: the synthetic corpus)")
     p.add_argument("--seeds", type=int, nargs="*", default=None)
-    p.add_argument("--methods", nargs="*", default=None, choices=list(METHODS))
+    p.add_argument("--methods", nargs="*", default=None,
+                   help="GA GradDiff NPO SimNPO, or variants defined under unlearn.methods (with base:)")
     p.add_argument("--out", default=None, help="work folder (default runs/study-<name>)")
     p.add_argument("--results", default=None, help="where the table/plot go (default docs/results)")
     p.set_defaults(func=run_study_cli)
