@@ -138,3 +138,21 @@ def test_cli_config_error_fails_before_any_work(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "config error" in proc.stderr and "beta must be > 0" in proc.stderr
     assert not out.exists()  # nothing generated, trained or written
+
+
+def test_packaged_configs_load(tmp_path):
+    from simnpo_fast.trainer import load_config
+
+    with pytest.raises(ValueError, match="data.path is required"):
+        load_config("tofu_forget10")  # the model / data paths must be given: nothing is downloaded
+    (tmp_path / "m").mkdir()
+    (tmp_path / "d").mkdir()
+    paths = [f"model.path={tmp_path / 'm'}", f"data.path={tmp_path / 'd'}"]
+    tofu = load_config("tofu_forget10", paths)
+    assert (tofu.loss.objective, tofu.loss.beta, tofu.loss.forget_weight, tofu.loss.retain_weight,
+            tofu.loss.gamma, tofu.optim.lr, tofu.epochs, tofu.batch_size) == ("simnpo", 4.5, 0.125, 1.0, 0.0,
+                                                                              1e-5, 10, 32)
+    muse = load_config("muse_news", paths)
+    assert muse.data.kind == "muse" and muse.loss.objective == "simnpo"
+    d = load_config("default", ["optim.lr=2e-4", "loss.beta=3"])
+    assert d.optim.lr == 2e-4 and d.loss.beta == 3.0 and d.finetune.enabled

@@ -1,0 +1,199 @@
+"""One full unlearning step (forward, backward, clip, AdamW): this trainer vs an HF-Trainer step with a naive
+full-logits SimNPO loss, on the same tiny Llama and the same forget + retain batch.
+
+    python -m bench.step                        # V=32000, d=256, 2 layers, 8 forget + 8 retain x 256 tokens
+    python -m bench.step --repeats 3 --out /tmp/x
+
+* ``ours``: :func:`simnpo_fast.trainer.train_step` -- FSDP2 (world size 1, gloo on CPU), forget and retain
+  in one backbone pass, fused SimNPO + retain NLL computed inside the LM head's forward, no logits.
+* ``hf``: ``transformers.Trainer.training_step`` + ``optimizer.step`` with the loss most users write:
+  ``model(forget).logits`` -> ``log_softmax`` -> gather -> SimNPO, plus ``model(**retain).loss``
+  (HF's own cross-entropy on full logits), i.e. the open-unlearning SimNPO recipe.
+
+Every variant runs in a fresh subprocess. After two warm-up steps (optimizer state allocated), the RSS
+high-water mark is reset; ``peak_extra_mib`` is the high-water mark of the timed steps minus the RSS before
+them (activations, logits, gradients: what one step adds on top of weights + optimizer state). ``tokens/s``
+counts the non-padding tokens of the forget and retain batches per step (median step time).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from bench.common import machine_info, median_time, reset_hwm, rss_kib, run_worker, write_result
+
+
+def _config(args):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=args.V, hidden_size=args.d, intermediate_size=args.ffn, num_hidden_layers=args.layers,
+                       num_attention_heads=args.heads, num_key_value_heads=args.heads, max_position_embeddings=2048,
+                       tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def _batch(args, seed):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    B, T = args.B, args.T
+    ids = torch.randint(3, args.V, (B, T), generator=g)
+    lengths = torch.randint(T // 2, T + 1, (B,), generator=g)
+    lengths[0] = T
+    mask = (torch.arange(T)[None] < lengths[:, None]).long()
+    ids = ids * mask
+    labels = ids.clone()
+    labels[:, : args.prompt] = -100
+    labels[mask == 0] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _ours(args):
+    import torch
+
+    from simnpo_fast.distributed import apply_fsdp, init_distributed, mixed_precision_policy
+    from simnpo_fast.model import UnlearnModel
+    from simnpo_fast.modules import UnlearningLoss
+    from simnpo_fast.trainer import Run, TrainConfig, train_step
+    from transformers import LlamaForCausalLM
+
+    info = init_distributed("cpu")
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(_config(args))
+    model = UnlearnModel(hf)
+    apply_fsdp(model, mp_policy=mixed_precision_policy(info.device, "no"))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, foreach=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    cfg = TrainConfig()
+    cfg.optim.max_grad_norm = 1.0
+    crit = UnlearningLoss("simnpo", beta=2.5, gamma=0.0, forget_weight=1.0, retain_weight=1.0)
+
+    class _Stream:
+        epoch = 0
+
+    run = Run(cfg, info, model, opt, sched, _Stream(), None, None, None, 1, 1, criterion=crit)
+    f, r = _batch(args, 1), _batch(args, 2)
+    batch = {k: torch.cat([f[k], r[k]]) for k in f}
+    batch["n_forget"] = args.B
+    batch["index"] = torch.arange(args.B)
+    n_tok = int(batch["attention_mask"].sum())
+    return lambda: train_step(run, [batch]), n_tok
+
+
+def _hf(args, tmp):
+    import torch
+    import torch.nn.functional as F
+    from transformers import LlamaForCausalLM, Trainer, TrainingArguments
+
+    class NaiveSimNPOTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            f, r = inputs["forget"], inputs["retain"]
+            logits = model(input_ids=f["input_ids"], attention_mask=f["attention_mask"]).logits
+            tgt = f["labels"][:, 1:]
+            m = tgt != -100
+            lp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, tgt.clamp_min(0)[..., None])[..., 0]
+            seq = (lp * m).sum(1) / m.sum(1)
+            forget = (-(2 / 2.5) * F.logsigmoid(-2.5 * seq - 0.0)).mean()
+            retain = model(**r).loss
+            return forget + retain
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(_config(args))
+    targs = TrainingArguments(output_dir=tmp, per_device_train_batch_size=args.B, learning_rate=1e-5,
+                              max_grad_norm=1.0, report_to=[], use_cpu=True, save_strategy="no",
+                              remove_unused_columns=False, disable_tqdm=True)
+    tr = NaiveSimNPOTrainer(model=model, args=targs)
+    tr.create_optimizer_and_scheduler(num_training_steps=100)
+    tr.current_gradient_accumulation_steps = 1  # set by Trainer.train(); we drive training_step directly
+    inputs = {"forget": _batch(args, 1), "retain": _batch(args, 2)}
+    n_tok = int(inputs["forget"]["attention_mask"].sum() + inputs["retain"]["attention_mask"].sum())
+
+    def step():
+        loss = tr.training_step(model, inputs)
+        tr.accelerator.clip_grad_norm_(model.parameters(), 1.0)
+        tr.optimizer.step()
+        tr.lr_scheduler.step()
+        model.zero_grad(set_to_none=True)
+        return loss
+
+    return step, n_tok
+
+
+def worker(args) -> dict:
+    import tempfile
+
+    import torch
+
+    torch.set_num_threads(args.threads) if args.threads else None
+    if args.variant == "ours":
+        step, n_tok = _ours(args)
+    else:
+        step, n_tok = _hf(args, tempfile.mkdtemp())
+    step()
+    step()  # optimizer state allocated, thread pools warm
+    base = rss_kib("VmRSS")
+    hwm_reset = reset_hwm()
+    t, ts = median_time(step, args.repeats, warmup=0)
+    peak = rss_kib("VmHWM") - base
+    return {"variant": args.variant, "median_s": t, "times_s": ts, "tokens_per_step": n_tok,
+            "tokens_per_s": n_tok / t, "peak_extra_mib": peak / 1024, "rss_before_mib": base / 1024,
+            "hwm_reset": hwm_reset}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--variant", default="ours", choices=["ours", "hf"])
+    p.add_argument("--V", type=int, default=32000)
+    p.add_argument("--d", type=int, default=256)
+    p.add_argument("--ffn", type=int, default=688)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--B", type=int, default=8, help="forget sequences per step (and as many retain)")
+    p.add_argument("--T", type=int, default=256)
+    p.add_argument("--prompt", type=int, default=32, help="prompt tokens masked out of the labels")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--rounds", type=int, default=2,
+                   help="fresh worker pairs, alternating hf/ours; the best (min) median step time is kept, which "
+                        "filters out machine contention")
+    p.add_argument("--chunk-rows", type=int, default=0, help="SIMNPO_FAST_CHUNK_ROWS for ours (0: backend default)")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return 0
+    common = [f"--{k}={getattr(args, k)}" for k in ("V", "d", "ffn", "layers", "heads", "B", "T", "prompt",
+                                                    "repeats", "threads")]
+    import os
+
+    if args.chunk_rows:
+        os.environ["SIMNPO_FAST_CHUNK_ROWS"] = str(args.chunk_rows)
+    runs = {"hf": [], "ours": []}
+    for _ in range(args.rounds):
+        for v in ("hf", "ours"):
+            r = run_worker("bench.step", ["--variant", v, *common])
+            runs[v].append(r)
+            print(f"{v:5s} {r['median_s']*1e3:9.1f} ms/step  {r['tokens_per_s']:9.0f} tok/s  "
+                  f"peak +{r['peak_extra_mib']:8.1f} MiB", flush=True)
+    rows = {}
+    for v, rs in runs.items():
+        best = dict(min(rs, key=lambda r: r["median_s"]))
+        best["peak_extra_mib"] = max(r["peak_extra_mib"] for r in rs)  # worst case memory
+        best["all_median_s"] = [r["median_s"] for r in rs]
+        rows[v] = best
+    speed = rows["ours"]["tokens_per_s"] / rows["hf"]["tokens_per_s"]
+    mem = rows["ours"]["peak_extra_mib"] / rows["hf"]["peak_extra_mib"]
+    summary = {"tokens_per_s_ratio": speed, "peak_memory_ratio": mem,
+               "targets": {"tokens_per_s_ratio": ">= 1.3", "peak_memory_ratio": "<= 0.5"},
+               "meets_targets": bool(speed >= 1.3 and mem <= 0.5)}
+    print(f"\nours / hf: {speed:.2f}x tokens/s, {mem*100:.1f}% peak step memory")
+    payload = {"benchmark": "step", "command": "python -m bench.step " + " ".join(argv or sys.argv[1:]),
+               "machine": machine_info(), "config": vars(args), "results": rows, "summary": summary}
+    path = write_result("step", payload, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
