@@ -20,7 +20,7 @@ def test_cli_embedded_default(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "simnpo_fast.cli", "unlearn", "--config", "default", f"output_dir={out}",
            "progress=false"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=child_env(2), capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(cmd, cwd=ROOT, env=child_env(1), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     before, after = summary["eval_before"], summary["eval_after"]
