@@ -19,6 +19,7 @@ setup(
         "tqdm",
         "safetensors",
         "transformers>=4.46",
+        "accelerate",  # transformers.Trainer needs it (HF drop-in)
         "tokenizers",
         "datasets",
         "scipy",
@@ -28,7 +29,7 @@ setup(
         "triton; platform_system=='Linux'",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-benchmark", "pytest-timeout"],
+        "dev": ["pytest>=8", "pytest-benchmark", "pytest-timeout", "peft"],
         "bench": ["liger-kernel", "cut-cross-entropy", "matplotlib", "pytest-benchmark"],
         "gpu": ["flash-attn"],
         "lora": ["peft"],
