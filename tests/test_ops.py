@@ -100,7 +100,7 @@ KINDS = ["simnpo", "npo", "nll", "ga"]
 # B, T, d, V, empty rows, chunk rows (None = the default rule)
 SHAPES = [
     (16, 37, 37, 1000, (3, 7), 5),  # tiny tiles: sequences longer than a tile take the two-pass route
-    (1, 300, 256, 1000, (), None),  # one long sequence, default tile (128 rows) -> two-pass
+    (1, 300, 256, 1000, (), None),  # one long sequence: the default rule grows the tile to hold it whole
     (16, 12, 37, 32001, (0,), None),  # big odd vocabulary, whole sequences per tile
     (4, 2, 256, 1000, (), 16),  # T = 2: one target per row
     (3, 1, 37, 1000, (), None),  # T = 1: no target at all after the shift

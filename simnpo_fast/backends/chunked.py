@@ -2,11 +2,13 @@
 
 Chunk rule (the largest temporary is one logits tile ``[R, V]`` in the input dtype)::
 
-    R = max(128, d // 2) * (4 // itemsize)     # fp32: d/2 rows, bf16/fp16: d rows
+    R0 = max(128, d // 2) * (4 // itemsize)    # fp32: d/2 rows, bf16/fp16: d rows
+    R  = min(max(R0, longest sequence), 4 * R0)   # scalar losses: let one whole sequence fit a tile
                                                # override: chunk_rows= or SIMNPO_FAST_CHUNK_ROWS
 
 so a tile takes at most half the bytes of the fp32 LM-head gradient ``[V, d]`` that any training step must
-hold anyway (and at least 128 rows so the GEMMs stay efficient). Memory therefore does not grow with
+hold anyway (at least 128 rows so the GEMMs stay efficient), or up to twice those bytes when that is what it
+takes to hold the longest sequence whole (the 6MdV schedule below instead of the 8MdV two-pass one). Memory therefore does not grow with
 the number of tokens beyond the gradients themselves.
 
 Scalar losses use a *sequence-aligned* schedule: whole sequences are grouped into tiles of <= R rows, so
@@ -141,8 +143,11 @@ class ChunkedBackend(Backend):
     def supports(self, device) -> bool:
         return True
 
-    def rows(self, x: torch.Tensor) -> int:
-        return chunk_rows(x.shape[1], self._rows, x.element_size())
+    def rows(self, x: torch.Tensor, longest: int = 0) -> int:
+        base = chunk_rows(x.shape[1], self._rows, x.element_size())
+        if self._rows is not None or os.environ.get("SIMNPO_FAST_CHUNK_ROWS"):
+            return base
+        return min(max(base, longest), 4 * base)
 
     # -- tile epilogue ------------------------------------------------------------------------------------
     def tile_logits(self, xc, w, b):
@@ -206,7 +211,7 @@ class ChunkedBackend(Backend):
     # -- scalar-loss path: sequence-aligned, gradients while the tile is live ------------------------------
     def fused_seq_loss(self, x, w, b, targets, seq_ids, offsets, num_seqs, head: Head, need_dx, need_dw, need_db):
         dev = x.device
-        R = self.rows(x)
+        R = self.rows(x, longest=max((e - s for s, e in zip(offsets, offsets[1:])), default=0))
         acc = self.grads_class(x, w, b, need_dx, need_dw, need_db)
         acc_t = acc_dtype(x)
         logp_sum = torch.zeros(num_seqs, dtype=acc_t, device=dev)
