@@ -13,7 +13,8 @@ Stages (``--stages`` picks a subset; each measurement is a fresh subprocess, see
   headline  N=2048 tokens, d=512, V=32000 (the issue's target shape), fp32 and bf16: median time, spread, peak
             memory, GFLOP/s and x the 6NdV floor at the GEMM rate measured in the same run; target ratios.
   sweeps    time and peak memory vs N, vs V and vs d (fp32; + bf16 in full mode); points whose estimated peak
-            exceeds half the free memory are skipped and listed.
+            exceeds half the free memory are skipped and listed. Full mode: a fresh process per (method, point);
+            quick mode: one fresh process per method measures all its points (start-up / compile paid once).
   step      python -m bench.step (the trainer's end-to-end step benchmark) if bench/step.py exists.
   plan      python -m bench.plan_validate: planner prediction vs measured peak of small Llama models.
 Output: bench/results/<machine>-<date>[-quick].json, PNG plots next to it, bench/results/README_section.md.
@@ -45,7 +46,9 @@ def config(quick: bool, gpu: bool) -> dict:
             "check_mid": {"N": 512, "d": 128, "V": 4096, "seq_len": 128},
             "headline": {"N": 2048, "d": 512, "V": 32000, "dtypes": ["fp32", "bf16"]},
             "sweep_base": {"N": 512, "d": 256, "V": 8192},
-            "sweeps": {"N": [512, 2048, 8192], "V": [8192, 32768, 131072], "d": [256, 1024]},
+            # torch_lce's CPU path is slowest at large V / small d: 131072 cost it 8 of the 17 min of the first run
+            "sweeps": {"N": [512, 2048, 4096], "V": [8192, 32768, 65536], "d": [128, 256, 512]},
+            "shared_process": True,  # one process per (method, dtype) for all sweep points
             "sweep_dtypes": ["fp32"],
             "plan_args": ["--quick"],
         }
@@ -216,6 +219,8 @@ def stage_timing(cfg: dict, passed: dict, gpu: bool, budget: float, cache: dict)
 def stage_sweeps(cfg: dict, passed: dict, gpu: bool, budget: float, cache: dict) -> list:
     pool = GPU_ALL if gpu else CPU_FULL
     base = cfg["sweep_base"]
+    if cfg.get("shared_process"):
+        _prefill(cfg, pool, passed, budget, cache)
     out = []
     for dt in cfg["sweep_dtypes"]:
         methods = [m for m in pool if m in passed.get(dt, [])]
@@ -227,6 +232,61 @@ def stage_sweeps(cfg: dict, passed: dict, gpu: bool, budget: float, cache: dict)
                 pts.append(_point(methods, shape["N"], shape["d"], shape["V"], dt, cfg, budget, cache))
             out.append({"axis": axis, "dtype": dt, "base": base, "points": pts})
     return out
+
+
+def _prefill(cfg, pool, passed, budget, cache) -> None:
+    """Quick mode: one process per (method, dtype) measures every sweep point (start-up / compile paid once)."""
+    from bench.sweep import est_peak_mib
+
+    base = cfg["sweep_base"]
+    shapes = sorted({tuple({**base, ax: v}[k] for k in ("N", "d", "V")) for ax, vs in cfg["sweeps"].items() for v in vs},
+                    key=lambda s: s[0] * s[1] * s[2])
+    for dt in cfg["sweep_dtypes"]:
+        elt = 4 if dt == "fp32" else 2
+        results: dict = {}
+        for m in ["gemm"] + [m for m in pool if m in passed.get(dt, [])]:
+            ok = [s for s in shapes if est_peak_mib(m, *s, elt) <= budget]
+            t0 = time.perf_counter()
+            try:
+                rs = run_worker("bench.sweep", ["--method", m, "--dtype", dt, "--repeats",
+                                                str(cfg["gemm_repeats"] if m == "gemm" else cfg["repeats"]),
+                                                "--points", ",".join(f"{N}:{d}:{V}" for N, d, V in ok)])["points"]
+            except Exception as e:
+                rs = [{"method": m, "dtype": dt, "N": N, "d": d, "V": V, "error": str(e)[-800:]} for N, d, V in ok]
+            _log(f"  {dt} {m:14s} {len(ok)} points in one process: {time.perf_counter() - t0:.0f} s")
+            for r in rs:
+                results[(r["N"], r["d"], r["V"], m)] = r
+            for s in shapes:
+                if s not in ok:
+                    results[(*s, m)] = {"method": m, "dtype": dt, "N": s[0], "d": s[1], "V": s[2],
+                                        "skipped": f"estimated peak {est_peak_mib(m, *s, elt):.0f} MiB > budget"}
+        for N, d, V in shapes:
+            if (N, d, V, dt) in cache:
+                continue
+            gemm = results.get((N, d, V, "gemm"), {})
+            rows = {}
+            for m in [m for m in pool if m in passed.get(dt, [])]:
+                r = results.get((N, d, V, m), {"error": "missing"})
+                if "median_s" in r and "floor_s" in gemm:
+                    r["x_floor"] = r["median_s"] / gemm["floor_s"]
+                rows[m] = r
+            cache[(N, d, V, dt)] = {"N": N, "d": d, "V": V, "dtype": dt, "gemm": gemm, "methods": rows}
+            _print_point(cache[(N, d, V, dt)])
+
+
+def _print_point(pt) -> None:
+    N, d, V, dt = pt["N"], pt["d"], pt["V"], pt["dtype"]
+    for m, r in pt["methods"].items():
+        if "median_s" in r:
+            _log(f"  {dt} N={N:<6d} d={d:<5d} V={V:<7d} {m:14s} {r['median_s']*1e3:9.1f} ms "
+                 f"(spread {r['spread']*100:4.1f}%)  peak +{r['peak_extra_mib']:8.1f} MiB  {r['gflops']:7.1f} GFLOP/s"
+                 + (f"  {r['x_floor']:.2f}x floor" if "x_floor" in r else ""))
+        else:
+            _log(f"  {dt} N={N:<6d} d={d:<5d} V={V:<7d} {m:14s} {r.get('skipped') or 'ERROR ' + r.get('error', '')[-200:]}")
+    g = pt.get("gemm", {})
+    if "floor_s" in g:
+        _log(f"  {dt} N={N:<6d} d={d:<5d} V={V:<7d} {'6NdV floor':14s} {g['floor_s']*1e3:9.1f} ms  "
+             f"(GEMM {g['gemm_gflops']:.1f} GFLOP/s)")
 
 
 def stage_step(quick: bool, out_dir: Path) -> dict:

@@ -12,6 +12,8 @@ that is the N in every FLOP count (6 M d V for fwd+bwd).
 Peak memory = VmHWM during one fwd+bwd minus VmRSS just before it (inputs allocated, libraries warmed up -- and
 compiled peers compiled -- by one call at ``min(N, 512)`` tokens of the same d, V), including the gradients the
 call leaves in ``.grad`` (a training step must hold them). Times: the measured call plus ``--repeats - 1`` more.
+``--points`` (the suite's quick mode) measures several shapes in one process, largest last: freed blocks go back
+to the OS (fixed mmap threshold), so each high-water mark still starts from that point's own baseline.
 """
 from __future__ import annotations
 
@@ -57,24 +59,25 @@ def est_peak_mib(method: str, N: int, d: int, V: int, elt: int) -> float:
     return (b + grads) / 2**20
 
 
-def _gemm(args, dtype):
+def _gemm(args, dtype, N=None, d=None, V=None):
     import torch
 
     from bench.common import median_time
 
-    M = valid_rows(args.N, args.seq_len)
-    x = torch.randn(M, args.d).to(dtype)
-    w = torch.randn(args.V, args.d).to(dtype)
-    g = torch.randn(M, args.V).to(dtype)
+    N, d, V = N or args.N, d or args.d, V or args.V
+    M = valid_rows(N, args.seq_len)
+    x = torch.randn(M, d).to(dtype)
+    w = torch.randn(V, d).to(dtype)
+    g = torch.randn(M, V).to(dtype)
     torch.mm(x[:64], w.t())  # library start-up
     out = {}
     for k, f in (("logits", lambda: torch.mm(x, w.t())), ("dx", lambda: torch.mm(g, w)), ("dw", lambda: torch.mm(g.t(), x))):
         t, ts = median_time(f, args.repeats, warmup=1)
         out[k] = t
     floor = out["logits"] + out["dx"] + out["dw"]
-    return {"method": "gemm", "dtype": args.dtype, "N": args.N, "M": M, "d": args.d, "V": args.V,
+    return {"method": "gemm", "dtype": args.dtype, "N": N, "M": M, "d": d, "V": V,
             "t_logits": out["logits"], "t_dx": out["dx"], "t_dw": out["dw"], "floor_s": floor,
-            "gemm_gflops": 6 * M * args.d * args.V / floor / 1e9}
+            "gemm_gflops": 6 * M * d * V / floor / 1e9}
 
 
 def _check(args, dtypes):
@@ -110,6 +113,8 @@ def worker(args) -> dict:
         return _check(args, [(n, getattr(torch, DTYPES[n])) for n in args.dtype.split(",")])
     dtype = getattr(torch, DTYPES[args.dtype])
     if args.method == "gemm":
+        if args.points:
+            return {"points": [_gemm(args, dtype, *(int(v) for v in p.split(":"))) for p in args.points.split(",")]}
         return _gemm(args, dtype)
 
     from bench import peers
@@ -117,7 +122,14 @@ def worker(args) -> dict:
     m = peers.make_method(args.method, "cuda" if torch.cuda.is_available() else "cpu")
     if m.fn is None:
         raise SystemExit(f"{args.method} unavailable: {m.note}")
-    fn = m.fn
+    if args.points:  # several points in this one process (quick mode): start-up and compilation paid once
+        pts = [tuple(int(v) for v in p.split(":")) for p in args.points.split(",")]
+        return {"points": [_measure_point(m.fn, args, N, d, V, dtype) for N, d, V in pts]}
+    return _measure_point(m.fn, args, args.N, args.d, args.V, dtype)
+
+
+def _measure_point(fn, args, N, d, V, dtype) -> dict:
+    import torch
 
     def make_step(h, W, labels):
         def step():
@@ -130,10 +142,10 @@ def worker(args) -> dict:
         return step
 
     # library start-up and (for compiled peers) compilation, off the books: same d, V, dtype, fewer tokens
-    hw, Ww, lw = inputs(min(args.N, 512), args.d, args.V, dtype, args.seq_len, seed=2)
+    hw, Ww, lw = inputs(min(N, 512), d, V, dtype, args.seq_len, seed=2)
     make_step(hw.requires_grad_(), Ww.requires_grad_(), lw)()
     del hw, Ww, lw
-    h, W, labels = inputs(args.N, args.d, args.V, dtype, args.seq_len)
+    h, W, labels = inputs(N, d, V, dtype, args.seq_len)
     h.requires_grad_()
     W.requires_grad_()
     step = make_step(h, W, labels)
@@ -151,12 +163,12 @@ def worker(args) -> dict:
     M = int((labels[:, 1:] != -100).sum())
     st = spread(ts)
     return {
-        "method": args.method, "dtype": args.dtype, "N": args.N, "M": M, "d": args.d, "V": args.V,
-        **st, "times_s": ts, "gflops": 6 * M * args.d * args.V / st["median_s"] / 1e9,
+        "method": args.method, "dtype": args.dtype, "N": N, "M": M, "d": d, "V": V,
+        **st, "times_s": ts, "gflops": 6 * M * d * V / st["median_s"] / 1e9,
         "peak_extra_mib": peak_kib / 1024, "hwm_reset": hwm_reset, "rss_base_mib": base / 1024,
         "loss": float(loss), "grad_W_norm": float(W.grad.float().norm()), "grad_h_norm": float(h.grad.float().norm()),
         "grads_mib": (W.numel() * W.element_size() + h.numel() * h.element_size()) / 2**20,
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "shared_process": bool(args.points),
     }
 
 
@@ -172,6 +184,7 @@ def main(argv=None) -> int:
     p.add_argument("--V", type=int, default=32000)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--points", default="", help="N:d:V,N:d:V,... measured one after the other in this process")
     args = p.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args)))
