@@ -161,8 +161,8 @@ def readme_section(data: dict, json_path: Path, pngs: list[Path], out_dir: Path)
         if "skipped" in step:
             L.append(f"Not run: {step['skipped']}.")
         else:
-            L.append(f"`{step.get('command')}` (exit {step.get('returncode')}); JSON: "
-                     f"`{rel(step['json_path']) if step.get('json_path') else '-'}`.")
+            L.append(f"`{step.get('command')}` (exit {step.get('returncode')}); its JSON is embedded in the suite JSON "
+                     "under `step.result`.")
             if step.get("result"):
                 L.append("")
                 L.append("```")

@@ -26,6 +26,7 @@ import datetime as _dt
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -298,8 +299,11 @@ def stage_step(quick: bool, out_dir: Path) -> dict:
     args = []
     if quick and "--quick" in helptext:
         args.append("--quick")
+    # its own folder: bench/step.py's committed results in bench/results must not be overwritten by the suite;
+    # the suite JSON embeds the step result
+    step_dir = Path(tempfile.mkdtemp(prefix="suite-step-"))
     if "--out" in helptext:
-        args += ["--out", str(out_dir)]
+        args += ["--out", str(step_dir)]
     t0 = time.time()
     proc = subprocess.run([sys.executable, "-m", "bench.step", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=3600)
@@ -307,7 +311,7 @@ def stage_step(quick: bool, out_dir: Path) -> dict:
            "stdout_tail": proc.stdout[-3000:], "seconds": time.time() - t0}
     if proc.returncode != 0:
         res["stderr_tail"] = proc.stderr[-3000:]
-    fresh = [p for d in {out_dir, RESULTS} if d.exists() for p in d.glob("step*.json") if p.stat().st_mtime >= t0 - 1]
+    fresh = [p for p in step_dir.glob("step*.json") if p.stat().st_mtime >= t0 - 1]
     if fresh:
         newest = max(fresh, key=lambda p: p.stat().st_mtime)
         res["json_path"] = str(newest)
