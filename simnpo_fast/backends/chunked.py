@@ -78,13 +78,14 @@ def _lse_inplace(z: torch.Tensor):
 class _Grads:
     """fp32 accumulators, allocated only for what autograd needs."""
 
+    #: bf16/fp16 tiles: the per-tile dW product is formed in vocabulary blocks of this many rows, so its
+    #: low-precision temporary stays small before it is added into the fp32 accumulator.
+    dw_block_rows = 8192
+
     def __init__(self, x, w, b, need_dx, need_dw, need_db):
         self.acc = acc_dtype(x)
-        self.shape_w = w.shape
-        self.device = w.device
-        self.need_dw = need_dw
         self.dx = torch.zeros(x.shape, dtype=self.acc, device=x.device) if need_dx else None
-        self.dw = None  # written by the first tile's GEMM (saves a zero-fill pass over [V, d])
+        self.dw = torch.zeros(w.shape, dtype=self.acc, device=w.device) if need_dw else None
         self.db = torch.zeros(w.shape[0], dtype=self.acc, device=w.device) if (need_db and b is not None) else None
         self.any = need_dx or need_dw or self.db is not None
 
@@ -99,17 +100,15 @@ class _Grads:
                 torch.mm(p, w, out=self.dx[r0:r1])
             else:
                 self.dx[r0:r1] = torch.mm(p, w)
-        if self.need_dw:
-            if self.dw is None:  # the first tile writes the accumulator
-                self.dw = torch.mm(p.t(), xc).to(self.acc)
-            elif p.dtype == self.acc:
+        if self.dw is not None:
+            if p.dtype == self.acc:
                 self.dw.addmm_(p.t(), xc)
             else:
-                self.dw.add_(torch.mm(p.t(), xc))
+                V, B = p.shape[1], self.dw_block_rows
+                for v0 in range(0, V, B):
+                    self.dw[v0 : v0 + B].add_(torch.mm(p[:, v0 : v0 + B].t(), xc))
 
     def finish(self):
-        if self.need_dw and self.dw is None:  # no tile at all (every label ignored)
-            self.dw = torch.zeros(self.shape_w, dtype=self.acc, device=self.device)
         return self.dx, self.dw, self.db
 
 

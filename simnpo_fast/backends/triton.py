@@ -25,7 +25,7 @@ import os
 import torch
 
 from .base import Backend
-from .chunked import ChunkedBackend
+from .chunked import ChunkedBackend, _Grads
 
 
 def _interpreting() -> bool:
@@ -124,48 +124,28 @@ def f32_gemm_available(device, dtype) -> bool:
     return _F32_GEMM_OK[key]
 
 
-class _GemmGrads:
-    """Accumulators of the triton-gemm backend (same interface as the chunked ``_Grads``).
+class _GemmGrads(_Grads):
+    """Accumulators of the triton-gemm backend: the chunked ``_Grads`` plus native fp32-result GEMMs.
 
-    fp32 / fp64 d_logits tiles go through the chunked accumulation unchanged. A 16-bit tile (the GEMM dtype
-    of 16-bit inputs) feeds 16-bit GEMMs with fp32 results: ``dx`` rows written as fp32 and ``dW``
-    accumulated in fp32 inside the GEMM (``torch.mm/addmm(out_dtype=torch.float32)``). Fallback where that
-    op is missing (CPU torch, older torch): a 16-bit GEMM (fp32 accumulation inside) whose product is
-    rounded once to 16 bits, then added to the fp32 buffer -- one rounding per tile contribution, no
-    compounding across tiles.
+    A 16-bit d_logits tile (the GEMM dtype of 16-bit inputs) feeds 16-bit GEMMs with fp32 results where the
+    device has them (``torch.mm/addmm(out_dtype=torch.float32)`` on CUDA): ``dx`` rows written as fp32 and
+    ``dW`` accumulated in fp32 inside the GEMM. Elsewhere (CPU torch, older torch), and for fp32/fp64 tiles,
+    the chunked accumulation runs unchanged.
     """
 
     def __init__(self, x, w, b, need_dx, need_dw, need_db):
-        from .chunked import _Grads
-
-        self._base = _Grads(x, w, b, need_dx, need_dw, need_db)
-        self.any = self._base.any
+        super().__init__(x, w, b, need_dx, need_dw, need_db)
         self._native = x.dtype in (torch.float16, torch.bfloat16) and f32_gemm_available(x.device, x.dtype)
 
     def add_tile(self, p, xc, w, r0, r1):
-        base = self._base
-        if p.dtype == base.acc:
-            return base.add_tile(p, xc, w, r0, r1)
-        if base.db is not None:
-            base.db.add_(p.sum(dim=0, dtype=base.acc))
-        if base.dx is not None:
-            if self._native:
-                _mm_f32_native(p, w, out=base.dx[r0:r1])
-            else:
-                base.dx[r0:r1] = torch.mm(p, w)
-        if base.need_dw:
-            pt = p.t()
-            if self._native:
-                if base.dw is None:
-                    base.dw = _mm_f32_native(pt, xc)
-                else:
-                    _addmm_f32_native(base.dw, pt, xc)
-            else:
-                prod = torch.mm(pt, xc)
-                base.dw = prod.to(base.acc) if base.dw is None else base.dw.add_(prod)
-
-    def finish(self):
-        return self._base.finish()
+        if p.dtype == self.acc or not self._native:
+            return super().add_tile(p, xc, w, r0, r1)
+        if self.db is not None:
+            self.db.add_(p.sum(dim=0, dtype=self.acc))
+        if self.dx is not None:
+            _mm_f32_native(p, w, out=self.dx[r0:r1])
+        if self.dw is not None:
+            _addmm_f32_native(self.dw, p.t(), xc)
 
 
 class TritonGemmBackend(ChunkedBackend):
