@@ -1,4 +1,4 @@
-"""`simnpo-fast` command line (subcommands are added as their issues land)."""
+"""`simnpo-fast` command line: demo, unlearn, finetune, eval, relearn, study, plan, bench."""
 from __future__ import annotations
 
 import argparse
