@@ -31,7 +31,8 @@ class Backend:
     #: True when the backend builds the autograd graph itself (the reference oracle).
     autograd_native = False
 
-    def supports(self, device: torch.device) -> bool:  # pragma: no cover - overridden
+    def supports(self, device: torch.device) -> bool:
+        """Whether this backend can run on tensors of ``device`` (pure-torch backends: everywhere)."""
         return True
 
     # -- generic path -------------------------------------------------------------------------------------

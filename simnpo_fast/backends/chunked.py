@@ -139,9 +139,6 @@ class ChunkedBackend(Backend):
     def __init__(self, chunk_rows: Optional[int] = None):
         self._rows = chunk_rows
 
-    def supports(self, device) -> bool:
-        return True
-
     def rows(self, x: torch.Tensor, longest: int = 0) -> int:
         base = chunk_rows(x.shape[1], self._rows, x.element_size())
         if self._rows is not None or os.environ.get("SIMNPO_FAST_CHUNK_ROWS"):

@@ -20,9 +20,6 @@ class ReferenceBackend(Backend):
     def __init__(self, dtype: Optional[torch.dtype] = None):
         self.dtype = dtype
 
-    def supports(self, device) -> bool:
-        return True
-
     def token_logprob_autograd(self, x, w, b, targets) -> torch.Tensor:
         if self.dtype is not None:
             x, w = x.to(self.dtype), w.to(self.dtype)

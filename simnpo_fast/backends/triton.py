@@ -32,6 +32,18 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _kernels_run_on(device, module: str) -> bool:
+    """CUDA always; CPU only when the kernel module was imported under TRITON_INTERPRET=1 (bound at import)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return True
+    if device.type == "cpu" and _interpreting():
+        import importlib
+
+        return importlib.import_module(f"simnpo_fast.kernels.{module}").INTERPRET
+    return False
+
+
 class TritonBackend(Backend):
     name = "triton"
 
@@ -40,14 +52,7 @@ class TritonBackend(Backend):
         self._fp64 = ChunkedBackend()
 
     def supports(self, device) -> bool:
-        device = torch.device(device)
-        if device.type == "cuda":
-            return True
-        if device.type == "cpu" and _interpreting():
-            from simnpo_fast.kernels import seq_logprob as K  # bound at import: must agree with the env var
-
-            return K.INTERPRET
-        return False
+        return _kernels_run_on(device, "seq_logprob")
 
     @staticmethod
     def _kernels():
@@ -171,14 +176,7 @@ class TritonGemmBackend(ChunkedBackend):
         self.block_v = block_v  # column block of the epilogue kernels (None: heuristic)
 
     def supports(self, device) -> bool:
-        device = torch.device(device)
-        if device.type == "cuda":
-            return True
-        if device.type == "cpu" and _interpreting():
-            from simnpo_fast.kernels import epilogue as E  # bound at import: must agree with the env var
-
-            return E.INTERPRET
-        return False
+        return _kernels_run_on(device, "epilogue")
 
     @staticmethod
     def _kernels():

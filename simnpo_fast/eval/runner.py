@@ -150,15 +150,18 @@ def pad_examples(examples: Sequence[dict], pad_id: int, side: str = "right"):
     return ids, mask, labels
 
 
+def _final_hidden(model, examples: Sequence[dict], pad_id: int):
+    """Pad a list of examples on the model's device and return (final hidden states, head W, head b, labels)."""
+    dev = model_device(model)
+    ids, mask, labels = (t.to(dev) for t in pad_examples(examples, pad_id))
+    return (hidden_states(model, ids, mask), *head_params(model), labels)
+
+
 def batch_logprob(model, examples: Sequence[dict], pad_id: int, backend=None) -> list[tuple[float, int]]:
     """``[(sum of answer-token log p, answer-token count)]`` for each example (fused; no logits held)."""
     model = unwrap(model)
-    dev = model_device(model)
-    ids, mask, labels = pad_examples(examples, pad_id)
-    ids, mask, labels = ids.to(dev), mask.to(dev), labels.to(dev)
     with eval_mode(model):
-        h = hidden_states(model, ids, mask)
-        w, b = head_params(model)
+        h, w, b, labels = _final_hidden(model, examples, pad_id)
         lp, n = sequence_logprob(h, w, labels, bias=b, backend=backend)
     return [(float(x), int(c)) for x, c in zip(lp.double().cpu(), n.cpu())]
 
@@ -166,12 +169,8 @@ def batch_logprob(model, examples: Sequence[dict], pad_id: int, backend=None) ->
 def batch_token_logprobs(model, examples: Sequence[dict], pad_id: int, backend=None) -> list[list[float]]:
     """Per-target-token log-probabilities of each example (the fused backend's per-token kernel)."""
     model = unwrap(model)
-    dev = model_device(model)
-    ids, mask, labels = pad_examples(examples, pad_id)
-    ids, mask, labels = ids.to(dev), mask.to(dev), labels.to(dev)
     with eval_mode(model):
-        h = hidden_states(model, ids, mask)
-        w, b = head_params(model)
+        h, w, b, labels = _final_hidden(model, examples, pad_id)
         pk = pack(h, labels)
         be = get_backend(backend, h.device)
         lp, _ = be.token_logprob(pk.x, w, b, pk.targets)
