@@ -30,13 +30,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.cmd in ("plan", "bench"):
         return args.func(args)
-    if args.cmd in ("unlearn", "finetune", "eval", "relearn", "study"):
-        return args.func(args)
-    if args.cmd == "demo":
-        from .demo import main as demo_main
+    from .distributed import owned_process_group
 
-        return demo_main(args.out, args.config, args.overrides, with_showcase=args.showcase)
-    return 0
+    with owned_process_group():  # under torchrun: every rank leaves through a barrier + destroy_process_group
+        if args.cmd == "demo":
+            from .demo import main as demo_main
+
+            return demo_main(args.out, args.config, args.overrides, with_showcase=args.showcase)
+        return args.func(args)
 
 
 def _add_bench_parser(sub) -> None:

@@ -2,13 +2,17 @@
 
 * :func:`init_distributed` -- ``env://`` under torchrun (gloo on CPU, nccl on GPU); without torchrun a world of
   one process (an in-memory store, no port), so single-process runs take the very same FSDP2 code path.
+* :func:`shutdown_distributed` -- end-of-program teardown (barrier, ``destroy_process_group``, ``gc.collect``), so
+  no live process group reaches interpreter finalization, where gloo can abort an otherwise finished job.
 * :func:`apply_fsdp` -- ``fully_shard`` on every decoder layer, ``[norm, lm_head]`` as one unit (the LM head
   stays in the root unit with the embeddings when they are tied), then the root. Gradients are *summed* over
   ranks (divide factor 1): the trainer already divides every loss by the global sequence / token counts.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -54,6 +58,40 @@ def init_distributed(device: str = "auto", timeout_s: int = 600) -> DistInfo:
     else:
         backend = dist.get_backend()
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev, backend)
+
+
+def shutdown_distributed(wait: bool = True) -> None:
+    """Destroy the default process group (no-op when none is initialised).
+
+    ``wait=True`` first holds a barrier, so no rank tears its connections down while a peer is still inside the
+    last collective; pass ``wait=False`` on an error path, where a peer may never reach the barrier. The
+    ``gc.collect()`` releases process-group objects kept alive only by reference cycles now, while the
+    interpreter is whole: a group that survives into interpreter finalization can abort the process after the
+    job's results were written ("terminate called without an active exception", SIGABRT; pytorch issues
+    65231 and 190489), which torchrun then reports as a failed job.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if wait and dist.get_world_size() > 1:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+        gc.collect()
+
+
+@contextlib.contextmanager
+def owned_process_group():
+    """Context of a command-line entry point: a process group that the command initialises inside the block is
+    shut down when it leaves (barrier on success only). A group that existed before is left alone."""
+    existed = dist.is_available() and dist.is_initialized()
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        if not existed:
+            shutdown_distributed(wait=ok)
 
 
 def barrier() -> None:

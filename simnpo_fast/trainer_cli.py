@@ -91,7 +91,10 @@ def main(argv=None) -> int:
     add_unlearn_parser(sub)
     add_finetune_parser(sub)
     args = parser.parse_args(argv)
-    return args.func(args)
+    from .distributed import owned_process_group
+
+    with owned_process_group():
+        return args.func(args)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from simnpo_fast.distributed import shutdown_distributed
 from simnpo_fast.eval.tofu import TofuEvalConfig, evaluate_tofu
 
 from .conftest import TINY_TOFU, tiny_llama, word_tokenizer, write_jsonl
@@ -32,12 +33,14 @@ def _worker(rank, world, port, data_dir, out_dir):
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    ok = False
     try:
         res = _evaluate(data_dir)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(res, f)
+        ok = True
     finally:
-        dist.destroy_process_group()
+        shutdown_distributed(wait=ok)  # the library's own teardown (barrier, destroy, gc) as its CLIs use it
 
 
 @pytest.fixture

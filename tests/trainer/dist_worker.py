@@ -31,4 +31,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from simnpo_fast.distributed import owned_process_group
+
+    with owned_process_group():  # barrier + destroy_process_group before the interpreter exits
+        main()
