@@ -86,15 +86,23 @@ def median_time(fn, repeats: int, warmup: int = 1) -> tuple[float, list[float]]:
     return statistics.median(ts), ts
 
 
-def run_worker(module: str, args: list[str], timeout: int = 1800, env: dict | None = None) -> dict:
+def run_worker(module: str, args: list[str], timeout: int = 1800, env: dict | None = None,
+               exact_rss: bool = True) -> dict:
     """Run ``python -m module --worker ...`` in a fresh process; it prints one JSON line last.
 
     ``env``: extra environment variables for the worker (e.g. ``{"TRITON_INTERPRET": "1"}``).
+    ``exact_rss``: fix glibc's mmap threshold at 128 KiB, so every large block goes back to the OS when freed
+    (no dynamic threshold parking freed tiles in the heap) and the RSS high-water mark measures live memory.
+    It also makes every large allocation page-fault afresh, which is not how programs run: workers that only
+    time pass ``exact_rss=False`` (glibc defaults).
     """
     cmd = [sys.executable, "-m", module, "--worker", *args]
-    # A fixed mmap threshold makes glibc return every large block to the OS on free (no dynamic threshold
-    # that would park freed tiles in the heap), so the RSS high-water mark measures live tensors.
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", **(env or {}))
+    base = dict(os.environ)
+    if exact_rss:
+        base["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    else:
+        base.pop("MALLOC_MMAP_THRESHOLD_", None)
+    env = dict(base, **(env or {}))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
                           cwd=str(Path(__file__).resolve().parent.parent))
     if proc.returncode != 0:

@@ -3,16 +3,23 @@
     python -m bench.loss                      # N=2048 (8 x 256), d=512, V=32000, fp32 + bf16
     python -m bench.loss --dtypes fp32 --repeats 3 --out /tmp/x
 
-Every variant runs in a fresh subprocess: peak memory is the RSS high-water mark (VmHWM) reached during
-one fwd+bwd minus the RSS just before it (inputs already allocated, libraries warmed up on a small shape;
-the gradients it leaves count, since a training step must hold them). Times are medians over ``--repeats`` fwd+bwd calls after one warm-up.
-The GEMM floor is the time of the three GEMMs any exact method must run (logits, dX, dW: 6NdV flops),
-measured in the same run at the same shapes and dtype.
+Every measurement runs in a fresh subprocess.
+
+* Peak memory: one worker per variant with glibc's mmap threshold fixed (freed blocks go back to the OS, see
+  ``bench.common.run_worker``); the RSS high-water mark (VmHWM) reached during one fwd+bwd minus the RSS
+  just before it (inputs allocated, libraries warmed up on a small shape; the gradients it leaves count,
+  since a training step must hold them).
+* Time: ``--rounds`` rounds of one worker per variant, alternating (reference, chunked, reference, ...) so
+  that drift of a shared VM hits both alike; each worker runs one warm-up fwd+bwd and ``--repeats`` timed
+  ones with glibc's default allocator settings (how a program runs); the median is over all rounds.
+* The GEMM floor is the time of the three GEMMs any exact method must run (logits, dX, dW: 6NdV flops),
+  measured in the same run at the same shapes and dtype.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 
 from bench.common import machine_info, median_time, reset_hwm, rss_kib, run_worker, write_result
@@ -58,20 +65,22 @@ def worker(args) -> dict:
 
         return step
 
-    make_step(*_inputs(512, d, 1024, dtype))()  # library start-up (thread pools, GEMM buffers) off the books
     h, W, labels = _inputs(N, d, V, dtype)
     step = make_step(h, W, labels)
+    out = {"variant": args.variant, "dtype": args.dtype, "N": N, "d": d, "V": V, "phase": args.phase}
+    if args.phase == "time":
+        t, ts = median_time(step, args.repeats, warmup=1)
+        return dict(out, median_s=t, times_s=ts)
+    make_step(*_inputs(512, d, 1024, dtype))()  # library start-up (thread pools, GEMM buffers) off the books
     base = rss_kib("VmRSS")
     hwm_reset = reset_hwm()
     loss = step()
     peak_kib = rss_kib("VmHWM") - base
-    t, ts = median_time(step, args.repeats, warmup=0)
-    return {
-        "variant": args.variant, "dtype": args.dtype, "N": N, "d": d, "V": V,
-        "median_s": t, "times_s": ts, "peak_extra_mib": peak_kib / 1024, "hwm_reset": hwm_reset,
-        "loss": float(loss), "grad_W_norm": float(W.grad.float().norm()), "grad_h_norm": float(h.grad.float().norm()),
-        "grads_mib": (W.numel() * W.element_size() + h.numel() * h.element_size()) / 2**20,
-    }
+    return dict(
+        out, peak_extra_mib=peak_kib / 1024, hwm_reset=hwm_reset,
+        loss=float(loss.detach()), grad_W_norm=float(W.grad.float().norm()), grad_h_norm=float(h.grad.float().norm()),
+        grads_mib=(W.numel() * W.element_size() + h.numel() * h.element_size()) / 2**20,
+    )
 
 
 def main(argv=None) -> int:
@@ -83,7 +92,9 @@ def main(argv=None) -> int:
     p.add_argument("--N", type=int, default=2048)
     p.add_argument("--d", type=int, default=512)
     p.add_argument("--V", type=int, default=32000)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--phase", default="memory", choices=("memory", "time"), help=argparse.SUPPRESS)
+    p.add_argument("--repeats", type=int, default=3, help="timed fwd+bwd calls per time worker")
+    p.add_argument("--rounds", type=int, default=3, help="alternating time workers per variant")
     p.add_argument("--scaling", default="8192", help="extra N values for the chunked memory-growth check")
     p.add_argument("--out", default=None, help="results folder (default bench/results)")
     args = p.parse_args(argv)
@@ -94,15 +105,23 @@ def main(argv=None) -> int:
     common = ["--N", str(args.N), "--d", str(args.d), "--V", str(args.V), "--repeats", str(args.repeats)]
     rows, gemm = [], {}
     for dt in args.dtypes.split(","):
-        gemm[dt] = run_worker("bench.loss", ["--variant", "gemm", "--dtype", dt, *common])
+        gemm[dt] = run_worker("bench.loss", ["--variant", "gemm", "--dtype", dt, *common], exact_rss=False)
+        mem = {v: run_worker("bench.loss", ["--variant", v, "--dtype", dt, "--phase", "memory", *common])
+               for v in VARIANTS}
+        times = {v: [] for v in VARIANTS}
+        for _ in range(args.rounds):
+            for v in VARIANTS:
+                r = run_worker("bench.loss", ["--variant", v, "--dtype", dt, "--phase", "time", *common],
+                               exact_rss=False)
+                times[v] += r["times_s"]
         for v in VARIANTS:
-            r = run_worker("bench.loss", ["--variant", v, "--dtype", dt, *common])
+            r = dict(mem[v], median_s=statistics.median(times[v]), times_s=times[v])
             rows.append(r)
             print(f"{dt:5s} {v:10s} {r['median_s']*1e3:9.1f} ms  peak +{r['peak_extra_mib']:8.1f} MiB", flush=True)
     scaling = []
     for n in [int(s) for s in args.scaling.split(",") if s]:
         r = run_worker("bench.loss", ["--variant", "chunked", "--dtype", "fp32", "--N", str(n), "--d", str(args.d),
-                                      "--V", str(args.V), "--repeats", "1"])
+                                      "--V", str(args.V), "--phase", "memory"])
         scaling.append(r)
         print(f"fp32  chunked N={n:<6d} peak +{r['peak_extra_mib']:8.1f} MiB (grads {r['grads_mib']:.1f} MiB)")
 

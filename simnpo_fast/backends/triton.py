@@ -150,6 +150,9 @@ class _GemmGrads(_Grads):
         if self.dx is not None:
             _mm_f32_native(p, w, out=self.dx[r0:r1])
         if self.dw is not None:
+            if self._dw_fresh:
+                self.dw.zero_()
+                self._dw_fresh = False
             _addmm_f32_native(self.dw, p.t(), xc)
 
 
@@ -184,12 +187,12 @@ class TritonGemmBackend(ChunkedBackend):
 
         return E
 
-    def tile_logits(self, xc, w, b):
+    def tile_logits(self, xc, w, b, out=None):
         if xc.dtype == torch.float64:
-            return super().tile_logits(xc, w, b)
+            return super().tile_logits(xc, w, b, out)
         if b is None:
-            return torch.mm(xc, w.t())
-        return torch.addmm(b.to(xc.dtype), xc, w.t())  # bias in the GEMM epilogue, tile in the GEMM dtype
+            return torch.mm(xc, w.t(), out=out)
+        return torch.addmm(b.to(xc.dtype), xc, w.t(), out=out)  # bias in the GEMM epilogue, GEMM dtype
 
     def tile_forward(self, z, tgt):
         if z.dtype == torch.float64:
