@@ -8,20 +8,37 @@ the kernels never see prompt or padding rows, which saves their share of the 6Nd
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 
 @dataclass
 class Packed:
-    """Valid (non-ignored) target rows, packed sequence after sequence."""
+    """Valid (non-ignored) target rows, packed sequence after sequence.
 
-    x: torch.Tensor  # [M, d] hidden rows whose target is valid (a differentiable view/gather of hidden)
+    The rows are described without copying the hidden states: packed row ``r`` is ``src[rows[r]]`` (``rows``
+    is ``None`` when every row of ``src`` is used, in order). ``x`` materialises them for consumers that need
+    a dense ``[M, d]`` matrix; row-indexed backends gather one tile at a time instead, so nothing of size
+    ``[M, d]`` is allocated besides the gradient.
+    """
+
+    src: torch.Tensor  # [B*T, d] flat view of hidden (differentiable)
+    rows: Optional[torch.Tensor]  # [M] int64 row of src of each packed row, increasing; None = all rows
     targets: torch.Tensor  # [M] int64 in [0, V)
     seq_ids: torch.Tensor  # [M] int64 sequence index of each row, non-decreasing
     n_tokens: torch.Tensor  # [S] int64 answer-token count per sequence (may contain zeros)
     offsets: list[int]  # len S + 1, host-side CSR offsets of each sequence's rows in x
     num_seqs: int
+
+    @property
+    def x(self) -> torch.Tensor:
+        """``[M, d]`` packed rows (a differentiable gather of hidden; the flat view itself when ``rows is None``)."""
+        return self.src if self.rows is None else self.src.index_select(0, self.rows)
+
+    @property
+    def num_rows(self) -> int:
+        return self.offsets[-1]
 
 
 def _fmt(t: torch.Tensor) -> str:
@@ -73,25 +90,29 @@ def check_inputs(hidden, weight, labels, bias=None, ignore_index: int = -100) ->
 
 
 def pack(hidden, labels, *, ignore_index: int = -100, shift: bool = True) -> Packed:
-    """Keep the rows whose (shifted) target is valid. Differentiable w.r.t. ``hidden``."""
+    """Describe the rows whose (shifted) target is valid. Differentiable w.r.t. ``hidden``; copies nothing of
+    it (``src`` is a flat view when ``hidden`` is contiguous): the shift is folded into the row index, position
+    ``t`` of sequence ``b`` being row ``b * T + t`` of ``src``."""
     if hidden.dim() == 2:  # [N, d] with labels [N]: one sequence
         hidden = hidden.unsqueeze(0)
         labels = labels.unsqueeze(0)
+    B, T = labels.shape
+    src = hidden.reshape(-1, hidden.shape[-1])
     if shift:
-        hidden = hidden[:, :-1]
-        labels = labels[:, 1:]
-    B = labels.shape[0]
-    mask = labels != ignore_index
+        # target of position t is labels[:, t + 1]; the last position of every sequence has none
+        tgt = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], ignore_index)], dim=1)
+    else:
+        tgt = labels
+    mask = tgt != ignore_index
     n_tokens = mask.sum(dim=1, dtype=torch.int64)
     row_mask = mask.reshape(-1)
-    flat_x = hidden.reshape(-1, hidden.shape[-1])
     if bool(row_mask.all()):
-        x = flat_x
-        targets = labels.reshape(-1).long()
+        rows = None
+        targets = tgt.reshape(-1).long()
     else:
-        idx = row_mask.nonzero().squeeze(1)
-        x = flat_x.index_select(0, idx)
-        targets = labels.reshape(-1).index_select(0, idx).long()
+        rows = row_mask.nonzero().squeeze(1)
+        targets = tgt.reshape(-1).index_select(0, rows).long()
     seq_ids = torch.repeat_interleave(torch.arange(B, device=labels.device), n_tokens)
     offsets = [0] + torch.cumsum(n_tokens, 0).tolist()
-    return Packed(x=x, targets=targets, seq_ids=seq_ids, n_tokens=n_tokens, offsets=offsets, num_seqs=B)
+    return Packed(src=src, rows=rows, targets=targets, seq_ids=seq_ids, n_tokens=n_tokens, offsets=offsets,
+                  num_seqs=B)

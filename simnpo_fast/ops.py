@@ -21,27 +21,29 @@ class _SeqLogprob(torch.autograd.Function):
     """logp_sum [S] with a recomputing backward: any loss may be built on top of it."""
 
     @staticmethod
-    def forward(ctx, x, w, b, targets, seq_ids, num_seqs, backend):
-        lp, lse = backend.token_logprob(x, w, b, targets)
+    def forward(ctx, x, w, b, targets, seq_ids, num_seqs, backend, rows):
+        kw = {} if rows is None else {"rows": rows}
+        lp, lse = backend.token_logprob(x, w, b, targets, **kw)
         out = torch.zeros(num_seqs, dtype=lp.dtype, device=x.device).index_add_(0, seq_ids, lp)
-        ctx.save_for_backward(x, w, b, targets, seq_ids, lse)
+        ctx.save_for_backward(x, w, b, targets, seq_ids, lse, rows)
         ctx.backend = backend
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        x, w, b, targets, seq_ids, lse = ctx.saved_tensors
+        x, w, b, targets, seq_ids, lse, rows = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         g = grad_out.to(lse.dtype).index_select(0, seq_ids)
+        kw = {} if rows is None else {"rows": rows}
         dx, dw, db = ctx.backend.token_logprob_backward(
-            x, w, b, targets, lse, g, need_dx, need_dw, need_db and b is not None
+            x, w, b, targets, lse, g, need_dx, need_dw, need_db and b is not None, **kw
         )
         return (
             None if dx is None else dx.to(x.dtype),
             None if dw is None else dw.to(w.dtype),
             None if db is None else db.to(b.dtype),
-            None, None, None, None,
+            None, None, None, None, None,
         )
 
 
@@ -49,37 +51,47 @@ class _FusedSeqLoss(torch.autograd.Function):
     """Scalar loss whose gradients are computed during the forward (they only need scaling afterwards)."""
 
     @staticmethod
-    def forward(ctx, x, w, b, targets, seq_ids, offsets, num_seqs, backend, head, scale, want_grad):
+    def forward(ctx, x, w, b, targets, seq_ids, offsets, num_seqs, backend, head, scale, want_grad, rows):
+        """``head`` must already fold ``scale`` into the ``g`` it returns (see ``_make_head``): the gradients
+        come out of the backend scaled, with no extra pass (nor, in bf16, an extra rounding)."""
         need = [want_grad and n for n in ctx.needs_input_grad[:3]]
         need[2] = need[2] and b is not None
+        kw = {} if rows is None else {"rows": rows}
         loss_sum, logp_sum, dx, dw, db = backend.fused_seq_loss(
-            x, w, b, targets, seq_ids, offsets, num_seqs, head, *need
+            x, w, b, targets, seq_ids, offsets, num_seqs, head, *need, **kw
         )
-        ctx.grads = []
-        for grad, ref in ((dx, x), (dw, w), (db, b)):
-            ctx.grads.append(None if grad is None else (grad.mul_(scale).to(ref.dtype)))
+        ctx.grads = [None if grad is None else grad.to(ref.dtype) for grad, ref in ((dx, x), (dw, w), (db, b))]
         ctx.mark_non_differentiable(logp_sum)
         return loss_sum * scale, logp_sum
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_logp):
-        # The buffers are ours alone: scale them in place so dW is never held twice.
+        # The buffers are ours alone: scale them in place so dW is never held twice (x 1.0 is exact).
         out = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in ctx.grads]
         ctx.grads = None
-        return (*out, None, None, None, None, None, None, None, None)
+        return (*out, None, None, None, None, None, None, None, None, None)
 
 
-def _make_head(objective: SequenceObjective, n_tokens: torch.Tensor, extras: dict):
+def _make_head(objective: SequenceObjective, n_tokens: torch.Tensor, extras: dict, scale: float = 1.0):
+    """``head(logp_sum chunk, seq idx) -> (f, scale * df/dlogp_sum)``: ``f`` unscaled, ``g`` scaled."""
     def head(logp_chunk: torch.Tensor, idx: torch.Tensor):
         with torch.enable_grad():
             s = logp_chunk.detach().requires_grad_(True)
             sub = {k: v.index_select(0, idx) for k, v in extras.items()}
             f = objective(s, n_tokens.index_select(0, idx), **sub)
             (g,) = torch.autograd.grad(f.sum(), s)
-        return f.detach(), g
+        return f.detach(), g * scale
 
     return head
+
+
+def _rows_for(pk, be: Backend):
+    """``(x, rows)`` for ``be``: the flat hidden view + row index for row-indexed backends (no copy), else the
+    materialised packed rows."""
+    if be.row_indexed:
+        return pk.src, pk.rows
+    return pk.x, None
 
 
 def _prepare(hidden, weight, labels, bias, ignore_index, shift):
@@ -108,7 +120,8 @@ def sequence_logprob(
         lp = be.token_logprob_autograd(pk.x, weight, bias, pk.targets)
         out = torch.zeros(pk.num_seqs, dtype=lp.dtype, device=lp.device).index_add(0, pk.seq_ids, lp)
         return out, pk.n_tokens
-    out = _SeqLogprob.apply(pk.x, weight, bias, pk.targets, pk.seq_ids, pk.num_seqs, be)
+    x, rows = _rows_for(pk, be)
+    out = _SeqLogprob.apply(x, weight, bias, pk.targets, pk.seq_ids, pk.num_seqs, be, rows)
     return out, pk.n_tokens
 
 
@@ -152,7 +165,7 @@ def fused_sequence_loss(
         denom = objective.denominator(pk.n_tokens)
     else:
         denom = float(normalizer) if normalizer is not None else 1.0
-    if pk.x.shape[0] == 0:
+    if pk.num_rows == 0:
         warnings.warn("every label is ignore_index: the loss is 0 and all gradients are zero", stacklevel=2)
     scale = 1.0 / denom if denom > 0 else 0.0
 
@@ -162,10 +175,11 @@ def fused_sequence_loss(
         loss = objective(logp, pk.n_tokens, **extras).sum() * scale
         logp = logp.detach()
     else:
-        head = _make_head(objective, pk.n_tokens, extras)
+        head = _make_head(objective, pk.n_tokens, extras, scale)
+        x, rows = _rows_for(pk, be)
         loss, logp = _FusedSeqLoss.apply(
-            pk.x, weight, bias, pk.targets, pk.seq_ids, pk.offsets, B, be, head, scale,
-            torch.is_grad_enabled(),
+            x, weight, bias, pk.targets, pk.seq_ids, pk.offsets, B, be, head, scale,
+            torch.is_grad_enabled(), rows,
         )
     return (loss, logp, pk.n_tokens) if return_logp else loss
 

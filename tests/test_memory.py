@@ -69,3 +69,45 @@ def test_long_sequences_stay_in_tiles():
     with LargestTensor() as probe:
         sf.simnpo_loss(h, W, y, backend=ChunkedBackend(chunk_rows=100)).backward()
     assert probe.largest <= 100 * 2001
+
+
+class HiddenSized(TorchDispatchMode):
+    """Records the distinct storages of op outputs ``[*, d]`` of at least ``min_numel`` elements (``[V, d]``
+    excluded), other than the ``known`` storages (the inputs)."""
+
+    def __init__(self, d, V, min_numel, known=()):
+        super().__init__()
+        self.d, self.V, self.min_numel = d, V, min_numel
+        self.known = {t.untyped_storage().data_ptr() for t in known}
+        self.seen = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if (isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] == self.d and t.shape[0] != self.V
+                    and t.numel() >= self.min_numel):
+                ptr = t.untyped_storage().data_ptr()
+                if ptr not in self.known:
+                    self.seen.setdefault(ptr, (str(func), tuple(t.shape)))
+        return out
+
+
+def _hidden_copies(backend):
+    h, W, labels = _inputs()
+    B, T, d = h.shape
+    M = int((labels[:, 1:] != -100).sum())  # packed rows after the shift
+    with HiddenSized(d, W.shape[0], M * d // 2, known=(h,)) as probe:
+        sf.simnpo_loss(h, W, labels, backend=backend).backward()
+    return list(probe.seen.values()), (B * T, d)
+
+
+def test_chunked_makes_no_copy_of_the_hidden_states():
+    """Memory beyond the gradients does not grow with the token count: the only [tokens, d] buffer that the
+    chunked path allocates is the hidden-state gradient itself (rows are gathered one tile at a time)."""
+    seen, grad_shape = _hidden_copies("chunked")
+    assert [s for _, s in seen] == [grad_shape], seen
+
+
+def test_probe_sees_the_packed_copy_of_a_materialising_backend():
+    seen, _ = _hidden_copies("reference")
+    assert len(seen) >= 2, seen  # packed rows [M, d] + the scattered gradient

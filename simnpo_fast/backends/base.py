@@ -14,7 +14,13 @@ been seen. Backends therefore offer two paths:
   generic path back to back inside the forward; the chunked backend overrides it with a sequence-aligned
   scheme that computes the gradients while the logits tile is still live (6 M d V flops).
 
-Backends return gradients in fp32; the autograd layer casts them to the parameter dtypes.
+Backends return gradients in fp32 (or already in the input dtype); the autograd layer casts them to the
+parameter dtypes.
+
+Row-indexed backends (``row_indexed = True``) also accept ``rows=``: then ``x`` is the flat hidden ``[N, d]``
+and packed row ``r`` is ``x[rows[r]]``; they gather one tile at a time and return ``dx`` shaped like ``x``
+(zero on the rows not in ``rows``), so no ``[M, d]`` copy of the hidden states is made. Other backends get
+the packed rows materialised by the autograd layer.
 """
 from __future__ import annotations
 
@@ -30,6 +36,8 @@ class Backend:
     name = "base"
     #: True when the backend builds the autograd graph itself (the reference oracle).
     autograd_native = False
+    #: True when the methods below accept ``rows=`` (see the module docstring).
+    row_indexed = False
 
     def supports(self, device: torch.device) -> bool:
         """Whether this backend can run on tensors of ``device`` (pure-torch backends: everywhere)."""

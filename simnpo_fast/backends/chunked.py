@@ -93,8 +93,34 @@ def _lse_inplace(z: torch.Tensor):
     return m.float(), z.sum(dim=1).float()
 
 
+class _RowSource:
+    """Rows ``[r0, r1)`` of the packed matrix: a view of ``x`` when ``rows is None``, else gathered
+    (``x[rows[r0:r1]]``) into one ``[R, d]`` buffer reused by every tile."""
+
+    def __init__(self, x: torch.Tensor, rows: Optional[torch.Tensor], R: int):
+        self.x, self.rows, self.R, self._buf = x, rows, R, None
+
+    def get(self, r0: int, r1: int) -> torch.Tensor:
+        if self.rows is None:
+            return self.x[r0:r1]
+        if self._buf is None:
+            self._buf = torch.empty(min(self.R, self.rows.shape[0]), self.x.shape[1], dtype=self.x.dtype,
+                                    device=self.x.device)
+        return torch.index_select(self.x, 0, self.rows[r0:r1], out=self._buf[: r1 - r0])
+
+    def sub(self, r0: int, r1: int) -> "tuple[torch.Tensor, Optional[torch.Tensor]]":
+        """``(x, rows)`` of the packed rows ``[r0, r1)`` for a nested pass."""
+        return (self.x[r0:r1], None) if self.rows is None else (self.x, self.rows[r0:r1])
+
+
 class _Grads:
-    """fp32 accumulators, allocated only for what autograd needs."""
+    """Gradient buffers, allocated only for what autograd needs.
+
+    ``dW`` (and ``db``) accumulate over tiles in fp32 (fp64 for fp64 inputs). ``dX`` rows are each written
+    once, by the tile that holds them, straight in the input dtype (a low-precision GEMM rounds its fp32 sum
+    once: the same single rounding as an fp32 buffer cast at the end, without the buffer). With ``rows`` the
+    tile rows land at ``dx[rows]`` of a ``dx`` shaped like the flat hidden states (zero elsewhere).
+    """
 
     #: bf16/fp16 tiles: the per-tile dW product is formed in vocabulary blocks of this many rows, in a reused
     #: low-precision buffer, widened into a reused fp32 buffer and added into the fp32 accumulator (a mixed-dtype
@@ -105,7 +131,8 @@ class _Grads:
     def __init__(self, x, w, b, need_dx, need_dw, need_db):
         self.acc = acc_dtype(x)
         self._blk = self._wide = None  # reused [dw_block_rows, d] buffers of low-precision tiles
-        self.dx = torch.zeros(x.shape, dtype=self.acc, device=x.device) if need_dx else None
+        self._dxbuf = None  # reused [R, d] product of row-indexed tiles
+        self.dx = torch.zeros(x.shape, dtype=self.dx_dtype(x), device=x.device) if need_dx else None
         # dW is written (not added) by the first tile: no zero-fill pass over [V, d]; finish() zeroes it if no
         # tile ever came (every sequence empty)
         self.dw = torch.empty(w.shape, dtype=self.acc, device=w.device) if need_dw else None
@@ -113,17 +140,31 @@ class _Grads:
         self.db = torch.zeros(w.shape[0], dtype=self.acc, device=w.device) if (need_db and b is not None) else None
         self.any = need_dx or need_dw or self.db is not None
 
-    def add_tile(self, p: torch.Tensor, xc: torch.Tensor, w: torch.Tensor, r0: int, r1: int):
-        """p is the d_logits tile of rows [r0, r1) (fp32, or the input dtype for bf16/fp16 inputs)."""
+    def dx_dtype(self, x) -> torch.dtype:
+        return x.dtype
+
+    def _dx_rows(self, prod_fn, r0: int, r1: int, rows: Optional[torch.Tensor], dtype: torch.dtype):
+        """Write ``prod_fn(out)`` into dx rows ``[r0, r1)`` (or ``dx[rows[r0:r1]]``)."""
+        if rows is None and self.dx.dtype == dtype:
+            prod_fn(self.dx[r0:r1])
+            return
+        if self._dxbuf is None or self._dxbuf.shape[0] < r1 - r0 or self._dxbuf.dtype != dtype:
+            self._dxbuf = torch.empty(r1 - r0, self.dx.shape[1], dtype=dtype, device=self.dx.device)
+        prod = prod_fn(self._dxbuf[: r1 - r0])
+        if rows is None:
+            self.dx[r0:r1].copy_(prod)
+        else:
+            self.dx.index_copy_(0, rows[r0:r1], prod.to(self.dx.dtype))
+
+    def add_tile(self, p: torch.Tensor, xc: torch.Tensor, w: torch.Tensor, r0: int, r1: int,
+                 rows: Optional[torch.Tensor] = None):
+        """p is the d_logits tile of packed rows [r0, r1) (fp32, or the input dtype for bf16/fp16 inputs)."""
         if self.db is not None:
             self.db.add_(p.sum(dim=0, dtype=self.acc))
         if p.dtype != w.dtype:
             p = p.to(w.dtype)
         if self.dx is not None:
-            if self.dx.dtype == p.dtype:
-                torch.mm(p, w, out=self.dx[r0:r1])
-            else:
-                self.dx[r0:r1] = torch.mm(p, w)
+            self._dx_rows(lambda out: torch.mm(p, w, out=out), r0, r1, rows, p.dtype)
         if self.dw is not None:
             if p.dtype == self.acc:
                 if self._dw_fresh:
@@ -145,7 +186,7 @@ class _Grads:
             self._dw_fresh = False
 
     def finish(self):
-        self._blk = self._wide = None
+        self._blk = self._wide = self._dxbuf = None
         if self.dw is not None and self._dw_fresh:
             self.dw.zero_()
             self._dw_fresh = False
@@ -175,6 +216,7 @@ class ChunkedBackend(Backend):
 
     name = "chunked"
     grads_class = _Grads
+    row_indexed = True
 
     def __init__(self, chunk_rows: Optional[int] = None):
         self._rows = chunk_rows
@@ -215,52 +257,57 @@ class ChunkedBackend(Backend):
         return _to_dlogits_(z, torch.exp(lse - m.to(lse.dtype)), g, tgt, zt, lse)
 
     # -- generic path -------------------------------------------------------------------------------------
-    def token_logprob(self, x, w, b, targets):
-        M = x.shape[0]
+    def token_logprob(self, x, w, b, targets, rows=None):
+        M = targets.shape[0]
         R = self.rows(x)
         lp = torch.empty(M, dtype=acc_dtype(x), device=x.device)
         lse = torch.empty(M, dtype=acc_dtype(x), device=x.device)
         buf = _TileBuffer(min(R, M), x, w)
+        src = _RowSource(x, rows, R)
         for r0 in range(0, M, R):
             r1 = min(M, r0 + R)
-            z = self.tile_logits(x[r0:r1], w, b, out=buf.take(r1 - r0))
+            z = self.tile_logits(src.get(r0, r1), w, b, out=buf.take(r1 - r0))
             lse_c, zt, _ = self.tile_forward(z, targets[r0:r1])
             lse[r0:r1] = lse_c
             lp[r0:r1] = zt - lse_c
             del z
         return lp, lse
 
-    def token_logprob_backward(self, x, w, b, targets, lse, grad_lp, need_dx, need_dw, need_db):
-        M = x.shape[0]
+    def token_logprob_backward(self, x, w, b, targets, lse, grad_lp, need_dx, need_dw, need_db, rows=None):
+        M = targets.shape[0]
         R = self.rows(x)
         acc = self.grads_class(x, w, b, need_dx, need_dw, need_db)
         if not acc.any:
             return None, None, None
         grad_lp = grad_lp.to(acc_dtype(x))
         buf = _TileBuffer(min(R, M), x, w)
+        src = _RowSource(x, rows, R)
         for r0 in range(0, M, R):
             r1 = min(M, r0 + R)
-            xc = x[r0:r1]
+            xc = src.get(r0, r1)
             z = self.tile_logits(xc, w, b, out=buf.take(r1 - r0))
             p = self.tile_dlogits_from_logits(z, lse[r0:r1], targets[r0:r1], grad_lp[r0:r1])
-            acc.add_tile(p, xc, w, r0, r1)
+            acc.add_tile(p, xc, w, r0, r1, rows)
             del z, p
         return acc.finish()
 
     # -- scalar-loss path: sequence-aligned, gradients while the tile is live ------------------------------
-    def fused_seq_loss(self, x, w, b, targets, seq_ids, offsets, num_seqs, head: Head, need_dx, need_dw, need_db):
+    def fused_seq_loss(self, x, w, b, targets, seq_ids, offsets, num_seqs, head: Head, need_dx, need_dw, need_db,
+                       rows=None):
         dev = x.device
         R = self.rows(x, longest=max((e - s for s, e in zip(offsets, offsets[1:])), default=0))
         acc = self.grads_class(x, w, b, need_dx, need_dw, need_db)
         acc_t = acc_dtype(x)
         logp_sum = torch.zeros(num_seqs, dtype=acc_t, device=dev)
         loss_sum = torch.zeros((), dtype=acc_t, device=dev)
-        buf = _TileBuffer(min(R, x.shape[0]), x, w)
+        M = targets.shape[0]
+        buf = _TileBuffer(min(R, M), x, w)
+        src = _RowSource(x, rows, R)
         for kind, s0, s1 in _schedule(offsets, R):
             r0, r1 = offsets[s0], offsets[s1]
             sidx = torch.arange(s0, s1, device=dev)
             if kind == "tile":  # whole sequences s0..s1-1 in one tile
-                xc, tgt = x[r0:r1], targets[r0:r1]
+                xc, tgt = src.get(r0, r1), targets[r0:r1]
                 z = self.tile_logits(xc, w, b, out=buf.take(r1 - r0))
                 lse, zt, state = self.tile_forward(z, tgt)
                 local = seq_ids[r0:r1] - s0
@@ -270,13 +317,14 @@ class ChunkedBackend(Backend):
                 loss_sum += f.sum()
                 if acc.any:
                     p = self.tile_dlogits(z, state, tgt, g.index_select(0, local))
-                    acc.add_tile(p, xc, w, r0, r1)
+                    acc.add_tile(p, xc, w, r0, r1, rows)
                     del p
                 del z
             else:  # one long sequence: two passes over token tiles
                 del buf  # token_logprob takes its own buffer
-                lp, lse = self.token_logprob(x[r0:r1], w, b, targets[r0:r1])
-                buf = _TileBuffer(min(R, x.shape[0]), x, w)
+                xs, rs = src.sub(r0, r1)
+                lp, lse = self.token_logprob(xs, w, b, targets[r0:r1], rows=rs)
+                buf = _TileBuffer(min(R, M), x, w)
                 seq_lp = lp.sum().reshape(1)
                 logp_sum[s0] = seq_lp[0]
                 f, g = head(seq_lp, sidx)
@@ -284,11 +332,11 @@ class ChunkedBackend(Backend):
                 if acc.any:
                     for t0 in range(r0, r1, R):
                         t1 = min(r1, t0 + R)
-                        xc = x[t0:t1]
+                        xc = src.get(t0, t1)
                         z = self.tile_logits(xc, w, b, out=buf.take(t1 - t0))
                         p = self.tile_dlogits_from_logits(z, lse[t0 - r0 : t1 - r0], targets[t0:t1],
                                                           g.expand(t1 - t0).contiguous())
-                        acc.add_tile(p, xc, w, t0, t1)
+                        acc.add_tile(p, xc, w, t0, t1, rows)
                         del z, p
         del buf
         # Sequences with no answer token never enter a tile; the head still defines their (zero) loss.

@@ -139,16 +139,19 @@ class _GemmGrads(_Grads):
     """
 
     def __init__(self, x, w, b, need_dx, need_dw, need_db):
-        super().__init__(x, w, b, need_dx, need_dw, need_db)
         self._native = x.dtype in (torch.float16, torch.bfloat16) and f32_gemm_available(x.device, x.dtype)
+        super().__init__(x, w, b, need_dx, need_dw, need_db)
 
-    def add_tile(self, p, xc, w, r0, r1):
+    def dx_dtype(self, x) -> torch.dtype:
+        return self.acc if self._native else x.dtype  # fp32 dX rows straight from the GEMM
+
+    def add_tile(self, p, xc, w, r0, r1, rows=None):
         if p.dtype == self.acc or not self._native:
-            return super().add_tile(p, xc, w, r0, r1)
+            return super().add_tile(p, xc, w, r0, r1, rows)
         if self.db is not None:
             self.db.add_(p.sum(dim=0, dtype=self.acc))
         if self.dx is not None:
-            _mm_f32_native(p, w, out=self.dx[r0:r1])
+            self._dx_rows(lambda out: _mm_f32_native(p, w, out=out), r0, r1, rows, self.acc)
         if self.dw is not None:
             if self._dw_fresh:
                 self.dw.zero_()
