@@ -68,8 +68,8 @@ class _TileBuffer:
     """One ``[R, V]`` buffer per call, reused by every tile (views of its first rows).
 
     A fresh 16-32 MB tensor per tile costs a page fault per 4 KiB page wherever the allocator hands large
-    blocks back to the OS (glibc above its mmap threshold): ~8k faults per tile, 10-25% of a bf16 tile's
-    time on CPU. Reusing one buffer pays them once per call and keeps the peak to exactly one tile.
+    blocks back to the OS (glibc above its mmap threshold): ~8k faults per tile, several % of a CPU step.
+    Reusing one buffer pays them once per call and keeps the peak to exactly one tile.
     """
 
     def __init__(self, rows: int, x: torch.Tensor, w: torch.Tensor):
