@@ -13,7 +13,7 @@ from .backends import available_backends, get_backend
 from .modules import (FusedGALoss, FusedNLLLoss, FusedNPOLoss, FusedSimNPOLoss, LossOutput,
                       UnlearningLoss)
 from .objectives import GA, NLL, NPO, OBJECTIVES, SequenceObjective, SimNPO
-from .ops import (fused_sequence_loss, ga_loss, nll_loss, npo_loss, sequence_logprob, simnpo_loss)
+from .ops import (fused_sequence_loss, ga_loss, kl_loss, nll_loss, npo_loss, sequence_logprob, simnpo_loss)
 
 
 def __getattr__(name):  # lazy: the HF glue imports transformers, which `import simnpo_fast` does not need
@@ -26,7 +26,7 @@ def __getattr__(name):  # lazy: the HF glue imports transformers, which `import 
 __version__ = "0.1.0"
 
 __all__ = [
-    "sequence_logprob", "simnpo_loss", "npo_loss", "ga_loss", "nll_loss", "fused_sequence_loss",
+    "sequence_logprob", "simnpo_loss", "npo_loss", "ga_loss", "nll_loss", "kl_loss", "fused_sequence_loss",
     "FusedSimNPOLoss", "FusedNPOLoss", "FusedNLLLoss", "FusedGALoss", "UnlearningLoss", "LossOutput",
     "SequenceObjective", "SimNPO", "NPO", "GA", "NLL", "OBJECTIVES",
     "available_backends", "get_backend", "patch", "__version__",

@@ -14,7 +14,7 @@ gradient correctly. So:
 * :func:`patch` makes an existing HF model's ``forward(..., labels=...)`` return the fused loss (HF drop-in).
 
 Tasks (all ``task(weight, bias, hidden, **kw)``) are built by :func:`unlearn_task`, :func:`logprob_task`,
-:func:`nll_task`, :func:`token_logprobs_task`.
+:func:`nll_task`, :func:`ref_hidden_task`.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from torch import nn
 
 from .modules import UnlearningLoss
 from .objectives import NLL
-from .ops import fused_sequence_loss, sequence_logprob
+from .ops import fused_sequence_loss, kl_loss, sequence_logprob
 
 #: The embedded default model: a tiny Llama (vocab comes from the trained tokenizer).
 PRESETS: Dict[str, Dict[str, Any]] = {
@@ -221,14 +221,16 @@ def _unlearn(weight, bias, hidden, *, criterion: UnlearningLoss, n_forget: int, 
     if retain_kl is None:
         return criterion(weight, fh, fl, rh, rl, bias=bias, ref_logp_sum=ref_logp_sum,
                          forget_normalizer=forget_normalizer, retain_normalizer=retain_normalizer)
-    # retain term = KL(ref || current) over retain answer tokens (reference log-probs given)
+    # retain term = KL(ref || current) over retain answer tokens, fused (reference hidden states + head given)
     keep_w = criterion.retain_weight
     criterion.retain_weight = 0.0
     try:
         out = criterion(weight, fh, fl, bias=bias, ref_logp_sum=ref_logp_sum, forget_normalizer=forget_normalizer)
     finally:
         criterion.retain_weight = keep_w
-    kl = chunked_kl(weight, bias, rh, rl, retain_kl, normalizer=retain_normalizer)
+    ref_hidden, ref_weight, ref_bias = retain_kl
+    kl = kl_loss(rh, weight, rl, ref_hidden, ref_weight, bias=bias, ref_bias=ref_bias,
+                 reduction="mean" if retain_normalizer is None else "sum", normalizer=retain_normalizer)
     out.loss = out.loss + keep_w * kl
     out.terms.update(retain_loss=kl.detach(), loss=out.loss.detach())
     mask = shifted_targets(rl)
@@ -262,35 +264,20 @@ def nll_task():
     return _nll
 
 
-def _token_logprobs(weight, bias, hidden, *, labels):
-    mask = shifted_targets(labels)
-    x = hidden[:, :-1][mask]
-    logits = F.linear(x, weight, bias).float()
-    return torch.log_softmax(logits, dim=-1)
+def _ref_hidden(weight, bias, hidden, *, cache: dict):
+    if "weight" not in cache:
+        # a frozen reference: its LM head is copied once (an FSDP unit frees its unsharded weight after forward)
+        cache["weight"] = weight.detach().clone()
+        cache["bias"] = None if bias is None else bias.detach().clone()
+    return hidden.detach()
 
 
-def token_logprobs_task():
-    """``task(..., labels=)`` -> ``[n_target_tokens, V]`` log-probabilities (the frozen reference for retain KL)."""
-    return _token_logprobs
-
-
-def chunked_kl(weight, bias, hidden, labels, ref_logprobs, *, normalizer=None, chunk: int = 1024):
-    """``sum_t KL(p_ref(.|t) || p(.|t)) / normalizer`` over the target positions, one token chunk at a time with
-    recomputation in backward (the policy logits of a chunk are never kept)."""
-    from torch.utils.checkpoint import checkpoint
-
-    mask = shifted_targets(labels)
-    x = hidden[:, :-1][mask]
-    total = x.new_zeros((), dtype=torch.float32)
-
-    def piece(xc, rc):
-        logp = torch.log_softmax(F.linear(xc, weight, bias).float(), dim=-1)
-        return (rc.exp() * (rc - logp)).sum()
-
-    for s in range(0, x.shape[0], chunk):
-        total = total + checkpoint(piece, x[s:s + chunk], ref_logprobs[s:s + chunk], use_reentrant=False)
-    denom = float(normalizer) if normalizer is not None else max(1, x.shape[0])
-    return total / denom
+def ref_hidden_task(cache: dict):
+    """``task(...)`` -> the final hidden states ``[B, T, d]`` of a frozen reference model; on first use it also
+    stores that model's LM-head ``weight`` / ``bias`` in ``cache``. Together they are the ``retain_kl=(hidden,
+    cache["weight"], cache["bias"])`` argument of :func:`unlearn_task`: the fused KL recomputes the reference
+    logits one tile at a time instead of holding ``[tokens, V]`` reference log-probabilities."""
+    return functools.partial(_ref_hidden, cache=cache)
 
 
 # ----------------------------------------------------------------------------- HF drop-in

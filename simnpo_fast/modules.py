@@ -69,7 +69,8 @@ class UnlearningLoss(nn.Module):
 
     objective: ``simnpo`` (default), ``npo``, ``ga`` (forget term only, unless retain_weight > 0) or
     ``graddiff`` (GA on the forget set + retain NLL). The retain term is the token-mean NLL of the
-    retain answers; a KL retain term needs the reference model's logits and is provided by the trainer.
+    retain answers; a KL retain term needs a frozen reference model (:func:`simnpo_fast.kl_loss`, which the
+    trainer adds when ``loss.retain_loss: kl``).
 
     Each batch is ``(hidden, labels)``; the LM-head ``weight`` (and ``bias``) are shared.
     ``forget_normalizer`` / ``retain_normalizer`` switch the terms to ``sum / normalizer`` for exact

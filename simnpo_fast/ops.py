@@ -73,6 +73,27 @@ class _FusedSeqLoss(torch.autograd.Function):
         return (*out, None, None, None, None, None, None, None, None, None)
 
 
+class _FusedKL(torch.autograd.Function):
+    """``scale * sum_t KL(p_ref || p)`` with its gradients computed during the forward (reference frozen)."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, xr, wr, br, rows, scale, want_grad, chunk_rows):
+        from .backends.chunked import fused_kl
+
+        need = [want_grad and n for n in ctx.needs_input_grad[:3]]
+        need[2] = need[2] and b is not None
+        loss, dx, dw, db = fused_kl(x, w, b, xr, wr, br, rows, scale, *need, chunk_rows_override=chunk_rows)
+        ctx.grads = [None if g is None else g.to(ref.dtype) for g, ref in ((dx, x), (dw, w), (db, b))]
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        out = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in ctx.grads]
+        ctx.grads = None
+        return (*out, None, None, None, None, None, None, None)
+
+
 def _make_head(objective: SequenceObjective, n_tokens: torch.Tensor, extras: dict, scale: float = 1.0):
     """``head(logp_sum chunk, seq idx) -> (f, scale * df/dlogp_sum)``: ``f`` unscaled, ``g`` scaled."""
     def head(logp_chunk: torch.Tensor, idx: torch.Tensor):
@@ -213,3 +234,41 @@ def ga_loss(hidden, weight, labels, *, bias=None, ignore_index: int = -100, redu
     """Gradient ascent: the negated token-mean NLL of the forget answers."""
     return fused_sequence_loss(hidden, weight, labels, GA(), bias=bias, ignore_index=ignore_index,
                                reduction=reduction, normalizer=normalizer, shift=shift, backend=backend)
+
+
+def kl_loss(hidden, weight, labels, ref_hidden, ref_weight, *, bias=None, ref_bias=None, ignore_index: int = -100,
+            reduction: str = "mean", normalizer=None, shift: bool = True, chunk_rows: Optional[int] = None):
+    """Retain KL: ``sum_t KL(p_ref(.|t) || p(.|t))`` over the answer tokens, token-mean by default (or the sum
+    divided by ``normalizer``), where ``p`` comes from ``hidden`` / ``weight`` / ``bias`` and the frozen
+    reference ``p_ref`` from ``ref_hidden [B, T, d_ref]`` / ``ref_weight [V, d_ref]`` / ``ref_bias`` (no
+    gradient flows to them). Fused like the other losses: two logits tiles at a time, never ``[tokens, V]``
+    (8NdV flops: the reference logits are recomputed from its hidden states). Runs on the chunked schedule on
+    every device.
+    """
+    check_reduction(reduction, normalizer)
+    if reduction == "none":
+        raise ValueError("kl_loss supports reduction='mean' or 'sum'")
+    check_inputs(hidden, weight, labels, bias, ignore_index)
+    if ref_hidden.shape[:-1] != hidden.shape[:-1]:
+        raise ValueError(f"ref_hidden must match hidden except in its last dim: ref_hidden {tuple(ref_hidden.shape)}"
+                         f" vs hidden {tuple(hidden.shape)}")
+    if ref_weight.dim() != 2 or ref_weight.shape != (weight.shape[0], ref_hidden.shape[-1]):
+        raise ValueError(f"ref_weight must be [V, d_ref] = [{weight.shape[0]}, {ref_hidden.shape[-1]}], got "
+                         f"{tuple(ref_weight.shape)}")
+    if ref_bias is not None and ref_bias.shape != (weight.shape[0],):
+        raise ValueError(f"ref_bias must be [V] = [{weight.shape[0]}], got {tuple(ref_bias.shape)}")
+    for name, t in (("ref_hidden", ref_hidden), ("ref_weight", ref_weight), ("ref_bias", ref_bias)):
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device}, hidden on {hidden.device}")
+    pk = pack(hidden, labels, ignore_index=ignore_index, shift=shift)
+    ref_src = ref_hidden.detach().reshape(-1, ref_hidden.shape[-1])
+    M = pk.num_rows
+    if M == 0:
+        warnings.warn("every label is ignore_index: the loss is 0 and all gradients are zero", stacklevel=2)
+    if reduction == "mean" and normalizer is None:
+        scale = 1.0 / M if M > 0 else 0.0
+    else:
+        scale = 1.0 / float(normalizer) if normalizer is not None else 1.0
+    return _FusedKL.apply(pk.src, weight, bias, ref_src, ref_weight.detach(),
+                          None if ref_bias is None else ref_bias.detach(), pk.rows, scale,
+                          torch.is_grad_enabled(), chunk_rows)

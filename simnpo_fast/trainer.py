@@ -11,7 +11,8 @@ whatever the split into ranks and micro-batches.
 
 NPO keeps no live reference model: one pass over the forget set before training caches ``log p_ref(y|x)`` per
 forget example (stored in every checkpoint). A retain-KL term keeps a frozen, sharded reference model
-(``reshard_after_forward=True``).
+(``reshard_after_forward=True``) whose final hidden states feed the fused KL (``simnpo_fast.kl_loss``) together
+with one copy of its LM head (``[V, d]``, taken on first use): no ``[tokens, V]`` reference log-probabilities.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ import yaml
 from .distributed import (DistInfo, all_reduce_sum, apply_ac, apply_compile, apply_fsdp, barrier, clip_grad_norm_,
                           init_distributed, mixed_precision_policy)
 from .model import (ModelConfig, UnlearnModel, build_hf_model, logprob_task, nll_task, shifted_targets,
-                    token_logprobs_task, unlearn_task)
+                    ref_hidden_task, unlearn_task)
 from .modules import UnlearningLoss
 
 OBJECTIVES = ("simnpo", "npo", "ga", "graddiff", "finetune")
@@ -412,6 +413,7 @@ class Run:
     criterion: Optional[UnlearningLoss] = None
     ref_logp: Optional[torch.Tensor] = None
     ref_model: Optional[UnlearnModel] = None
+    ref_head: dict = field(default_factory=dict)  # the frozen reference's LM head (retain KL), copied once
     step: int = 0
 
 
@@ -548,8 +550,9 @@ def train_step(run: Run, micro_batches: List[dict], hooks: Optional[dict] = None
                 kw["ref_logp_sum"] = run.ref_logp[b["index"].cpu()].to(dev)
             if run.ref_model is not None and b["input_ids"].shape[0] > nf:
                 with torch.no_grad():
-                    kw["retain_kl"] = run.ref_model(b["input_ids"][nf:], b["attention_mask"][nf:],
-                                                    task=token_logprobs_task(), labels=b["labels"][nf:])
+                    ref_h = run.ref_model(b["input_ids"][nf:], b["attention_mask"][nf:],
+                                          task=ref_hidden_task(run.ref_head))
+                kw["retain_kl"] = (ref_h, run.ref_head["weight"], run.ref_head["bias"])
             out = model(b["input_ids"], b["attention_mask"], task=unlearn_task(run.criterion), **kw)
             loss, terms = out.loss, out.terms
         loss.backward()

@@ -343,6 +343,66 @@ class ChunkedBackend(Backend):
         return (loss_sum, logp_sum, *acc.finish())
 
 
+# ------------------------------------------------------------------------------------------------------------
+# Token-level KL(p_ref || p) (the retain-KL baseline): two logits tiles, gradients while they are live
+# ------------------------------------------------------------------------------------------------------------
+#: rows of the per-row-block epilogue of the KL tiles (three [rows, V] fp32 temporaries)
+KL_BLOCK_ROWS = 32
+
+
+def _fp32_logits(xc, w, b, out):
+    """``xc w^T (+ b)`` written into the fp32 (fp64 for fp64 inputs) buffer ``out``."""
+    if xc.dtype == out.dtype:
+        torch.mm(xc, w.t(), out=out)
+    else:  # low-precision GEMM (fp32 accumulation inside), widened once
+        out.copy_(torch.mm(xc, w.t()))
+    if b is not None:
+        out.add_(b.to(out.dtype))
+    return out
+
+
+def fused_kl(x, w, b, xr, wr, br, rows, scale: float, need_dx: bool, need_dw: bool, need_db: bool,
+             chunk_rows_override: Optional[int] = None, grads_class=None):
+    """``(scale * sum_t KL(p_ref(.|t) || p(.|t)), dx, dw, db)`` over the packed rows, 8 M d V flops.
+
+    ``p`` = softmax of ``x_t w^T + b`` (differentiable), ``p_ref`` = softmax of ``xr_t wr^T + br`` (frozen
+    reference; its own hidden size allowed). Per tile of ``R`` rows (the fp32 chunk rule: both tiles together
+    take at most the bytes of the fp32 ``dW``): the two logits tiles, then, a few rows at a time, the two
+    log-softmaxes, ``KL_t = sum_v p_ref (log p_ref - log p)`` and the logits gradient ``scale (p - p_ref)``
+    written over the policy tile, which feeds the dX / dW GEMMs while it is live. Nothing ``[M, V]``.
+    """
+    acc_t = acc_dtype(x)
+    M = x.shape[0] if rows is None else rows.shape[0]
+    V = w.shape[0]
+    R = chunk_rows(max(x.shape[1], xr.shape[1]), chunk_rows_override, 4)
+    acc = (grads_class or _Grads)(x, w, b, need_dx, need_dw, need_db)
+    total = torch.zeros((), dtype=acc_t, device=x.device)
+    if M == 0:
+        return (total, *acc.finish())
+    n = min(R, M)
+    zbuf = torch.empty(n * V, dtype=acc_t, device=x.device)
+    rbuf = torch.empty(n * V, dtype=acc_t, device=x.device)
+    src, rsrc = _RowSource(x, rows, R), _RowSource(xr, rows, R)
+    for r0 in range(0, M, R):
+        r1 = min(M, r0 + R)
+        xc = src.get(r0, r1)
+        z = _fp32_logits(xc, w, b, zbuf[: (r1 - r0) * V].view(r1 - r0, V))
+        zr = _fp32_logits(rsrc.get(r0, r1), wr, br, rbuf[: (r1 - r0) * V].view(r1 - r0, V))
+        for k0 in range(0, r1 - r0, KL_BLOCK_ROWS):
+            zb, zrb = z[k0 : k0 + KL_BLOCK_ROWS], zr[k0 : k0 + KL_BLOCK_ROWS]
+            lq = torch.log_softmax(zrb, dim=1)
+            lp = torch.log_softmax(zb, dim=1)
+            q = lq.exp()
+            # 0 * log 0 := 0 where the reference assigns no mass (lq = -inf); -inf - -inf would give NaN
+            total += torch.where(q > 0, q * (lq - lp), 0.0).sum()
+            if acc.any:
+                torch.exp(lp, out=zb).sub_(q).mul_(scale)
+            del lq, lp, q
+        if acc.any:
+            acc.add_tile(z, xc, w, r0, r1, rows)
+    return (total * scale, *acc.finish())
+
+
 def _schedule(offsets: "list[int]", R: int):
     """Group consecutive sequences into tiles of <= R rows; sequences longer than R get a 'long' entry."""
     S = len(offsets) - 1
