@@ -9,9 +9,14 @@
 
 The model is :func:`simnpo_fast.model.patch`-ed: the forget and retain batches go through the backbone in one
 forward and the loss is computed inside the LM head's forward (correct under FSDP / DeepSpeed ZeRO-3, which
-gather the head weight for that forward). Each micro-batch loss is the mean over its own forget sequences and
-retain tokens (HF Trainer semantics). For NPO, :func:`add_reference_logps` caches the reference model's
-log-likelihoods once (no reference model is kept).
+gather the head weight for that forward). Training losses are normalised exactly: the Trainer hands each
+optimizer step's micro-batches to :meth:`UnlearningTrainer.get_batch_samples`, which counts the step's forget
+sequences (forget tokens for GA / GradDiff) and retain answer tokens over all micro-batches and processes;
+every micro-batch loss is then ``sum / count``, so gradient accumulation and data parallelism give the
+full-batch gradient (not a mean of per-micro-batch means: the accumulation bug of Liger-Kernel #802 and of
+pre-4.46 HF). Outside training (``compute_loss`` without those counts) the loss is the batch's own mean.
+For NPO, :func:`add_reference_logps` caches the reference model's log-likelihoods once (no reference model
+is kept).
 """
 from __future__ import annotations
 
@@ -107,14 +112,34 @@ class UnlearningTrainer(transformers.Trainer):
             raise ValueError("UnlearningTrainer needs model=")
         patch(model)
         super().__init__(*args, **kw)
-        # our loss is a per-micro-batch mean: let the Trainer divide by the accumulation steps
-        self.model_accepts_loss_kwargs = False
+        # our loss takes the step's counts (num_items_in_batch, see get_batch_samples): the Trainer then leaves
+        # it undivided by the accumulation steps; without counts it divides a per-batch mean, as for any model
+        self.model_accepts_loss_kwargs = True
         self.last_terms: dict = {}
 
     def _pad_id(self, model) -> int:
         cfg = getattr(model, "config", None)
         pad = getattr(cfg, "pad_token_id", None)
         return 0 if pad is None else int(pad if not isinstance(pad, list) else pad[0])
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """One optimizer step's micro-batches and, as ``num_items_in_batch``, its global loss denominators:
+        ``{"forget": forget sequences with an answer token (tokens for GA / GradDiff), "retain": retain answer
+        tokens}``, summed over the micro-batches and every process."""
+        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        return batches, self.step_counts(batches, device)
+
+    def step_counts(self, batches, device=None) -> Optional[dict]:
+        if not batches or not all(isinstance(b, dict) and "forget" in b for b in batches):
+            return None
+        c = torch.zeros(2, dtype=torch.float64)
+        for b in batches:
+            c[0] += self.criterion.forget_objective.denominator((b["forget"]["labels"][:, 1:] != -100).sum(1))
+            if self.criterion.retain_weight > 0 and b.get("retain") is not None:
+                c[1] += int((b["retain"]["labels"][:, 1:] != -100).sum())
+        if self.args.world_size > 1:
+            c = self.accelerator.gather(c.to(device or self.args.device)).reshape(-1, 2).sum(0).cpu()
+        return {"forget": float(c[0]), "retain": float(c[1])}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         forget = inputs["forget"]
@@ -123,6 +148,15 @@ class UnlearningTrainer(transformers.Trainer):
         kw = {"n_forget": forget["input_ids"].shape[0], "labels": labels}
         if "ref_logp_sum" in inputs:
             kw["ref_logp_sum"] = inputs["ref_logp_sum"]
+        counts = num_items_in_batch if isinstance(num_items_in_batch, dict) else None
+        if counts is not None:
+            if counts["forget"] > 0:
+                kw["forget_normalizer"] = counts["forget"]
+            if counts["retain"] > 0:
+                kw["retain_normalizer"] = counts["retain"]
         out = model(input_ids=ids, attention_mask=mask, head_task=unlearn_task(self.criterion), task_kwargs=kw)
         self.last_terms = {k: v.detach() for k, v in out.terms.items()}
-        return (out.loss, {"loss": out.loss}) if return_outputs else out.loss
+        loss = out.loss
+        if counts is not None and self.accelerator.num_processes > 1:
+            loss = loss * self.accelerator.num_processes  # the data-parallel gradient reduction is a mean
+        return (loss, {"loss": loss}) if return_outputs else loss

@@ -105,3 +105,60 @@ def test_unlearning_trainer_compute_loss_matches_naive(qa, tmp_path, objective):
     res = tr.train()
     assert res.global_step == 3 and torch.isfinite(torch.tensor(res.training_loss))
     assert any(not torch.equal(before[n], p) for n, p in base.named_parameters())
+
+
+@pytest.mark.parametrize("objective", ["simnpo", "graddiff"])
+def test_unlearning_trainer_gradient_accumulation_equals_full_batch(qa, tmp_path, objective):
+    """2 micro-batches of 2 accumulate to the gradient of one batch of 4 (exact global normalisation: forget
+    sequences / tokens and retain tokens of the whole step), not to a mean of two per-micro-batch means."""
+    from transformers import TrainerCallback, TrainingArguments
+
+    from simnpo_fast import data as D
+    from simnpo_fast.hf import ForgetRetainCollator, UnlearningTrainer
+
+    tok, forget, retain = qa
+    col = ForgetRetainCollator.from_tokenizer(tok)
+    ds = D.ForgetRetainDataset(forget, retain, seed=0)
+
+    def step_grads(bs, accum):
+        model = _tiny(len(tok))
+        grads = {}
+
+        class Grab(TrainerCallback):
+            def on_pre_optimizer_step(self, args, state, control, **kw):
+                if not grads:
+                    grads.update({n: p.grad.detach().clone() for n, p in model.named_parameters()})
+
+        args = TrainingArguments(output_dir=str(tmp_path / f"{bs}x{accum}"), per_device_train_batch_size=bs,
+                                 gradient_accumulation_steps=accum, max_steps=1, learning_rate=1e-3,
+                                 report_to=[], use_cpu=True, remove_unused_columns=False, save_strategy="no",
+                                 dataloader_num_workers=0, seed=3, max_grad_norm=0.0)
+        tr = UnlearningTrainer(model=model, args=args, train_dataset=ds, data_collator=col, objective=objective,
+                               retain_weight=0.7, callbacks=[Grab()])
+        tr.train()
+        return grads
+
+    full, acc = step_grads(4, 1), step_grads(2, 2)
+    assert full and set(full) == set(acc)
+    for n in full:
+        _close(acc[n], full[n], n, tol=1e-5)
+
+
+def test_step_counts_follow_the_objective_denominator(qa, tmp_path):
+    from transformers import TrainingArguments
+
+    from simnpo_fast import data as D
+    from simnpo_fast.hf import ForgetRetainCollator, UnlearningTrainer
+
+    tok, forget, retain = qa
+    col = ForgetRetainCollator.from_tokenizer(tok)
+    ds = D.ForgetRetainDataset(forget, retain, seed=0)
+    batches = [col([ds[i] for i in range(0, 3)]), col([ds[i] for i in range(3, 5)])]
+    batches[1]["forget"]["labels"][0, :] = -100  # a forget sequence without answer tokens
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, remove_unused_columns=False)
+    f_tok = sum(int((b["forget"]["labels"][:, 1:] != -100).sum()) for b in batches)
+    r_tok = sum(int((b["retain"]["labels"][:, 1:] != -100).sum()) for b in batches)
+    for objective, want_f in (("simnpo", 4.0), ("graddiff", float(f_tok))):
+        tr = UnlearningTrainer(model=_tiny(len(tok)), args=args, train_dataset=ds, data_collator=col,
+                               objective=objective)
+        assert tr.step_counts(batches) == {"forget": want_f, "retain": float(r_tok)}
