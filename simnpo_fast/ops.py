@@ -260,6 +260,8 @@ def kl_loss(hidden, weight, labels, ref_hidden, ref_weight, *, bias=None, ref_bi
     for name, t in (("ref_hidden", ref_hidden), ("ref_weight", ref_weight), ("ref_bias", ref_bias)):
         if t is not None and t.device != hidden.device:
             raise ValueError(f"{name} is on {t.device}, hidden on {hidden.device}")
+        if t is not None and t.dtype != ref_weight.dtype:
+            raise ValueError(f"{name} is {t.dtype}, ref_weight {ref_weight.dtype}: the reference is one dtype")
     pk = pack(hidden, labels, ignore_index=ignore_index, shift=shift)
     ref_src = ref_hidden.detach().reshape(-1, ref_hidden.shape[-1])
     M = pk.num_rows

@@ -89,6 +89,8 @@ def test_kl_bad_reference_shapes_and_reduction():
         sf.kl_loss(h, W, y, hr[:, :-1], Wr)
     with pytest.raises(ValueError, match="ref_weight"):
         sf.kl_loss(h, W, y, hr, Wr[:-1])
+    with pytest.raises(ValueError, match="one dtype"):
+        sf.kl_loss(h, W, y, hr.double(), Wr)
     with pytest.raises(ValueError, match="reduction"):
         sf.kl_loss(h, W, y, hr, Wr, reduction="none")
     y[:] = -100
