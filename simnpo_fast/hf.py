@@ -122,12 +122,13 @@ class UnlearningTrainer(transformers.Trainer):
         pad = getattr(cfg, "pad_token_id", None)
         return 0 if pad is None else int(pad if not isinstance(pad, list) else pad[0])
 
-    def get_batch_samples(self, epoch_iterator, num_batches, device):
+    def get_batch_samples(self, epoch_iterator, num_batches, *args, **kw):
         """One optimizer step's micro-batches and, as ``num_items_in_batch``, its global loss denominators:
         ``{"forget": forget sequences with an answer token (tokens for GA / GradDiff), "retain": retain answer
-        tokens}``, summed over the micro-batches and every process."""
-        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
-        return batches, self.step_counts(batches, device)
+        tokens}``, summed over the micro-batches and every process. (``*args``: newer transformers also pass
+        the device.)"""
+        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, *args, **kw)
+        return batches, self.step_counts(batches, args[0] if args else kw.get("device"))
 
     def step_counts(self, batches, device=None) -> Optional[dict]:
         if not batches or not all(isinstance(b, dict) and "forget" in b for b in batches):
