@@ -11,20 +11,14 @@ buffers, as in the chunked backend. It explains where the chunked path loses tim
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
+from bench.common import median_time
 
-def _t(fn, n=7):
-    fn()
-    ts = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+
+def _t(fn, n=7) -> float:
+    return median_time(fn, n)[0]
 
 
 def main(argv=None) -> int:

@@ -40,8 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, Optional
 

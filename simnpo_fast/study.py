@@ -246,7 +246,7 @@ def run_study(cfg: dict, out_dir: str, *, seeds: Optional[List[int]] = None, met
     plot and Markdown there. Returns ``{"rows": {name: mean summary}, "std": ..., "per_seed": ...}``."""
     from .eval import evaluate_tofu
     from .eval.relearn import RelearnConfig, relearn_attack
-    from .eval.report import bar_chart, markdown_table, save_json
+    from .eval.report import save_json
 
     t0 = time.perf_counter()
     set_threads(cfg)

@@ -4,7 +4,7 @@ import json
 import pytest
 
 pytest.importorskip("matplotlib")
-from bench import plots, suite  # noqa: E402
+from bench import suite  # noqa: E402
 
 
 def _r(method, t, mem):

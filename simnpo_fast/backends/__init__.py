@@ -7,7 +7,7 @@ device (``triton`` for CUDA tensors when Triton imports, ``chunked`` otherwise).
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict, Optional, Union
+from typing import Callable, Dict, Union
 
 import torch
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, Mapping, Optional, Sequence
 
 #: Columns of the headline TOFU table (key in ``result["summary"]``, header).
 TOFU_COLUMNS = (
@@ -112,6 +112,11 @@ def bar_chart(rows: Mapping[str, Mapping], path: str, columns=None, title: str =
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, rotation=40, ha="right", fontsize=7)
         ax.set_title(head, fontsize=9)
+    return _save(plt, fig, path, title)
+
+
+def _save(plt, fig, path: str, title: str = "") -> str:
+    """Title, layout, write ``path`` (folders created) and close the figure."""
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -135,13 +140,7 @@ def curves(history: Sequence[Mapping], path: str, keys: Optional[Sequence[str]] 
             ax.set_yscale("log")
         ax.set_title(dict(TOFU_COLUMNS).get(k, k), fontsize=9)
         ax.set_xlabel("step", fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, title)
 
 
 def write_report(results: Mapping[str, Mapping], out_dir: str, *, title: str = "Evaluation",

@@ -7,7 +7,6 @@ reference model; the trainer caches it with one pass over the forget set before 
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from .base import SequenceObjective, check_beta

@@ -9,7 +9,6 @@ d f_i / d logp_sum_i = (2 / |y_i|) * sigmoid((beta / |y_i|) * logp_sum_i + gamma
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from .base import SequenceObjective, check_beta

@@ -3,7 +3,6 @@ a tiny TOFU-layout folder and a tiny Llama."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch

@@ -67,7 +67,6 @@ def test_sigkill_then_resume_equals_uninterrupted(corpus, tmp_path):
 
     a = load_file(os.path.join(out, "hf", "model.safetensors"))
     b = load_file(os.path.join(tmp_path, "straight", "hf", "model.safetensors"))
-    init = None
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs after resume: {(a[k] - b[k]).abs().max()}"

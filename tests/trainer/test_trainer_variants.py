@@ -1,5 +1,4 @@
 """Retain-KL (frozen sharded reference) and LoRA (peft) paths of the trainer."""
-import os
 
 import pytest
 import torch
