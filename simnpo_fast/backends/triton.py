@@ -145,9 +145,9 @@ class _GemmGrads(_Grads):
     def dx_dtype(self, x) -> torch.dtype:
         return self.acc if self._native else x.dtype  # fp32 dX rows straight from the GEMM
 
-    def add_tile(self, p, xc, w, r0, r1, rows=None):
-        if p.dtype == self.acc or not self._native:
-            return super().add_tile(p, xc, w, r0, r1, rows)
+    def add_tile(self, p, xc, w, r0, r1, rows=None, scale=None):
+        if p.dtype == self.acc or not self._native or scale is not None:
+            return super().add_tile(p, xc, w, r0, r1, rows, scale)
         if self.db is not None:
             self.db.add_(p.sum(dim=0, dtype=self.acc))
         if self.dx is not None:
@@ -206,7 +206,7 @@ class TritonGemmBackend(ChunkedBackend):
     def tile_dlogits(self, z, state, tgt, g):
         if z.dtype == torch.float64:
             return super().tile_dlogits(z, state, tgt, g)
-        return self.tile_dlogits_from_logits(z, state, tgt, g)
+        return self.tile_dlogits_from_logits(z, state, tgt, g), None
 
     def tile_dlogits_from_logits(self, z, lse, tgt, g):
         if z.dtype == torch.float64:

@@ -1,0 +1,114 @@
+"""The chunked backend's tile epilogue against fp64 maths: ``tile_forward`` (lse, target logit) and
+``tile_dlogits`` (the ``(tile, row_scale)`` factorisation of ``g * (onehot - softmax)``), including the rows
+where a 16-bit tile needs care (a target probability below the smallest normal bf16, ``p_t -> 1``), the
+in-place softmax it relies on, and ``_Grads.add_tile`` with a row scale against explicit d_logits.
+"""
+import math
+
+import pytest
+import torch
+
+from simnpo_fast.backends import ChunkedBackend
+from simnpo_fast.backends.chunked import _Grads, _softmax_
+
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+# fp32 / fp64: lse to a few ulps (cascade row sums); 16-bit: the target probability or row sum rounded once
+LSE_TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2 ** -8, torch.float16: 2 ** -10}
+GRAD_TOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("V", [17, 2048, 32001])
+def test_softmax_in_place_equals_the_out_of_place_op(dtype, V):
+    torch.manual_seed(V)
+    z = (torch.randn(5, V) * 4).to(dtype)
+    want = torch.softmax(z, dim=1)
+    assert _softmax_(z) is z
+    assert torch.equal(z, want)
+
+
+def _tile(dtype, R=12, V=1000, seed=0):
+    """Logits (exactly representable in ``dtype``) with hard rows: row 0 puts p_t below 1e-40 (logp_t ~ -120),
+    row 1 has p_t ~ 1 (1 - p_t ~ 1e-4), row 2 is flat."""
+    g = torch.Generator().manual_seed(seed)
+    z = (torch.randn(R, V, generator=g) * 3).to(dtype).double()
+    tgt = torch.randint(0, V, (R,), generator=g)
+    z[0] = 0.0
+    z[0, tgt[0]] = -120.0
+    z[1] = 0.0
+    z[1, tgt[1]] = 16.0
+    z[2] = 1.0
+    return z, tgt, torch.randn(R, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tile_forward_and_dlogits_against_fp64(dtype):
+    z64, tgt, g = _tile(dtype)
+    lse64 = torch.logsumexp(z64, dim=1)
+    want = -g[:, None] * torch.softmax(z64, dim=1)
+    want.scatter_(1, tgt[:, None], (-g * torch.expm1(z64.gather(1, tgt[:, None]).squeeze(1) - lse64))[:, None])
+
+    be = ChunkedBackend()
+    z = z64.to(dtype, copy=True)
+    lse, zt, state = be.tile_forward(z, tgt)
+    assert lse.dtype == zt.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert torch.equal(zt.double(), z64.gather(1, tgt[:, None]).squeeze(1))
+    assert ((lse.double() - lse64).abs() / lse64.abs().clamp_min(1)).max() <= LSE_TOL[dtype]
+    logp = zt.double() - lse.double()
+    assert abs(logp[0].item() - (z64[0, tgt[0]] - lse64[0]).item()) <= LSE_TOL[dtype] * 120  # ~ -120
+    assert abs(logp[1].item()) < 2e-4                                                      # p_t ~ 1
+
+    tile, scale = be.tile_dlogits(z, state, tgt, g.to(lse.dtype))
+    assert tile is z  # in place, no second [R, V] buffer
+    got = tile.double() if scale is None else scale.double()[:, None] * tile.double()
+    # every row to its own scale |g_i| (so a small row is not hidden by a large one), target entries included
+    err = ((got - want).abs().amax(dim=1) / g.abs()).max()
+    assert err <= GRAD_TOL[dtype], err
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_rows", [False, True])
+def test_add_tile_with_row_scale_equals_explicit_dlogits(dtype, with_rows):
+    """``add_tile(tile, scale=s)`` == ``add_tile(diag(s) tile)``: dX, dW (over two tiles) and db."""
+    torch.manual_seed(1)
+    M, d, V = 24, 32, 300
+    x = torch.randn(M, d).to(dtype)
+    w = torch.randn(V, d).to(dtype)
+    b = torch.randn(V).to(dtype)
+    rows = torch.randperm(M)[:16] if with_rows else None
+    n = 16 if with_rows else M
+    tiles = [torch.randn(n // 2, V).to(dtype) for _ in range(2)]
+    scales = [torch.randn(n // 2, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+              for _ in range(2)]
+
+    def run(fold):
+        acc = _Grads(x, w, b, True, True, True)
+        for i, (t, s) in enumerate(zip(tiles, scales)):
+            r0, r1 = i * (n // 2), (i + 1) * (n // 2)
+            xc = x[r0:r1] if rows is None else x[rows[r0:r1]]
+            if fold:
+                acc.add_tile(t.clone(), xc, w, r0, r1, rows, scale=s)
+            else:
+                acc.add_tile((s[:, None] * t.to(s.dtype)).to(dtype), xc, w, r0, r1, rows)
+        return acc.finish()
+
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2 ** -6}[dtype]
+    for got, want in zip(run(True), run(False)):
+        got, want = got.double(), want.double()
+        assert (got - want).abs().max() <= tol * want.abs().max()
+    dx = run(True)[0]
+    if rows is not None:  # rows outside the packed set keep a zero gradient
+        untouched = torch.ones(M, dtype=torch.bool)
+        untouched[rows] = False
+        assert dx[untouched].abs().max() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16bit_flat_rows_beyond_65504_columns_stay_finite(dtype):
+    """A flat 16-bit row over V = 70000 columns: its row sum (70000) exceeds the largest fp16, so it must never
+    be held as one fp16 number; lse = log V."""
+    V = 70000
+    z = torch.zeros(3, V, dtype=dtype)
+    lse, zt, _ = ChunkedBackend().tile_forward(z, torch.tensor([0, 5, V - 1]))
+    assert torch.isfinite(lse).all()
+    assert (lse - math.log(V)).abs().max() <= 2 ** -8 * math.log(V)
