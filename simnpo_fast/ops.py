@@ -67,10 +67,21 @@ class _FusedSeqLoss(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_logp):
-        # The buffers are ours alone: scale them in place so dW is never held twice (x 1.0 is exact).
-        out = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in ctx.grads]
+        out = _scale_grads_(ctx.grads, grad_loss)
         ctx.grads = None
         return (*out, None, None, None, None, None, None, None, None, None)
+
+
+def _scale_grads_(grads, grad_loss: torch.Tensor):
+    """The gradients computed in the forward, times the upstream gradient of the scalar loss.
+
+    The buffers are ours alone: scaled in place, so dW is never held twice. On CPU an upstream gradient of
+    exactly 1 (``loss.backward()``) skips the pass over ``[V, d]`` (x 1.0 is exact); on an accelerator the
+    multiply is cheaper than reading the value back.
+    """
+    if grad_loss.device.type == "cpu" and grad_loss.numel() == 1 and float(grad_loss) == 1.0:
+        return list(grads)
+    return [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads]
 
 
 class _FusedKL(torch.autograd.Function):
@@ -89,7 +100,7 @@ class _FusedKL(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        out = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in ctx.grads]
+        out = _scale_grads_(ctx.grads, grad_loss)
         ctx.grads = None
         return (*out, None, None, None, None, None, None, None)
 

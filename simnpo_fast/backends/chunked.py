@@ -24,7 +24,7 @@ of the tile are rewritten and ``row_scale`` is applied to the ``[R, d]`` sides o
 
 - fp32 / fp64 (and fp16) tiles: ``m = max z``; ``z <- exp(z - m)``; ``s = sum z`` (a separate cascade sum, so
   ``lse = m + log s`` is good to ~1 ulp at any V); ``z_t <- s (p_t - 1)``; ``row_scale = -g / s``.
-- bf16 tiles: ``m = max z``; ``z <- softmax(z)`` (ATen's fused row kernel, fp32 inside, one pass);
+- bf16 tiles: ``z <- softmax(z)`` (ATen's fused row kernel, fp32 inside, one pass);
   ``logp_t = log p_t``; ``z_t <- p_t - 1``; ``row_scale = -g``. On CPU, where every 16-bit elementwise pass
   converts to fp32 and back, this took a bf16 step (N=2048, d=512, V=32000, 2-core Xeon) from 297 to 251 ms.
 
@@ -35,7 +35,8 @@ input dtype like the naive path's logits (halving the memory traffic of the epil
 is fp32 -- row sums, ``lse``, per-sequence sums -- and 16-bit numbers are rounded once: a bf16 ``logp_t`` is
 ``log`` of the target probability rounded to bf16 (<= 2^-9 relative, i.e. <= 0.002 absolute: the same single
 rounding a bf16 row sum carries); where ``p_t`` is below the smallest normal bf16 (``logp_t < -87``) it is
-``z_t - m + log(max_v p_v)`` instead (the largest probability, ``1 / sum``, is never below ``1 / V``).
+``z_t - lse`` with the row's logits recomputed (the same GEMM, a few rows at a time) and their ``lse`` taken
+in fp32: no pass over the tile is spent on a case that normal tiles never meet.
 The three GEMMs run in the input dtype (fp32 accumulation inside); each tile's dW product is added into an
 fp32 ``[V, d]`` accumulator, which is rounded to the weight dtype once at the end.
 """
@@ -51,6 +52,7 @@ from .base import Backend, Head
 
 _MIN_ROWS = 128
 _BF16_LOG_TINY = math.log(torch.finfo(torch.bfloat16).tiny)  # ~ -87.3: below it a bf16 p_t is subnormal
+_RELOGITS_ELEMS = 1 << 21  # rows recomputed by tile_forward, per block: <= 8 MiB of fp32 logits
 
 
 def chunk_rows(d: int, override: Optional[int] = None, itemsize: int = 4) -> int:
@@ -196,6 +198,7 @@ class _Grads:
             if scale is None:
                 prod_fn = lambda out: torch.mm(p, w, out=out)  # noqa: E731
             else:
+                # fp32 row scale (not rounded to 16 bits: that would be a systematic 2^-9 error per row)
                 prod_fn = lambda out: torch.mm(p, w, out=out).mul_(scale.unsqueeze(1))  # noqa: E731
             self._dx_rows(prod_fn, r0, r1, rows, p.dtype)
         if self.dw is not None:
@@ -232,6 +235,11 @@ class _Grads:
             self.dw.zero_()
             self._dw_fresh = False
         return self.dx, self.dw, self.db
+
+
+def _relogits(backend, xc, w, b):
+    """``idx -> logits of rows idx of the tile`` (a fresh tensor, the tile's dtype)."""
+    return lambda idx: backend.tile_logits(xc.index_select(0, idx), w, b)
 
 
 def _softmax_(z: torch.Tensor) -> torch.Tensor:
@@ -285,15 +293,17 @@ class ChunkedBackend(Backend):
         """Logits tile ``xc w^T (+ b)``; ``out`` is a ``[rows, V]`` buffer of the input dtype to write into."""
         return _logits(xc, w, b, out)
 
-    def tile_forward(self, z, tgt):
+    def tile_forward(self, z, tgt, relogits):
         """``(lse, target_logit, state)`` of a logits tile; may overwrite ``z``.
+
+        ``relogits(idx)`` returns the logits of tile rows ``idx`` afresh (a ``[len(idx), V]`` tensor), for the
+        rare rows whose statistics the in-place tile can no longer give (below).
 
         fp32/fp64 (and fp16) tiles: ``z <- exp(z - max)``, row sums summed apart (torch's cascade sum: ``lse``
         good to ~1 ulp at any V). bf16 tiles: ``z <- softmax(z)`` in one fused pass (fp32 inside) and
         ``logp_t = log p_t``, the target probability rounded once to bf16 (2^-9 relative, i.e. <= 0.002 on
         ``logp_t``: the single rounding a bf16 row sum would carry too). Where ``p_t`` is below the smallest
-        normal bf16 (``logp_t < -87``), ``lse = max - log(max_v p_v)`` instead (the largest probability is
-        ``exp(0) / sum``, never below ``1 / V``).
+        normal bf16 (``logp_t < -87``), the row's logits are recomputed and its ``lse`` taken in fp32.
         """
         zt = z.gather(1, tgt.unsqueeze(1)).squeeze(1)
         if z.dtype != torch.bfloat16:
@@ -302,13 +312,15 @@ class ChunkedBackend(Backend):
             logs = s.log()
             # state: logp_t = (z_t - max) - log(sum), not z_t - lse: no rounding of lse near p_t -> 1
             return m + logs, zt, (s, (zt - m) - logs)
-        m = z.amax(dim=1).float()
         _softmax_(z)
         zt = zt.float()
         logp = z.gather(1, tgt.unsqueeze(1)).squeeze(1).float().log()
-        small = logp < _BF16_LOG_TINY
-        if bool(small.any()):  # one more read pass, only for tiles that have such a token
-            logp = torch.where(small, zt - m + z.amax(dim=1).float().log(), logp)
+        small = (logp < _BF16_LOG_TINY).nonzero().squeeze(1)
+        if small.numel():
+            step = max(1, _RELOGITS_ELEMS // z.shape[1])
+            for i in range(0, small.numel(), step):
+                idx = small[i : i + step]
+                logp[idx] = zt[idx] - torch.logsumexp(relogits(idx).float(), dim=1)
         return zt - logp, zt, (None, logp)
 
     def tile_dlogits(self, z, state, tgt, g):
@@ -348,8 +360,9 @@ class ChunkedBackend(Backend):
         src = _RowSource(x, rows, R)
         for r0 in range(0, M, R):
             r1 = min(M, r0 + R)
-            z = self.tile_logits(src.get(r0, r1), w, b, out=buf.take(r1 - r0))
-            lse_c, zt, _ = self.tile_forward(z, targets[r0:r1])
+            xc = src.get(r0, r1)
+            z = self.tile_logits(xc, w, b, out=buf.take(r1 - r0))
+            lse_c, zt, _ = self.tile_forward(z, targets[r0:r1], _relogits(self, xc, w, b))
             lse[r0:r1] = lse_c
             lp[r0:r1] = zt - lse_c
             del z
@@ -391,7 +404,7 @@ class ChunkedBackend(Backend):
             if kind == "tile":  # whole sequences s0..s1-1 in one tile
                 xc, tgt = src.get(r0, r1), targets[r0:r1]
                 z = self.tile_logits(xc, w, b, out=buf.take(r1 - r0))
-                lse, zt, state = self.tile_forward(z, tgt)
+                lse, zt, state = self.tile_forward(z, tgt, _relogits(self, xc, w, b))
                 local = seq_ids[r0:r1] - s0
                 seq_lp = torch.zeros(s1 - s0, dtype=acc_t, device=dev).index_add_(0, local, zt - lse)
                 logp_sum[s0:s1] = seq_lp

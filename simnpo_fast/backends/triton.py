@@ -197,9 +197,9 @@ class TritonGemmBackend(ChunkedBackend):
             return torch.mm(xc, w.t(), out=out)
         return torch.addmm(b.to(xc.dtype), xc, w.t(), out=out)  # bias in the GEMM epilogue, GEMM dtype
 
-    def tile_forward(self, z, tgt):
+    def tile_forward(self, z, tgt, relogits=None):
         if z.dtype == torch.float64:
-            return super().tile_forward(z, tgt)
+            return super().tile_forward(z, tgt, relogits)
         lse, zt = self._kernels().tile_lse_target(z, tgt, self.ignore_index, block_v=self.block_v)
         return lse, zt, lse  # z is left untouched: the state is the lse itself
 

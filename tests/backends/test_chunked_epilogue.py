@@ -50,7 +50,15 @@ def test_tile_forward_and_dlogits_against_fp64(dtype):
 
     be = ChunkedBackend()
     z = z64.to(dtype, copy=True)
-    lse, zt, state = be.tile_forward(z, tgt)
+    calls = []
+
+    def relogits(idx):  # the tile's rows afresh, as the backend's GEMM would give them
+        calls.append(idx.tolist())
+        return z64[idx].to(dtype)
+
+    lse, zt, state = be.tile_forward(z, tgt, relogits)
+    # only bf16 tiles recompute, and only the row whose p_t is below the smallest normal bf16
+    assert calls == ([[0]] if dtype == torch.bfloat16 else [])
     assert lse.dtype == zt.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert torch.equal(zt.double(), z64.gather(1, tgt[:, None]).squeeze(1))
     assert ((lse.double() - lse64).abs() / lse64.abs().clamp_min(1)).max() <= LSE_TOL[dtype]
@@ -109,6 +117,6 @@ def test_16bit_flat_rows_beyond_65504_columns_stay_finite(dtype):
     be held as one fp16 number; lse = log V."""
     V = 70000
     z = torch.zeros(3, V, dtype=dtype)
-    lse, zt, _ = ChunkedBackend().tile_forward(z, torch.tensor([0, 5, V - 1]))
+    lse, zt, _ = ChunkedBackend().tile_forward(z, torch.tensor([0, 5, V - 1]), None)
     assert torch.isfinite(lse).all()
     assert (lse - math.log(V)).abs().max() <= 2 ** -8 * math.log(V)
