@@ -120,3 +120,31 @@ def test_16bit_flat_rows_beyond_65504_columns_stay_finite(dtype):
     lse, zt, _ = ChunkedBackend().tile_forward(z, torch.tensor([0, 5, V - 1]), None)
     assert torch.isfinite(lse).all()
     assert (lse - math.log(V)).abs().max() <= 2 ** -8 * math.log(V)
+
+
+def test_bf16_tokens_below_the_smallest_normal_probability_end_to_end():
+    """bf16 inputs through the public API where some answer tokens have logp ~ -200 (their bf16 probability
+    is 0): the chunked backend recomputes those rows (bias included) and stays finite and close to fp64."""
+    import simnpo_fast as sf
+
+    torch.manual_seed(3)
+    B, T, d, V = 3, 9, 16, 300
+    h = torch.randn(B, T, d).bfloat16()
+    W = (torch.randn(V, d) * 0.3).bfloat16()
+    b = torch.zeros(V).bfloat16()
+    b[7] = -200.0
+    labels = torch.randint(0, V, (B, T))
+    labels[:, :2] = -100
+    labels[0, 4] = labels[2, 6] = labels[2, 7] = 7  # three tokens at logp ~ -200
+    got, n = sf.sequence_logprob(h, W, labels, bias=b, backend=ChunkedBackend())
+    z = h[:, :-1].double() @ W.double().t() + b.double()
+    y = labels[:, 1:]
+    lp = torch.log_softmax(z, dim=-1).gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1) * (y != -100)
+    want = lp.sum(dim=1)
+    assert want.min() < -190
+    assert torch.isfinite(got).all()
+    assert ((got.double() - want).abs() / want.abs()).max() <= 1e-2
+
+    hg, Wg = h.clone().requires_grad_(), W.clone().requires_grad_()
+    sf.simnpo_loss(hg, Wg, labels, bias=b, backend=ChunkedBackend()).backward()
+    assert torch.isfinite(hg.grad).all() and torch.isfinite(Wg.grad).all()
