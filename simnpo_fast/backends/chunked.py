@@ -351,39 +351,34 @@ class ChunkedBackend(Backend):
         return _to_dlogits_(z, torch.exp(lse - m.to(lse.dtype)), g, tgt, zt, lse)
 
     # -- generic path -------------------------------------------------------------------------------------
-    def token_logprob(self, x, w, b, targets, rows=None):
-        M = targets.shape[0]
+    def _token_tiles(self, x, w, b, rows, M: int):
+        """``(r0, r1, xc, z)`` over ``R``-row token tiles of the packed rows: inputs and logits (one reused buffer)."""
         R = self.rows(x)
-        lp = torch.empty(M, dtype=acc_dtype(x), device=x.device)
-        lse = torch.empty(M, dtype=acc_dtype(x), device=x.device)
         buf = _TileBuffer(min(R, M), x, w)
         src = _RowSource(x, rows, R)
         for r0 in range(0, M, R):
             r1 = min(M, r0 + R)
             xc = src.get(r0, r1)
-            z = self.tile_logits(xc, w, b, out=buf.take(r1 - r0))
+            yield r0, r1, xc, self.tile_logits(xc, w, b, out=buf.take(r1 - r0))
+
+    def token_logprob(self, x, w, b, targets, rows=None):
+        M = targets.shape[0]
+        lp = torch.empty(M, dtype=acc_dtype(x), device=x.device)
+        lse = torch.empty(M, dtype=acc_dtype(x), device=x.device)
+        for r0, r1, xc, z in self._token_tiles(x, w, b, rows, M):
             lse_c, zt, _ = self.tile_forward(z, targets[r0:r1], _relogits(self, xc, w, b))
             lse[r0:r1] = lse_c
             lp[r0:r1] = zt - lse_c
-            del z
         return lp, lse
 
     def token_logprob_backward(self, x, w, b, targets, lse, grad_lp, need_dx, need_dw, need_db, rows=None):
-        M = targets.shape[0]
-        R = self.rows(x)
         acc = self.grads_class(x, w, b, need_dx, need_dw, need_db)
         if not acc.any:
             return None, None, None
         grad_lp = grad_lp.to(acc_dtype(x))
-        buf = _TileBuffer(min(R, M), x, w)
-        src = _RowSource(x, rows, R)
-        for r0 in range(0, M, R):
-            r1 = min(M, r0 + R)
-            xc = src.get(r0, r1)
-            z = self.tile_logits(xc, w, b, out=buf.take(r1 - r0))
+        for r0, r1, xc, z in self._token_tiles(x, w, b, rows, targets.shape[0]):
             p = self.tile_dlogits_from_logits(z, lse[r0:r1], targets[r0:r1], grad_lp[r0:r1])
             acc.add_tile(p, xc, w, r0, r1, rows)
-            del z, p
         return acc.finish()
 
     # -- scalar-loss path: sequence-aligned, gradients while the tile is live ------------------------------

@@ -13,7 +13,7 @@ import simnpo_fast as sf
 from simnpo_fast.backends import ReferenceBackend, get_backend
 from simnpo_fast.backends.triton import TritonBackend
 
-from tests.backends.triton_common import IGN, LOSSES, batch, rel_err, run  # noqa: F401
+from tests.backends.triton_common import LOSSES, batch, check_all_ignored, rel_err, run  # noqa: F401
 ORACLE = ReferenceBackend(torch.float64)
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
@@ -84,12 +84,7 @@ def test_single_token_and_2d_hidden_no_shift():
 
 
 def test_all_ignored_gives_zero_loss_and_grads():
-    h, w, b, lab = batch(seed=4)
-    lab[:] = IGN
-    with pytest.warns(UserWarning):
-        out, grads = run("simnpo", h, w, b, lab, "triton")
-    assert out.item() == 0
-    assert all(torch.count_nonzero(g) == 0 for g in grads)
+    check_all_ignored("triton", seed=4)
 
 
 @pytest.mark.parametrize("loss", ["simnpo", "npo", "logp"])

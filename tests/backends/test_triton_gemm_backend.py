@@ -18,7 +18,7 @@ import simnpo_fast.backends.triton as TB
 from simnpo_fast.backends import ReferenceBackend, get_backend
 from simnpo_fast.backends.triton import TritonGemmBackend
 
-from tests.backends.triton_common import IGN, LOSSES, batch, rel_err, run  # noqa: F401
+from tests.backends.triton_common import LOSSES, batch, check_all_ignored, rel_err, run  # noqa: F401
 ORACLE = ReferenceBackend(torch.float64)
 # chunk_rows=6 with sequences of up to 10 answer tokens: several whole-sequence tiles *and* the two-pass
 # path of a sequence longer than a tile; block_v=32 so V = 150 spans 5 column blocks (ragged tail).
@@ -128,12 +128,7 @@ def test_single_token_and_2d_hidden_no_shift():
 
 
 def test_all_ignored_gives_zero_loss_and_grads():
-    h, w, b, lab = batch(seed=6)
-    lab[:] = IGN
-    with pytest.warns(UserWarning):
-        out, grads = run("simnpo", h, w, b, lab, "triton-gemm")
-    assert out.item() == 0
-    assert all(torch.count_nonzero(g) == 0 for g in grads)
+    check_all_ignored("triton-gemm", seed=6)
 
 
 @pytest.mark.parametrize("loss", ["simnpo", "npo", "logp"])

@@ -1,4 +1,5 @@
 """Shared inputs and helpers of the Triton backend tests (both GPU designs are checked the same way)."""
+import pytest
 import torch
 
 import simnpo_fast as sf
@@ -43,3 +44,13 @@ def run(loss, h, w, b, lab, backend, **kw):
 def rel_err(a, ref):
     ref = ref.double()
     return (a.double() - ref).abs().max().item() / max(ref.abs().max().item(), 1e-12)
+
+
+def check_all_ignored(backend, seed: int) -> None:
+    """A fully masked batch: loss 0, zero gradients, a warning."""
+    h, w, b, lab = batch(seed=seed)
+    lab[:] = IGN
+    with pytest.warns(UserWarning):
+        out, grads = run("simnpo", h, w, b, lab, backend)
+    assert out.item() == 0
+    assert all(torch.count_nonzero(g) == 0 for g in grads)
