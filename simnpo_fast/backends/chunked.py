@@ -258,18 +258,21 @@ def _put_targets_(z: torch.Tensor, tgt: torch.Tensor, values: torch.Tensor) -> N
         z.view(-1).index_copy_(0, flat, values.to(z.dtype))
 
 
-def _to_dlogits_(p, s, g, tgt, zt=None, lse=None):
-    """p = exp(z - m) (in place, row sums s) -> g * (onehot - softmax).
+def _factor_dlogits_(z, state, tgt, g):
+    """``(tile, row_scale)`` with ``diag(row_scale) tile = g * (onehot - softmax)``.
 
-    Low-precision tiles get the target entry ``g (1 - p_t)`` computed in fp32 from ``zt`` and ``lse``.
+    ``z`` holds ``exp(z - m) = s * softmax`` (``s = None``: the softmax itself) and ``state = (s, logp_t)``. Only
+    the target entries are written, ``z_t <- s (p_t - 1)`` computed in fp32 as ``s * expm1(logp_t)`` (no
+    cancellation when ``p_t -> 1``); the per-row factor ``-g / s`` goes to the GEMMs' ``[rows, d]`` operands
+    (``_Grads.add_tile``).
     """
-    if p.dtype in (torch.float32, torch.float64):
-        p.mul_((-g / s).unsqueeze(1))
-        p.scatter_add_(1, tgt.unsqueeze(1), g.unsqueeze(1))
-        return p
-    p.mul_((-g / s).to(p.dtype).unsqueeze(1))  # same-dtype in-place multiply (mixed dtypes copy the tile)
-    _put_targets_(p, tgt, g * -torch.expm1(zt - lse))
-    return p
+    s, logp = state
+    target = torch.expm1(logp)
+    if s is None:
+        _put_targets_(z, tgt, target)
+        return z, -g
+    _put_targets_(z, tgt, target * s)
+    return z, -g / s
 
 
 class ChunkedBackend(Backend):
@@ -326,30 +329,19 @@ class ChunkedBackend(Backend):
 
     def tile_dlogits(self, z, state, tgt, g):
         """``(tile, row_scale)`` with ``diag(row_scale) tile = g * (onehot - softmax)``, from the tile as
-        ``tile_forward`` left it (``row_scale=None``: the tile is ``d_logits`` itself).
-
-        Only the target entries are written: ``z_t <- s (p_t - 1)`` (``s`` the tile's row normaliser, 1 for a
-        softmax tile) computed in fp32 as ``s * expm1(logp_t)`` (no cancellation when ``p_t -> 1``), and the
-        per-row factor ``-g / s`` goes to the GEMMs' ``[rows, d]`` operands (``_Grads.add_tile``).
-        """
-        s, logp = state
-        target = torch.expm1(logp)
-        if s is None:
-            _put_targets_(z, tgt, target)
-            return z, -g
-        _put_targets_(z, tgt, target * s)
-        return z, -g / s
+        ``tile_forward`` left it (``row_scale=None``: the tile is ``d_logits`` itself); see ``_factor_dlogits_``."""
+        return _factor_dlogits_(z, state, tgt, g)
 
     def tile_dlogits_from_logits(self, z, lse, tgt, g):
-        """``g * (onehot - softmax)`` from a raw logits tile and the saved ``lse``."""
+        """``tile_dlogits`` from a raw logits tile and the saved ``lse``."""
+        zt = z.gather(1, tgt.unsqueeze(1)).squeeze(1).to(lse.dtype)
         if z.dtype in (torch.float32, torch.float64):
             z.sub_(lse.unsqueeze(1)).exp_()
-            return _to_dlogits_(z, torch.ones_like(g), g, tgt)
-        # low precision: never round lse itself; softmax = exp(z - m) * exp(m - lse), m exact in bf16
-        zt = z.gather(1, tgt.unsqueeze(1)).squeeze(1).to(lse.dtype)
+            return _factor_dlogits_(z, (None, zt - lse), tgt, g)
+        # low precision: never round lse itself; z <- exp(z - m) with m exact in bf16, s = exp(lse - m) in fp32
         m = z.amax(dim=1)
         z.sub_(m.unsqueeze(1)).exp_()
-        return _to_dlogits_(z, torch.exp(lse - m.to(lse.dtype)), g, tgt, zt, lse)
+        return _factor_dlogits_(z, (torch.exp(lse - m.to(lse.dtype)), zt - lse), tgt, g)
 
     # -- generic path -------------------------------------------------------------------------------------
     def _token_tiles(self, x, w, b, rows, M: int):
@@ -378,8 +370,8 @@ class ChunkedBackend(Backend):
             return None, None, None
         grad_lp = grad_lp.to(acc_dtype(x))
         for r0, r1, xc, z in self._token_tiles(x, w, b, rows, targets.shape[0]):
-            p = self.tile_dlogits_from_logits(z, lse[r0:r1], targets[r0:r1], grad_lp[r0:r1])
-            acc.add_tile(p, xc, w, r0, r1, rows)
+            p, row_scale = self.tile_dlogits_from_logits(z, lse[r0:r1], targets[r0:r1], grad_lp[r0:r1])
+            acc.add_tile(p, xc, w, r0, r1, rows, scale=row_scale)
         return acc.finish()
 
     # -- scalar-loss path: sequence-aligned, gradients while the tile is live ------------------------------
@@ -425,9 +417,9 @@ class ChunkedBackend(Backend):
                         t1 = min(r1, t0 + R)
                         xc = src.get(t0, t1)
                         z = self.tile_logits(xc, w, b, out=buf.take(t1 - t0))
-                        p = self.tile_dlogits_from_logits(z, lse[t0 - r0 : t1 - r0], targets[t0:t1],
-                                                          g.expand(t1 - t0).contiguous())
-                        acc.add_tile(p, xc, w, t0, t1, rows)
+                        p, row_scale = self.tile_dlogits_from_logits(z, lse[t0 - r0 : t1 - r0], targets[t0:t1],
+                                                                     g.expand(t1 - t0).contiguous())
+                        acc.add_tile(p, xc, w, t0, t1, rows, scale=row_scale)
                         del z, p
         del buf
         # Sequences with no answer token never enter a tile; the head still defines their (zero) loss.

@@ -206,9 +206,9 @@ class TritonGemmBackend(ChunkedBackend):
     def tile_dlogits(self, z, state, tgt, g):
         if z.dtype == torch.float64:
             return super().tile_dlogits(z, state, tgt, g)
-        return self.tile_dlogits_from_logits(z, state, tgt, g), None
+        return self.tile_dlogits_from_logits(z, state, tgt, g)
 
     def tile_dlogits_from_logits(self, z, lse, tgt, g):
         if z.dtype == torch.float64:
             return super().tile_dlogits_from_logits(z, lse, tgt, g)
-        return self._kernels().tile_dlogits_(z, lse, tgt, g, None, self.ignore_index, block_v=self.block_v)
+        return self._kernels().tile_dlogits_(z, lse, tgt, g, None, self.ignore_index, block_v=self.block_v), None

@@ -74,6 +74,21 @@ def test_tile_forward_and_dlogits_against_fp64(dtype):
     assert err <= GRAD_TOL[dtype], err
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dlogits_from_raw_logits_and_saved_lse_against_fp64(dtype):
+    """The generic / long-sequence path: the same ``(tile, row_scale)`` factorisation from a fresh logits tile."""
+    z64, tgt, g = _tile(dtype)
+    lse64 = torch.logsumexp(z64, dim=1)
+    want = -g[:, None] * torch.softmax(z64, dim=1)
+    want.scatter_(1, tgt[:, None], (-g * torch.expm1(z64.gather(1, tgt[:, None]).squeeze(1) - lse64))[:, None])
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    z = z64.to(dtype, copy=True)
+    tile, scale = ChunkedBackend().tile_dlogits_from_logits(z, lse64.to(acc), tgt, g.to(acc))
+    assert tile is z
+    got = scale.double()[:, None] * tile.double()
+    assert ((got - want).abs().amax(dim=1) / g.abs()).max() <= GRAD_TOL[dtype]
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_rows", [False, True])
 def test_add_tile_with_row_scale_equals_explicit_dlogits(dtype, with_rows):
