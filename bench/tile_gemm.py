@@ -3,8 +3,9 @@
     python -m bench.tile_gemm [--d 512 --V 32000]
 
 Prints GFLOP/s of the three products of a tile of R rows -- logits ``x W^T``, ``dX = p W`` and
-``dW += p^T x`` -- for R = 255 (one 256-token sequence after the shift, the fp32 tile of the README
-benchmark), 256, 510 (two sequences), 512 and the full batch (2048 rows). Outputs go to preallocated
+``dW += p^T x`` -- and of the logits in the ``[V, R]`` layout (``W x^T``), for R = 255 (one 256-token
+sequence after the shift, the fp32 tile of the README benchmark), 256, 510 (two sequences), 512 and the full
+batch (2048 rows). Outputs go to preallocated
 buffers, as in the chunked backend. It explains where the chunked path loses time to the naive one on CPU
 (see README, Results).
 """
@@ -33,13 +34,14 @@ def main(argv=None) -> int:
     for _ in range(3):  # thread pool, MKL buffers and clock ramp-up off the books (else the first row reads low)
         torch.mm(torch.mm(xw, W.t()), W)
     del xw
-    print(f"{'rows':>6} {'logits':>8} {'dX':>8} {'dW':>8}   GFLOP/s (fp32, {torch.get_num_threads()} threads)")
+    print(f"{'rows':>6} {'logits':>8} {'dX':>8} {'dW':>8} {'logitsT':>8}   GFLOP/s (fp32, "
+          f"{torch.get_num_threads()} threads; logitsT: the [V, rows] layout, W x^T)")
     for R in (int(r) for r in a.rows.split(",")):
         x, p = torch.randn(R, a.d), torch.randn(R, a.V)
-        z, dx = torch.empty(R, a.V), torch.empty(R, a.d)
+        z, zt, dx = torch.empty(R, a.V), torch.empty(a.V, R), torch.empty(R, a.d)
         gf = 2 * R * a.d * a.V / 1e9
         rates = [gf / _t(f) for f in (lambda: torch.mm(x, W.t(), out=z), lambda: torch.mm(p, W, out=dx),
-                                      lambda: dw.addmm_(p.t(), x))]
+                                      lambda: dw.addmm_(p.t(), x), lambda: torch.mm(W, x.t(), out=zt))]
         print(f"{R:>6} " + " ".join(f"{r:8.0f}" for r in rates))
     return 0
 

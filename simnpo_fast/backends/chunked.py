@@ -27,7 +27,7 @@ of the tile are rewritten and ``row_scale`` is applied to the ``[R, d]`` sides o
 - bf16 tiles: ``z <- softmax(z)`` (ATen's fused row kernel, fp32 inside, one pass);
   ``logp_t = log p_t``; ``z_t <- p_t - 1``; ``row_scale = -g``; no max pass. On CPU, where every 16-bit
   elementwise pass converts to fp32 and back, this took a bf16 step (N=2048, d=512, V=32000, 2-core Xeon) from
-  ~300 to ~240 ms (interleaved A/B against the four-pass epilogue it replaced).
+  335-365 to ~262 ms (``python -m bench.chunk_rows --dtype bf16`` before and after the change).
 
 ``p_t - 1`` is computed in fp32 as ``expm1(logp_t)``, never as a difference of rounded numbers.
 
