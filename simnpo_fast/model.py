@@ -89,8 +89,13 @@ def build_hf_model(cfg: ModelConfig, *, vocab_size: Optional[int] = None, specia
     dtype = DTYPES[cfg.dtype]
     attn = pick_attn_implementation(cfg.attn_implementation, device)
     if cfg.path is not None:
-        model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype, attn_implementation=attn,
-                                                     trust_remote_code=cfg.trust_remote_code)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype, attn_implementation=attn,
+                                                         trust_remote_code=cfg.trust_remote_code, local_files_only=True)
+        except Exception as e:  # noqa: BLE001 - transformers / safetensors raise many types
+            from .errors import ModelError
+
+            raise ModelError(f"model.path {cfg.path!r}: cannot load the model: {type(e).__name__}: {e}") from e
     else:
         kw = dict(PRESETS.get(cfg.preset, {})) if cfg.preset else {}
         kw.update(cfg.config)

@@ -11,6 +11,7 @@ eos_token_id=..., pad_token_id=...)`` it makes a real HF model folder that needs
 from __future__ import annotations
 
 import glob
+import json
 import os
 from typing import Iterable, Iterator, Sequence
 
@@ -78,7 +79,35 @@ def train_tokenizer(data_dir: str, out_dir: str | None = None, vocab_size: int =
     return tokenizer
 
 
+#: Files of which at least one makes a folder a tokenizer folder.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model")
+
+
 def load_tokenizer(path: str) -> PreTrainedTokenizerFast:
-    """Reload a tokenizer saved by :func:`train_tokenizer` (or any local HF tokenizer folder)."""
+    """Reload a tokenizer saved by :func:`train_tokenizer` (or any local HF tokenizer folder). A missing folder,
+    a folder without tokenizer files or an unreadable file raises :class:`~simnpo_fast.errors.TokenizerError`
+    naming the folder or the file (never a hub download)."""
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(path)
+
+    from ..errors import TokenizerError
+
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise TokenizerError(f"{path}: tokenizer folder not found")
+    present = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(path, f))]
+    if not present:
+        raise TokenizerError(f"{path}: no tokenizer files (none of {', '.join(TOKENIZER_FILES)})")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        p = os.path.join(path, name)
+        if os.path.isfile(p):
+            try:
+                with open(p, "rb") as f:
+                    json.loads(f.read().decode("utf-8"))
+            except (UnicodeDecodeError, ValueError) as e:
+                raise TokenizerError(f"{p}: not valid JSON (truncated or damaged?): {e}") from None
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - transformers / tokenizers raise many types
+        raise TokenizerError(f"{path}: cannot load the tokenizer ({', '.join(present)}): "
+                             f"{type(e).__name__}: {e}") from e
