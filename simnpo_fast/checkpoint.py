@@ -1,48 +1,127 @@
-"""Checkpoints: torch distributed checkpoint (DCP) of model + optimizer, written atomically; HF export.
+"""Checkpoints: torch distributed checkpoints (DCP) of model + optimizer, written atomically, verified before
+use, read without unpickling untrusted bytes; HF export.
 
 Layout under ``<output_dir>/checkpoints``::
 
     step_00000010/            one complete checkpoint (renamed from step_00000010.tmp only once complete)
         .metadata, __*.distcp   DCP shards of {"model", "optim"} (any world size can reload them)
-        trainer_state.json      step, epoch/sampler position, scheduler, config name (rank 0)
+        trainer_state.json      step, run id, sampler position, scheduler, the run's config (rank 0)
+        config.yaml             the resolved config of the run that wrote it
         tensors.pt              rank-0 tensors (e.g. the cached NPO reference log-likelihoods)
         rng_rank<r>.pt          each rank's RNG state
-        COMPLETE                written last, before the rename
-    latest                    name of the newest complete checkpoint (replaced atomically)
+        MANIFEST.json           run id, step, and the size and SHA-256 of every file above
+        COMPLETE                written last, before the rename: step + SHA-256 of MANIFEST.json
+    step_00000008.rejected/   a checkpoint that failed verification on resume, moved aside (never deleted)
+    latest                    name of the newest complete checkpoint (informational; resume scans the folder)
 
 A crash while writing leaves only a ``*.tmp`` folder, which is ignored (and removed by the next save), so the
-last good checkpoint is never lost. Loading uses DCP, JSON and ``torch.load(weights_only=True)`` only.
+last good checkpoint is never lost.
+
+**Verification** (:func:`verify_checkpoint`, run before a checkpoint is used): the ``COMPLETE`` marker's hash
+matches ``MANIFEST.json``; the manifest names this run; every listed file exists with its recorded size and
+SHA-256 (the files are split over the ranks, so each rank hashes ``1/world`` of the bytes); the DCP metadata
+parses with the restricted reader below and names only listed files; ``trainer_state.json`` parses; the RNG
+and tensor files load with ``torch.load(weights_only=True)``. Any failure names the checkpoint and the file.
+
+**Trust boundary.** The manifest detects corruption (truncation, a flipped bit, a missing file); it is not a
+signature: whoever can write the folder can rewrite the manifest too. What keeps a crafted checkpoint from
+running code is the reader: resume never calls ``pickle.load`` on checkpoint bytes. DCP's own reader unpickles
+``.metadata`` with ``pickle.load`` and non-tensor entries with ``torch.load(weights_only=False)``; here
+``.metadata`` goes through an unpickler that resolves only DCP's metadata dataclasses, ``torch.Size``, dtypes
+and layouts (anything else is refused before it is called), and the non-tensor entries, the RNG states and the
+tensors through ``torch.load(weights_only=True)``. Tensors are read by DCP with ``weights_only=True`` already.
+A crafted checkpoint can still hold wrong *numbers*: load only checkpoints of runs you trust to be what they
+claim.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
+import pickle
 import random
 import re
 import shutil
-from typing import Dict, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
 from .distributed import barrier, broadcast_object
+from .errors import CheckpointError
 
 _STEP_RE = re.compile(r"^step_(\d+)$")
 MARKER = "COMPLETE"
+MANIFEST = "MANIFEST.json"
+STATE_FILE = "trainer_state.json"
+METADATA_FILE = ".metadata"
+REJECTED_SUFFIX = ".rejected"
+MANIFEST_FORMAT = 1
+_CHUNK = 8 << 20
 
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _fsync_write(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _fsync_write(path: str, data) -> None:
+    with open(path, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _torch_save(obj, path: str) -> None:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    _fsync_write(path, buf.getvalue())
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(_CHUNK)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def _all_gather(obj) -> list:
+    if _world() == 1:
+        return [obj]
+    out = [None] * _world()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _share(names: List[str]) -> List[str]:
+    """This rank's share of a sorted file list (rank r hashes files r, r + W, ...)."""
+    return sorted(names)[_rank()::_world()]
 
 
 def rng_state() -> dict:
@@ -63,9 +142,13 @@ def _to_tuple(x):
     return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
+# ----------------------------------------------------------------------------- save
+
 def save_checkpoint(root: str, step: int, model, optimizer, *, state: dict, tensors: Optional[Dict] = None,
-                    keep: int = 0) -> str:
-    """Collective: every rank calls it. Returns the final checkpoint folder."""
+                    keep: int = 0, run_id: Optional[str] = None, files: Optional[Dict[str, str]] = None) -> str:
+    """Collective: every rank calls it. Writes ``step_<step>`` (model, optimizer, RNG, ``state`` as JSON,
+    rank-0 ``tensors``, extra text ``files``), its manifest and marker, renames it into place, points
+    ``latest`` at it and keeps the newest ``keep`` checkpoints (0: all). Returns the final folder."""
     name = f"step_{step:08d}"
     final = os.path.join(root, name)
     tmp = final + ".tmp"
@@ -77,15 +160,31 @@ def save_checkpoint(root: str, step: int, model, optimizer, *, state: dict, tens
     barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
-    torch.save(rng_state(), os.path.join(tmp, f"rng_rank{_rank()}.pt"))
+    _torch_save(rng_state(), os.path.join(tmp, f"rng_rank{_rank()}.pt"))
     if _rank() == 0:
-        _fsync_write(os.path.join(tmp, "trainer_state.json"), json.dumps(state, indent=1))
-        torch.save(dict(tensors or {}), os.path.join(tmp, "tensors.pt"))
+        _fsync_write(os.path.join(tmp, STATE_FILE), json.dumps(dict(state, run_id=run_id), indent=1))
+        _torch_save(dict(tensors or {}), os.path.join(tmp, "tensors.pt"))
+        for fname, text in (files or {}).items():
+            _fsync_write(os.path.join(tmp, fname), text)
     barrier()
+    # manifest: every rank hashes its share of the files, rank 0 writes it
+    names = sorted(n for n in os.listdir(tmp) if os.path.isfile(os.path.join(tmp, n))) if _rank() == 0 else None
+    names = broadcast_object(names)
+    mine = {n: {"size": os.path.getsize(os.path.join(tmp, n)), "sha256": sha256_file(os.path.join(tmp, n))}
+            for n in _share(names)}
+    entries = {}
+    for part in _all_gather(mine):
+        entries.update(part)
     if _rank() == 0:
-        _fsync_write(os.path.join(tmp, MARKER), str(step))
+        manifest = {"format": MANIFEST_FORMAT, "run_id": run_id, "step": step,
+                    "files": {n: entries[n] for n in sorted(entries)}}
+        mbytes = json.dumps(manifest, indent=1).encode("utf-8")
+        _fsync_write(os.path.join(tmp, MANIFEST), mbytes)
+        _fsync_write(os.path.join(tmp, MARKER),
+                     json.dumps({"step": step, "manifest_sha256": hashlib.sha256(mbytes).hexdigest()}))
+        _fsync_dir(tmp)
         old = None
-        if os.path.exists(final):  # re-saving a step (e.g. after resuming from an older checkpoint)
+        if os.path.exists(final):  # re-saving a step (e.g. the final checkpoint of a resumed, finished run)
             old = final + ".old"
             if os.path.exists(old):
                 shutil.rmtree(old)
@@ -93,6 +192,7 @@ def save_checkpoint(root: str, step: int, model, optimizer, *, state: dict, tens
         os.rename(tmp, final)
         _fsync_write(os.path.join(root, "latest.tmp"), name)
         os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
+        _fsync_dir(root)
         if old:
             shutil.rmtree(old, ignore_errors=True)
         if keep and keep > 0:
@@ -103,7 +203,8 @@ def save_checkpoint(root: str, step: int, model, optimizer, *, state: dict, tens
 
 
 def list_checkpoints(root: str):
-    """Complete checkpoints ``[(step, path)]`` in increasing step order."""
+    """Complete checkpoints ``[(step, path)]`` (a ``COMPLETE`` marker; not yet verified) in increasing step
+    order."""
     if not os.path.isdir(root):
         return []
     out = []
@@ -116,31 +217,235 @@ def list_checkpoints(root: str):
 
 
 def latest_checkpoint(root: str) -> Optional[str]:
-    """The newest complete checkpoint folder (``latest`` pointer if valid, else a scan), or None."""
-    ptr = os.path.join(root, "latest")
-    if os.path.isfile(ptr):
-        with open(ptr, encoding="utf-8") as f:
-            p = os.path.join(root, f.read().strip())
-        if os.path.isfile(os.path.join(p, MARKER)):
-            return p
+    """The newest complete (marked, not yet verified) checkpoint folder, or None. The folder is scanned: the
+    ``latest`` pointer can lag behind by one checkpoint after a kill between the rename and its update."""
     cks = list_checkpoints(root)
     return cks[-1][1] if cks else None
 
 
-def load_checkpoint(path: str, model, optimizer) -> Tuple[dict, dict]:
-    """Collective. Restores model, optimizer and this rank's RNG; returns ``(trainer_state, tensors)``."""
-    if not os.path.isfile(os.path.join(path, MARKER)):
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    sd = {"model": model_sd, "optim": optim_sd}
-    dcp.load(sd, checkpoint_id=path)
-    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
-    with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as f:
-        state = json.load(f)
-    tensors = torch.load(os.path.join(path, "tensors.pt"), weights_only=True, map_location="cpu")
-    rng_file = os.path.join(path, f"rng_rank{_rank()}.pt")
-    if os.path.isfile(rng_file):  # absent when resuming with more ranks than were saved
-        set_rng_state(torch.load(rng_file, weights_only=True))
+def move_aside(path: str, reason: str) -> str:
+    """Rank 0: rename a rejected checkpoint to ``<path>.rejected[-N]`` with a ``REJECTED`` note; returns the
+    new path. Nothing is deleted."""
+    dest = path + REJECTED_SUFFIX
+    n = 1
+    while os.path.exists(dest):
+        n += 1
+        dest = f"{path}{REJECTED_SUFFIX}-{n}"
+    os.rename(path, dest)
+    try:
+        _fsync_write(os.path.join(dest, "REJECTED"), reason + "\n")
+    except OSError:
+        pass
+    return dest
+
+
+# ----------------------------------------------------------------------------- safe reading
+
+_DCP_METADATA = "torch.distributed.checkpoint.metadata"
+_SAFE_GLOBALS = {
+    *((_DCP_METADATA, n) for n in ("Metadata", "MetadataIndex", "ChunkStorageMetadata", "TensorStorageMetadata",
+                                   "BytesStorageMetadata", "TensorProperties", "StorageMeta", "_MEM_FORMAT_ENCODING")),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),  # maps a layout's name to a torch.layout, nothing else
+    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Resolves only the classes a DCP ``.metadata`` file holds; any other global is refused *before* it could
+    be called (the restricted-globals recipe of the ``pickle`` documentation)."""
+
+    def find_class(self, module, name):
+        if (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name} (not a DCP metadata class)")
+
+
+def read_dcp_metadata(path: str):
+    """The DCP ``Metadata`` of the checkpoint folder ``path``, read with the restricted unpickler."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    with open(os.path.join(path, METADATA_FILE), "rb") as f:
+        md = _MetadataUnpickler(f).load()
+    if not isinstance(md, Metadata) or not isinstance(getattr(md, "storage_data", None), dict):
+        raise pickle.UnpicklingError(f"not a DCP Metadata object ({type(md).__name__})")
+    return md
+
+
+def _check_storage_paths(md, allowed) -> None:
+    for info in md.storage_data.values():
+        rel = getattr(info, "relative_path", None)
+        if not isinstance(rel, str) or rel not in allowed:
+            raise ValueError(f"the DCP metadata points at {rel!r}, which is not a file listed in {MANIFEST}")
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """DCP's file reader with the ``.metadata`` unpickle replaced by :func:`read_dcp_metadata`; shard paths must
+    be files of the manifest."""
+
+    def __init__(self, path: str, allowed_files):
+        super().__init__(path)
+        self._dir = os.fspath(path)
+        self._allowed = frozenset(allowed_files)
+
+    def read_metadata(self, *args, **kwargs):
+        if kwargs.get("rank") is not None:
+            raise FileNotFoundError("per-rank DCP metadata is not used by simnpo-fast checkpoints")
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        md = read_dcp_metadata(self._dir)
+        _check_storage_paths(md, self._allowed)
+        if getattr(md, "storage_meta", None) is None:
+            md.storage_meta = StorageMeta()
+        md.storage_meta.load_id = self.load_id
+        return md
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's default load planner, except that non-tensor entries (optimizer hyper-parameters) are read with
+    ``torch.load(weights_only=True)`` instead of ``weights_only=False``."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        obj = torch.load(value, weights_only=True)
+        trusted = io.BytesIO()  # re-serialised by us: the parent's unrestricted torch.load only sees our bytes
+        torch.save(obj, trusted)
+        trusted.seek(0)
+        super().load_bytes(read_item, trusted)
+
+
+# ----------------------------------------------------------------------------- verification
+
+@dataclass
+class Verification:
+    path: str
+    ok: bool
+    reason: str = ""
+    state: dict = field(default_factory=dict)
+    manifest: dict = field(default_factory=dict)
+
+
+def _read_manifest(path: str, run_id: Optional[str]) -> dict:
+    try:
+        with open(os.path.join(path, MARKER), "rb") as f:
+            marker = json.loads(f.read().decode("utf-8"))
+        if not isinstance(marker, dict) or "manifest_sha256" not in marker:
+            raise ValueError
+    except (OSError, ValueError):
+        raise ValueError(f"{MARKER} is not a manifest marker (a checkpoint of an older simnpo-fast, or damaged): "
+                         "it cannot be verified") from None
+    mpath = os.path.join(path, MANIFEST)
+    if not os.path.isfile(mpath):
+        raise ValueError(f"{MANIFEST} is missing")
+    with open(mpath, "rb") as f:
+        mbytes = f.read()
+    if hashlib.sha256(mbytes).hexdigest() != marker["manifest_sha256"]:
+        raise ValueError(f"{MANIFEST} does not match the hash recorded in {MARKER}")
+    manifest = json.loads(mbytes.decode("utf-8"))
+    if run_id is not None and manifest.get("run_id") != run_id:
+        raise ValueError(f"it belongs to run {manifest.get('run_id')}, not to this folder's run {run_id}")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or METADATA_FILE not in files or STATE_FILE not in files:
+        raise ValueError(f"{MANIFEST} does not list {METADATA_FILE} and {STATE_FILE}")
+    for n, e in files.items():
+        if os.path.basename(n) != n or n in (".", ".."):
+            raise ValueError(f"{MANIFEST} names a path outside the folder: {n!r}")
+        p = os.path.join(path, n)
+        if not os.path.isfile(p):
+            raise ValueError(f"{n} is missing")
+        if os.path.getsize(p) != int(e["size"]):
+            raise ValueError(f"{n} has {os.path.getsize(p)} bytes, the manifest says {e['size']} (truncated?)")
+    return manifest
+
+
+def _check_contents(path: str, manifest: dict) -> dict:
+    """Rank 0, after the hashes matched: every file parses with the safe readers. Returns the trainer state."""
+    files = manifest["files"]
+    try:
+        read_dcp_metadata_checked = read_dcp_metadata(path)
+        _check_storage_paths(read_dcp_metadata_checked, files)
+    except Exception as e:  # noqa: BLE001 - any failure to parse is a bad checkpoint
+        raise ValueError(f"{METADATA_FILE}: {e}") from None
+    try:
+        with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
+            state = json.load(f)
+        int(state["step"])
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{STATE_FILE}: {type(e).__name__}: {e}") from None
+    for n in files:
+        if n.endswith(".pt"):
+            try:
+                torch.load(os.path.join(path, n), weights_only=True, map_location="cpu")
+            except Exception as e:  # noqa: BLE001
+                raise ValueError(f"{n}: {e}") from None
+    return state
+
+
+def verify_checkpoint(path: str, *, run_id: Optional[str] = None) -> Verification:
+    """Collective. Check ``path`` against its manifest (see the module docstring); never raises for a bad
+    checkpoint: returns ``Verification(ok=False, reason=...)`` naming the file."""
+    def head():
+        try:
+            return True, _read_manifest(path, run_id)
+        except Exception as e:  # noqa: BLE001
+            return False, str(e)
+
+    ok, manifest = broadcast_object(head() if _rank() == 0 else None)
+    if not ok:
+        return Verification(path, False, manifest)
+    bad = []
+    for n in _share(list(manifest["files"])):
+        try:
+            if sha256_file(os.path.join(path, n)) != manifest["files"][n]["sha256"]:
+                bad.append(n)
+        except OSError as e:
+            bad.append(f"{n} ({e.strerror})")
+    bad = sorted(b for part in _all_gather(bad) for b in part)
+    if bad:
+        return Verification(path, False, f"checksum mismatch in {', '.join(bad)}", manifest=manifest)
+
+    def contents():
+        try:
+            return True, _check_contents(path, manifest)
+        except Exception as e:  # noqa: BLE001
+            return False, str(e)
+
+    ok, state = broadcast_object(contents() if _rank() == 0 else None)
+    if not ok:
+        return Verification(path, False, state, manifest=manifest)
+    return Verification(path, True, "", state=state, manifest=manifest)
+
+
+# ----------------------------------------------------------------------------- load
+
+def load_checkpoint(path: str, model, optimizer, *, manifest: Optional[dict] = None) -> Tuple[dict, dict]:
+    """Collective. Restores model, optimizer and this rank's RNG from a checkpoint that
+    :func:`verify_checkpoint` accepted (``manifest`` from its result; verified here when omitted); returns
+    ``(trainer_state, tensors)``. Raises :class:`~simnpo_fast.errors.CheckpointError` naming the folder."""
+    if manifest is None:
+        v = verify_checkpoint(path)
+        if not v.ok:
+            raise CheckpointError(f"{path}: {v.reason}")
+        manifest = v.manifest
+    try:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        sd = {"model": model_sd, "optim": optim_sd}
+        dcp.load(sd, storage_reader=SafeFileSystemReader(path, manifest["files"]), planner=SafeLoadPlanner())
+        set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+        with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
+            state = json.load(f)
+        tensors = torch.load(os.path.join(path, "tensors.pt"), weights_only=True, map_location="cpu")
+        rng_file = os.path.join(path, f"rng_rank{_rank()}.pt")
+        if os.path.isfile(rng_file):  # absent when resuming with more ranks than were saved
+            set_rng_state(torch.load(rng_file, weights_only=True))
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a verified checkpoint that does not fit this model / optimizer
+        raise CheckpointError(f"{path}: cannot be loaded into this run's model and optimizer: "
+                              f"{type(e).__name__}: {e}") from e
     return state, tensors
 
 

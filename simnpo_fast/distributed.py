@@ -113,6 +113,30 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def on_rank0(fn, is_main: Optional[bool] = None):
+    """Run ``fn`` on rank 0 only and hand its result to every rank; when it raises, rank 0 re-raises the error
+    and every other rank raises a :class:`~simnpo_fast.errors.RankZeroError` with the same message and exit code
+    (so no rank waits forever at the next collective)."""
+    from .errors import RankZeroError, classify
+
+    if is_main is None:
+        is_main = not dist.is_initialized() or dist.get_rank() == 0
+    box, err = None, None
+    if is_main:
+        try:
+            box = ("ok", fn())
+        except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks have been told
+            err = e
+            code, kind = classify(e)
+            box = ("err", f"{e}", code, kind)
+    box = broadcast_object(box)
+    if err is not None:
+        raise err
+    if box[0] == "err":
+        raise RankZeroError(box[1], box[2], box[3])
+    return box[1]
+
+
 def mixed_precision_policy(device: torch.device, mode: str = "auto"):
     """bf16 params / fp32 gradient reduction on GPU (``mode='auto'`` or ``'bf16'``), none on CPU or ``'no'``."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
