@@ -6,7 +6,16 @@ import sys
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="simnpo-fast", description=__doc__)
+    from .errors import pop_debug_flag, run_command
+    from .trainer_cli import normalize_argv
+
+    argv, debug = pop_debug_flag(sys.argv[1:] if argv is None else argv)
+    argv = normalize_argv(argv)
+    parser = argparse.ArgumentParser(prog="simnpo-fast", description=__doc__,
+                                     epilog="Errors print one line and exit with a distinct status (2 config, "
+                                            "3 diverged, 4 data, 5 model, 6 tokenizer, 7 run folder, 8 checkpoint, "
+                                            "9 bad result, 1 unexpected); --debug (anywhere) adds the traceback.")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error")
     sub = parser.add_subparsers(dest="cmd", required=True)
     demo = sub.add_parser("demo", help="run the main job on the embedded default")
     demo.add_argument("--out", default="demo_out", help="output folder (default demo_out/)")
@@ -29,15 +38,18 @@ def main(argv=None) -> int:
     _add_bench_parser(sub)
     args = parser.parse_args(argv)
     if args.cmd in ("plan", "bench"):
-        return args.func(args)
+        return run_command(lambda: args.func(args), debug=debug)
     from .distributed import owned_process_group
 
-    with owned_process_group():  # under torchrun: every rank leaves through a barrier + destroy_process_group
-        if args.cmd == "demo":
-            from .demo import main as demo_main
+    def command() -> int:
+        with owned_process_group():  # under torchrun: every rank leaves through a barrier + destroy_process_group
+            if args.cmd == "demo":
+                from .demo import main as demo_main
 
-            return demo_main(args.out, args.config, args.overrides, with_showcase=args.showcase)
-        return args.func(args)
+                return demo_main(args.out, args.config, args.overrides, with_showcase=args.showcase)
+            return args.func(args)
+
+    return run_command(command, debug=debug)
 
 
 def _add_bench_parser(sub) -> None:

@@ -25,7 +25,7 @@ import random
 import time
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 import yaml
@@ -34,14 +34,14 @@ from .distributed import (DistInfo, all_reduce_sum, apply_ac, apply_compile, app
                           init_distributed, mixed_precision_policy)
 from .model import (ModelConfig, UnlearnModel, build_hf_model, logprob_task, nll_task, shifted_targets,
                     ref_hidden_task, unlearn_task)
+from .errors import ConfigError, ConfigPathError, ModelError, NonFiniteError, TokenizerError
 from .modules import UnlearningLoss
 
 OBJECTIVES = ("simnpo", "npo", "ga", "graddiff", "finetune")
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
-
-
-class NonFiniteError(RuntimeError):
-    """A non-finite loss or gradient norm: the run stops before the optimizer step."""
+DEVICES = ("auto", "cpu", "cuda")
+SCHEDULES = ("cosine", "linear", "constant")
+SYNTHETIC_KEYS = {"n_authors": int, "facts_per_author": int, "seed": int, "n_perturbed": int}
 
 
 # ============================================================================= configs
@@ -98,8 +98,9 @@ class ParallelConfig:
 @dataclass
 class CheckpointConfig:
     every: int = 0  # steps between checkpoints; 0: only the final one
-    keep: int = 2
-    resume: bool = False  # continue from the newest complete checkpoint in <output_dir>/checkpoints
+    keep: int = 2  # newest checkpoints kept (0: all)
+    resume: Union[bool, str] = False  # true: continue from the newest verified checkpoint (error if none);
+    #                                   auto: resume if there is one, else start fresh
     final: bool = True  # checkpoint after the last step
     export_hf: bool = True  # write <output_dir>/hf at the end
 
@@ -131,7 +132,6 @@ class TrainConfig:
     progress: bool = True
     plot: bool = True
     evaluate: bool = True  # forget / retain mean log-likelihood before and after
-    stall_after_step: int = 0  # testing aid: sleep forever after this step (to be killed)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -141,96 +141,252 @@ class TrainConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def validate(self, world_size: Optional[int] = None) -> None:
-        """Fail before any work on a config that cannot run."""
-        L = self.loss
+        """Fail before any work on a config that cannot run (:class:`~simnpo_fast.errors.ConfigError` naming the
+        key). Normalises ``data.synthetic`` (integers) and ``checkpoint.resume`` in place."""
+        L, o, d, pc, ck, ft = self.loss, self.optim, self.data, self.parallel, self.checkpoint, self.finetune
         if L.objective not in OBJECTIVES:
-            raise ValueError(f"loss.objective: unknown objective {L.objective!r}; choose one of {OBJECTIVES}")
-        if L.beta is not None and not L.beta > 0:
-            raise ValueError(f"loss.beta must be > 0, got {L.beta}")
-        if L.forget_weight < 0 or L.retain_weight < 0:
-            raise ValueError(f"loss weights must be >= 0, got forget {L.forget_weight}, retain {L.retain_weight}")
+            raise ConfigError(f"loss.objective: unknown objective {L.objective!r}; choose one of {OBJECTIVES}")
+        if L.beta is not None:
+            _check_num("loss.beta", L.beta, gt=0)
+        _check_num("loss.gamma", L.gamma)
+        _check_num("loss.forget_weight", L.forget_weight, ge=0)
+        _check_num("loss.retain_weight", L.retain_weight, ge=0)
         if L.retain_loss not in ("nll", "kl"):
-            raise ValueError(f"loss.retain_loss must be nll or kl, got {L.retain_loss!r}")
-        if self.data.kind not in ("synthetic", "tofu", "qa", "muse"):
-            raise ValueError(f"data.kind must be synthetic, tofu, qa or muse, got {self.data.kind!r}")
-        if self.data.kind != "synthetic":
-            if not self.data.path:
-                raise ValueError(f"data.path is required for data.kind={self.data.kind!r}")
-            if not os.path.exists(self.data.path):
-                raise FileNotFoundError(f"data.path {self.data.path!r} does not exist")
-        if self.data.tokenizer and not os.path.isdir(self.data.tokenizer):
-            raise FileNotFoundError(f"data.tokenizer {self.data.tokenizer!r} is not a folder")
-        self.model.validate()
-        if self.model.path is None and self.data.kind != "synthetic" and not self.data.tokenizer:
-            raise ValueError("a model built from a preset needs data.tokenizer (or data.kind=synthetic)")
-        o = self.optim
-        if not o.lr > 0:
-            raise ValueError(f"optim.lr must be > 0, got {o.lr}")
-        if o.schedule not in ("cosine", "linear", "constant"):
-            raise ValueError(f"optim.schedule must be cosine, linear or constant, got {o.schedule!r}")
-        if self.batch_size <= 0 or self.micro_batch_size <= 0:
-            raise ValueError("batch_size and micro_batch_size must be > 0")
+            raise ConfigError(f"loss.retain_loss must be nll or kl, got {L.retain_loss!r}")
+        if d.kind not in ("synthetic", "tofu", "qa", "muse"):
+            raise ConfigError(f"data.kind must be synthetic, tofu, qa or muse, got {d.kind!r}")
+        _check_int("data.max_length", d.max_length, ge=2)
+        _check_int("data.window", d.window, ge=2)
+        _check_int("data.vocab_size", d.vocab_size, ge=259, why="256 bytes + 3 special tokens")
+        from .data.template import TEMPLATES
+
+        if d.template not in TEMPLATES:
+            raise ConfigError(f"data.template: unknown template {d.template!r}; choose one of {sorted(TEMPLATES)}")
+        if d.pairing not in ("random", "cycle", "fixed"):
+            raise ConfigError(f"data.pairing must be random, cycle or fixed, got {d.pairing!r}")
+        d.synthetic = _check_synthetic(d.synthetic)
+        if d.kind != "synthetic":
+            if not d.path:
+                raise ConfigError(f"data.path is required for data.kind={d.kind!r}")
+            if not os.path.exists(d.path):
+                raise ConfigPathError(f"data.path {d.path!r} does not exist (relative to {os.getcwd()})")
+        if d.tokenizer and not os.path.isdir(d.tokenizer):
+            raise ConfigPathError(f"data.tokenizer {d.tokenizer!r} is not a folder")
+        try:
+            self.model.validate()
+        except FileNotFoundError as e:
+            raise ConfigPathError(str(e)) from None
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if self.model.path is None and d.kind != "synthetic" and not d.tokenizer:
+            raise ConfigError("a model built from a preset needs data.tokenizer (or data.kind=synthetic)")
+        _check_num("optim.lr", o.lr, gt=0)
+        _check_num("optim.weight_decay", o.weight_decay, ge=0)
+        _check_num("optim.eps", o.eps, gt=0)
+        _check_num("optim.max_grad_norm", o.max_grad_norm, ge=0)
+        if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+            raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
+        if o.schedule not in SCHEDULES:
+            raise ConfigError(f"optim.schedule must be cosine, linear or constant, got {o.schedule!r}")
+        _check_int("optim.warmup_steps", o.warmup_steps, ge=0)
+        _check_num("optim.warmup_ratio", o.warmup_ratio, ge=0, lt=1)
+        _check_num("optim.min_lr_ratio", o.min_lr_ratio, ge=0, le=1)
+        _check_int("batch_size", self.batch_size, ge=1)
+        _check_int("micro_batch_size", self.micro_batch_size, ge=1)
+        _check_num("epochs", self.epochs, ge=0)
+        _check_int("max_steps", self.max_steps, ge=0)
         if not (self.epochs > 0 or self.max_steps > 0):
-            raise ValueError("set epochs > 0 or max_steps > 0")
-        if self.parallel.mixed_precision not in ("auto", "bf16", "no"):
-            raise ValueError(f"parallel.mixed_precision must be auto, bf16 or no, got {self.parallel.mixed_precision!r}")
+            raise ConfigError("set epochs > 0 or max_steps > 0")
+        _check_int("log_every", self.log_every, ge=1)
+        if not self.output_dir:
+            raise ConfigError("output_dir must not be empty")
+        dev = pc.device
+        if dev not in DEVICES and not (dev.startswith("cuda:") and dev[5:].isdigit()):
+            raise ConfigError(f"parallel.device must be auto, cpu, cuda or cuda:N, got {dev!r}")
+        if dev.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"parallel.device={dev!r} but CUDA is not available on this machine")
+        if pc.mixed_precision not in ("auto", "bf16", "no"):
+            raise ConfigError(f"parallel.mixed_precision must be auto, bf16 or no, got {pc.mixed_precision!r}")
+        _check_int("checkpoint.every", ck.every, ge=0)
+        _check_int("checkpoint.keep", ck.keep, ge=0)
+        if ck.resume not in (False, True, "auto"):
+            raise ConfigError(f"checkpoint.resume must be false, true or auto, got {ck.resume!r}")
+        if ft.enabled and L.objective != "finetune":
+            _check_num("finetune.epochs", ft.epochs, gt=0)
+            _check_num("finetune.lr", ft.lr, gt=0)
+            _check_int("finetune.batch_size", ft.batch_size, ge=1)
+            _check_int("finetune.micro_batch_size", ft.micro_batch_size, ge=1)
+            _check_int("finetune.warmup_steps", ft.warmup_steps, ge=0)
+            if ft.schedule not in SCHEDULES:
+                raise ConfigError(f"finetune.schedule must be cosine, linear or constant, got {ft.schedule!r}")
+        _check_paths(self)
         if world_size is not None:
             grad_accum(self, world_size)
+            if ft.enabled and L.objective != "finetune":
+                grad_accum(finetune_config(self), world_size, prefix="finetune.")
 
 
-def grad_accum(cfg: TrainConfig, world_size: int) -> int:
+def _check_num(key: str, v, *, gt=None, ge=None, lt=None, le=None) -> None:
+    """A finite number within the bounds, or a ConfigError naming ``key``."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ConfigError(f"{key} must be a finite number, got {v!r}")
+    for bound, ok, sym in ((gt, lambda: v > gt, ">"), (ge, lambda: v >= ge, ">="), (lt, lambda: v < lt, "<"),
+                           (le, lambda: v <= le, "<=")):
+        if bound is not None and not ok():
+            raise ConfigError(f"{key} must be {sym} {bound}, got {v}")
+
+
+def _check_int(key: str, v, *, ge=None, why: str = "") -> None:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ConfigError(f"{key} must be an integer, got {v!r}")
+    if ge is not None and v < ge:
+        raise ConfigError(f"{key} must be >= {ge}{f' ({why})' if why else ''}, got {v}")
+
+
+def _check_synthetic(syn) -> dict:
+    from .data.synthetic import FACTS
+
+    if not isinstance(syn, dict):
+        raise ConfigError(f"data.synthetic must be a mapping, got {syn!r}")
+    unknown = set(syn) - set(SYNTHETIC_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {sorted(unknown)} in data.synthetic; valid: {sorted(SYNTHETIC_KEYS)}")
+    out = {k: _coerce(SYNTHETIC_KEYS[k], v, f"data.synthetic.{k}") for k, v in syn.items()}
+    if out.get("n_authors", 2) < 2:
+        raise ConfigError(f"data.synthetic.n_authors must be >= 2, got {out['n_authors']}")
+    if not 1 <= out.get("facts_per_author", 1) <= len(FACTS):
+        raise ConfigError(f"data.synthetic.facts_per_author must be in 1..{len(FACTS)}, got {out['facts_per_author']}")
+    if out.get("n_perturbed", 3) < 3:
+        raise ConfigError(f"data.synthetic.n_perturbed must be >= 3, got {out['n_perturbed']}")
+    return out
+
+
+def _inside(child: str, parent: str) -> bool:
+    child, parent = os.path.realpath(child), os.path.realpath(parent)
+    return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
+
+
+def _check_paths(cfg: "TrainConfig") -> None:
+    """Inputs are never written to: the output folder must not lie inside an input folder, and no input may lie
+    where the run writes (its checkpoints, its exported model, the folders ``--overwrite`` moves aside)."""
+    out = cfg.output_dir
+    inputs = [("model.path", cfg.model.path), ("data.tokenizer", cfg.data.tokenizer)]
+    if cfg.data.kind != "synthetic":
+        inputs.append(("data.path", cfg.data.path))
+    for key, p in inputs:
+        if not p:
+            continue
+        if _inside(out, p):
+            raise ConfigError(f"output_dir {out!r} lies inside the input {key} {p!r}: the run would write into its "
+                              "input; choose another output_dir")
+        for sub in ("hf", "hf.tmp", "checkpoints", "replaced", "log.jsonl", "config.yaml"):
+            if _inside(p, os.path.join(out, sub)):
+                raise ConfigError(f"{key} {p!r} lies inside {os.path.join(out, sub)!r}, which this run writes; "
+                                  "copy it elsewhere or choose another output_dir")
+
+
+def grad_accum(cfg: TrainConfig, world_size: int, prefix: str = "") -> int:
     per_rank, r = divmod(cfg.batch_size, world_size)
     if r or per_rank % cfg.micro_batch_size:
-        raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of micro_batch_size * world_size = "
-                         f"{cfg.micro_batch_size} * {world_size}")
+        raise ConfigError(f"{prefix}batch_size={cfg.batch_size} must be a multiple of {prefix}micro_batch_size * "
+                          f"world_size = {cfg.micro_batch_size} * {world_size}")
     return per_rank // cfg.micro_batch_size
 
 
 def _coerce(tp, value, where: str):
+    """``value`` (from YAML or an override) as type ``tp``; a ConfigError naming ``where`` otherwise. Strict:
+    no float -> int truncation, no bool -> number, no mapping -> string."""
     origin = typing.get_origin(tp)
     if origin is typing.Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        if type(None) in typing.get_args(tp) and (value is None or (isinstance(value, str)
+                                                                     and value.lower() in ("none", "null"))):
             return None
+        if set(args) == {bool, str}:  # checkpoint.resume: a boolean or a word
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+                return _coerce(bool, value, where)
+            if isinstance(value, str):
+                return value
+            raise ConfigError(f"{where}: expected a boolean or a word, got {value!r}")
         return _coerce(args[0], value, where)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return _from_dict(tp, value, where)
     if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"{where}: expected a boolean, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
         if isinstance(value, str):
-            if value.lower() in ("true", "1", "yes", "on"):
-                return True
-            if value.lower() in ("false", "0", "no", "off"):
-                return False
-            raise ValueError(f"{where}: not a boolean: {value!r}")
-        return bool(value)
-    if tp in (int, float):
-        try:
-            v = float(value) if tp is float else int(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{where}: expected {tp.__name__}, got {value!r}") from None
-        return v
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
     if tp is str:
-        return str(value)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
     if origin in (list, List):
         if isinstance(value, str):
-            value = yaml.safe_load(value)
-        return list(value)
+            value = _yaml_value(value, where)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp) or (Any,)
+        return [v if item is Any else _coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin in (dict, Dict):
         if isinstance(value, str):
-            value = yaml.safe_load(value)
-        return dict(value or {})
+            value = _yaml_value(value, where)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
     return value
 
 
+def _yaml_value(text: str, where: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: invalid YAML value {text!r} ({' '.join(str(e).split())})") from None
+
+
 def _from_dict(cls, d: dict, where: str = ""):
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {d!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - names
     if unknown:
-        raise ValueError(f"unknown config key(s) {sorted(unknown)} in {where or cls.__name__}; "
-                         f"valid: {sorted(names)}")
+        raise ConfigError(f"unknown config key(s) {sorted(map(str, unknown))} in {where or cls.__name__}; "
+                          f"valid: {sorted(names)}")
     kw = {k: _coerce(hints[k], v, f"{where}.{k}".lstrip(".")) for k, v in d.items()}
     return cls(**kw)
 
@@ -241,8 +397,8 @@ def config_path(name_or_path: str) -> str:
     cand = os.path.join(CONFIG_DIR, name_or_path if name_or_path.endswith(".yaml") else name_or_path + ".yaml")
     if os.path.isfile(cand):
         return cand
-    raise FileNotFoundError(f"config {name_or_path!r} not found (not a file, not one of "
-                            f"{sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith('.yaml'))})")
+    raise ConfigPathError(f"config {name_or_path!r} not found (not a file, not one of "
+                          f"{sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith('.yaml'))})")
 
 
 def apply_overrides(d: dict, overrides: List[str]) -> dict:
@@ -250,23 +406,41 @@ def apply_overrides(d: dict, overrides: List[str]) -> dict:
     d = copy.deepcopy(d)
     for ov in overrides or []:
         if "=" not in ov:
-            raise ValueError(f"override {ov!r} is not key=value")
+            raise ConfigError(f"override {ov!r} is not key=value")
         key, val = ov.split("=", 1)
         parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {ov!r}: empty key")
         node = d
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
+        for i, p in enumerate(parts[:-1]):
+            parent = node
+            node = parent.get(p)
+            if node is None:
+                node = parent[p] = {}
             if not isinstance(node, dict):
-                raise ValueError(f"override {ov!r}: {p} is not a section")
-        node[parts[-1]] = yaml.safe_load(val) if val != "" else None
+                raise ConfigError(f"override {ov!r}: {'.'.join(parts[:i + 1])} is not a section")
+        node[parts[-1]] = _yaml_value(val, key) if val != "" else None
+    return d
+
+
+def read_config_file(path: str) -> dict:
+    """A YAML config file as a mapping; a ConfigError naming the file (and line) otherwise."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {' '.join(str(e).split())}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the config file: {e}") from None
+    if d is None:
+        return {}
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: the top level of a config must be a mapping of keys, got a {type(d).__name__}")
     return d
 
 
 def load_config(name_or_path: Optional[str] = None, overrides: Optional[List[str]] = None) -> TrainConfig:
-    d = {}
-    if name_or_path:
-        with open(config_path(name_or_path), encoding="utf-8") as f:
-            d = yaml.safe_load(f) or {}
+    d = read_config_file(config_path(name_or_path)) if name_or_path else {}
     cfg = _from_dict(TrainConfig, apply_overrides(d, overrides or []))
     cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
     return cfg
@@ -276,10 +450,14 @@ def config_to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def config_yaml(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
 def save_config(cfg: TrainConfig, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
-        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+        f.write(config_yaml(cfg))
 
 
 # ============================================================================= data
@@ -300,41 +478,83 @@ class _Single(torch.utils.data.Dataset):
         pass
 
 
+def _synthetic_corpus(path: str, params: dict) -> None:
+    """Rank 0: make sure ``path`` holds the synthetic corpus of ``params``: generated into a missing or empty
+    folder, reused when its recorded parameters match, and never written over a folder of other files."""
+    from .data import synthetic
+
+    meta = os.path.join(path, synthetic.META_FILE)
+    if os.path.isfile(meta):
+        want = {"n_authors": 200, "facts_per_author": 20, "seed": 0, "n_perturbed": 5}
+        want.update(params)
+        try:
+            with open(meta, encoding="utf-8") as f:
+                have = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"{meta}: unreadable synthetic-corpus record ({e})") from None
+        diff = [f"{k}: {have.get(k)!r} in the folder, {v!r} asked" for k, v in want.items() if have.get(k) != v]
+        if diff:
+            raise ConfigError(f"data.path {path!r} holds a synthetic corpus made with other parameters "
+                              f"({'; '.join(diff)}); choose another data.path or match data.synthetic")
+        return
+    if os.path.isdir(path) and os.listdir(path):
+        raise ConfigError(f"data.path {path!r} (data.kind=synthetic) is a folder of other files, not a generated "
+                          f"corpus (no {synthetic.META_FILE}); the corpus is only generated into a new or empty "
+                          "folder. For real TOFU-layout data set data.kind=tofu")
+    synthetic.generate(path, **params)
+
+
 def prepare_data(cfg: TrainConfig, info: DistInfo):
     """Tokenizer and encoded ``(forget, retain)`` datasets (``retain`` None for finetuning). Rank 0 generates the
-    synthetic corpus / trains the tokenizer when missing; the others wait."""
+    synthetic corpus / trains its tokenizer when missing; the others wait.
+
+    Inputs are never written to: a tokenizer is trained only into the synthetic corpus's own ``tokenizer``
+    folder; given ``data.tokenizer`` or ``model.path``, the tokenizer is loaded from there or the run stops."""
     from . import data as D
+    from .distributed import on_rank0
 
     dc = cfg.data
     path = dc.path or os.path.join(cfg.output_dir, "data")
-    tok_dir = dc.tokenizer
+    tok_dir = dc.tokenizer or cfg.model.path
     if dc.kind == "synthetic":
-        if tok_dir is None:
-            tok_dir = cfg.model.path or os.path.join(path, "tokenizer")
-        if info.is_main:
-            if not os.path.isfile(os.path.join(path, D.synthetic.META_FILE)):
-                D.synthetic.generate(path, **dc.synthetic)
-            if not os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
-                D.train_tokenizer(path, tok_dir, vocab_size=dc.vocab_size)
-        barrier()
-    elif tok_dir is None:
-        tok_dir = cfg.model.path
+        own_tok = None if tok_dir else os.path.join(path, "tokenizer")
+
+        def make():
+            _synthetic_corpus(path, dc.synthetic)
+            if own_tok and not os.path.isfile(os.path.join(own_tok, "tokenizer.json")):
+                D.train_tokenizer(path, own_tok, vocab_size=dc.vocab_size)
+
+        on_rank0(make, info.is_main)
+        tok_dir = tok_dir or own_tok
     tok = D.load_tokenizer(tok_dir)
 
     def qa(split):
-        return D.encode_qa(D.load_tofu(path, split) if dc.kind in ("synthetic", "tofu")
-                           else D.load_qa(os.path.join(path, split)), tok,
-                           template=dc.template, max_length=dc.max_length, source=f"{path}:{split}")
+        src = f"{path}:{split}" if dc.kind != "qa" else os.path.join(path, split)
+        ds = D.encode_qa(D.load_tofu(path, split) if dc.kind in ("synthetic", "tofu")
+                         else D.load_qa(os.path.join(path, split)), tok,
+                         template=dc.template, max_length=dc.max_length, source=src)
+        _non_empty(ds, src)
+        return ds
 
     if dc.kind == "muse":
         docs = D.load_muse(path, splits=(dc.forget_split, dc.retain_split))
         enc = {k: D.encode_text_windows(v, tok, window=dc.window, source=k) for k, v in docs.items()}
         forget, retain = enc[dc.forget_split], enc[dc.retain_split]
+        _non_empty(forget, os.path.join(path, dc.forget_split))
+        _non_empty(retain, os.path.join(path, dc.retain_split))
     elif cfg.loss.objective == "finetune":
         forget, retain = qa(dc.finetune_split), None
     else:
         forget, retain = qa(dc.forget_split), qa(dc.retain_split)
     return tok, forget, retain
+
+
+def _non_empty(ds, source: str) -> None:
+    if len(ds) == 0:
+        from .data import DataError
+
+        raise DataError(source, "no examples to train on (an empty split, or every example dropped by "
+                                "data.max_length / data.window: see the warnings above)")
 
 
 class StepStream:
@@ -434,6 +654,10 @@ def setup(cfg: TrainConfig) -> Run:
     special = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     hf = build_hf_model(cfg.model, vocab_size=len(tok) if cfg.model.path is None else None,
                         special_ids=special if cfg.model.path is None else None, device=info.device)
+    n_emb = hf.get_input_embeddings().num_embeddings
+    if len(tok) > n_emb:
+        raise ModelError(f"model.path {cfg.model.path!r} has {n_emb} token embeddings but the tokenizer "
+                         f"({cfg.data.tokenizer or cfg.model.path}) has {len(tok)} tokens: they do not belong together")
     ref_model = None
     if cfg.loss.retain_loss == "kl" and cfg.loss.objective != "finetune" and cfg.loss.retain_weight > 0:
         ref_hf = copy.deepcopy(hf)
@@ -609,6 +833,7 @@ class TrainResult:
     eval_after: Dict[str, float]
     checkpoint: Optional[str]
     hf_dir: Optional[str]
+    run_id: Optional[str] = None
 
 
 def _evaluate(run: Run) -> Dict[str, float]:
@@ -621,27 +846,49 @@ def _evaluate(run: Run) -> Dict[str, float]:
     return out
 
 
-def train(cfg: TrainConfig, *, hooks: Optional[dict] = None) -> TrainResult:
-    """Run (or resume) the configured job: finetune stage if enabled, then the loop. Collective under torchrun."""
+#: What a run writes into its output_dir: the files ``overwrite`` moves aside together (plus ``data`` when the
+#: synthetic corpus is the run's own, i.e. ``data.path`` is unset).
+RUN_ARTIFACTS = ("checkpoints", "run.json", "log.jsonl", "config.yaml", "eval.json", "curves.png", "hf", "hf.tmp",
+                 "finetune")
+
+
+def train(cfg: TrainConfig, *, hooks: Optional[dict] = None, overwrite: bool = False) -> TrainResult:
+    """Run (or resume) the configured job: finetune stage if enabled, then the loop. Collective under torchrun.
+
+    The output folder is claimed first (:func:`simnpo_fast.run_folder.open_run`): a lock for the run's life, a
+    fresh run refused over another run's checkpoints unless ``overwrite`` (which moves that run aside), and
+    ``checkpoint.resume`` (true / auto) that resumes only a verified checkpoint of this run with an unchanged
+    config. ``hooks``: ``{"after_backward": fn(run, s)}`` is called before optimizer step ``s`` (gradients
+    complete), ``{"after_step": fn(run, s)}`` after step ``s`` is logged and checkpointed."""
+    from . import run_folder as RF
+
+    cfg.validate()
+    info = init_distributed(cfg.parallel.device)
+    requested = config_to_dict(cfg)
+    artifacts = RUN_ARTIFACTS + (("data",) if cfg.data.kind == "synthetic" and cfg.data.path is None else ())
+    with RF.open_run(cfg.output_dir, requested, resume=cfg.checkpoint.resume, overwrite=overwrite,
+                     artifacts=artifacts, is_main=info.is_main) as folder:
+        if cfg.finetune.enabled and cfg.loss.objective != "finetune":
+            cfg = _run_finetune_stage(cfg, hooks)
+        return _train(cfg, folder, requested, hooks)
+
+
+def _train(cfg: TrainConfig, folder, requested: dict, hooks: Optional[dict]) -> TrainResult:
     from . import checkpoint as C
     from .logging_utils import JsonlLogger, plot_curves, progress
 
-    cfg.validate()
-    if cfg.finetune.enabled and cfg.loss.objective != "finetune":
-        cfg = _run_finetune_stage(cfg, hooks)
     run = setup(cfg)
     info = run.info
     out = cfg.output_dir
-    ck_root = os.path.join(out, "checkpoints")
+    ck_root = folder.checkpoints
     if info.is_main:
-        os.makedirs(out, exist_ok=True)
         save_config(cfg, os.path.join(out, "config.yaml"))
-    resume_from = C.latest_checkpoint(ck_root) if cfg.checkpoint.resume else None
+    resume_from = folder.resume_from
     eval_before: Dict[str, float] = {}
     from . import data as D
     col = D.DataCollator.from_tokenizer(run.tokenizer)
     if resume_from:
-        state, tensors = C.load_checkpoint(resume_from, run.model, run.optimizer)
+        state, tensors = C.load_checkpoint(resume_from, run.model, run.optimizer, manifest=folder.manifest)
         run.scheduler.load_state_dict(state["scheduler"])
         run.stream.load_state_dict(state["sampler"])
         run.step = int(state["step"])
@@ -661,13 +908,11 @@ def train(cfg: TrainConfig, *, hooks: Optional[dict] = None) -> TrainResult:
 
     def save(step):
         st = {"step": step, "sampler": run.stream.state_dict(), "scheduler": run.scheduler.state_dict(),
-              "eval_before": eval_before, "name": cfg.name}
+              "eval_before": eval_before, "name": cfg.name, "config": requested}
         tens = {"ref_logp": run.ref_logp} if run.ref_logp is not None else {}
-        path = C.save_checkpoint(ck_root, step, run.model, run.optimizer, state=st, tensors=tens,
-                                 keep=cfg.checkpoint.keep)
-        if info.is_main:
-            save_config(cfg, os.path.join(path, "config.yaml"))
-        return path
+        return C.save_checkpoint(ck_root, step, run.model, run.optimizer, state=st, tensors=tens,
+                                 keep=cfg.checkpoint.keep, run_id=folder.run_id,
+                                 files={"config.yaml": config_yaml(cfg)})
 
     try:
         while run.step < run.total_steps:
@@ -683,11 +928,9 @@ def train(cfg: TrainConfig, *, hooks: Optional[dict] = None) -> TrainResult:
             bar.set_postfix(loss=f"{rec['loss']:.4f}", fll=f"{rec['forget_loglik']:.3f}")
             if cfg.checkpoint.every and run.step % cfg.checkpoint.every == 0 and run.step < run.total_steps:
                 last_ck = save(run.step)
-            if cfg.stall_after_step and run.step == cfg.stall_after_step:
-                if info.is_main:
-                    print(f"STALLED after step {run.step}", flush=True)
-                while True:
-                    time.sleep(60)
+            folder.heartbeat()
+            if hooks and "after_step" in hooks:
+                hooks["after_step"](run, run.step)
     finally:
         bar.close()
         logger.close()
@@ -699,11 +942,12 @@ def train(cfg: TrainConfig, *, hooks: Optional[dict] = None) -> TrainResult:
         hf_dir = C.export_hf(run.model, os.path.join(out, "hf"), run.tokenizer)
     if info.is_main:
         with open(os.path.join(out, "eval.json"), "w", encoding="utf-8") as f:
-            json.dump({"before": eval_before, "after": eval_after, "steps": run.step}, f, indent=1)
+            json.dump({"before": eval_before, "after": eval_after, "steps": run.step, "run_id": folder.run_id},
+                      f, indent=1)
         if cfg.plot:
             plot_curves(os.path.join(out, "log.jsonl"), os.path.join(out, "curves.png"), title=cfg.name)
     barrier()
-    return TrainResult(out, run.step, records, eval_before, eval_after, last_ck, hf_dir)
+    return TrainResult(out, run.step, records, eval_before, eval_after, last_ck, hf_dir, folder.run_id)
 
 
 def finetune_config(cfg: TrainConfig) -> TrainConfig:
@@ -720,17 +964,27 @@ def finetune_config(cfg: TrainConfig) -> TrainConfig:
     ft.finetune = FinetuneConfig(enabled=False)
     ft.checkpoint = CheckpointConfig(every=0, resume=False, final=False, export_hf=True)
     ft.evaluate = False
-    ft.stall_after_step = 0
     if ft.data.kind == "synthetic" and ft.data.path is None:
         ft.data.path = os.path.join(cfg.output_dir, "data")
     return ft
 
 
 def _run_finetune_stage(cfg: TrainConfig, hooks=None) -> TrainConfig:
-    """Finetune once (skipped when ``<output_dir>/finetune/hf`` exists) and point the unlearning stage at it."""
+    """Finetune once and point the unlearning stage at the result. A finished stage (``<output_dir>/finetune/hf``)
+    is reused only when it was trained with this very finetune config; otherwise the run stops (use
+    ``--overwrite`` or another output_dir) rather than unlearn from a model the config does not describe."""
+    from . import run_folder as RF
+
     ft = finetune_config(cfg)
     hf_dir = os.path.join(ft.output_dir, "hf")
-    if not os.path.isfile(os.path.join(hf_dir, "config.json")):
+    if os.path.isfile(os.path.join(hf_dir, "config.json")):
+        rec = RF.read_run_file(ft.output_dir)
+        diffs = RF.config_differences(rec.get("config", {}), config_to_dict(ft)) if rec else ["run.json: missing"]
+        if diffs:
+            raise RF.RunFolderError(
+                f"{ft.output_dir} holds a finetuned model made with another finetune config ({'; '.join(diffs)}); "
+                "pass --overwrite to move the previous run aside, or choose another output_dir")
+    else:
         train(ft)
     new = copy.deepcopy(cfg)
     new.model = dataclasses.replace(cfg.model, path=hf_dir, preset=None, config={})

@@ -3,10 +3,17 @@
     simnpo-fast unlearn --config default                      # embedded default, CPU, about a minute
     simnpo-fast unlearn --config tofu_forget10 model.path=/models/llama2-7b-tofu data.path=/data/tofu
     torchrun --nnodes 2 --nproc_per_node 8 -m simnpo_fast.trainer_cli unlearn --config tofu_forget10 ...
-    simnpo-fast unlearn --config default --resume             # continue from the newest complete checkpoint
+    simnpo-fast unlearn --config default --resume             # continue from the newest verified checkpoint
+    simnpo-fast unlearn --config default --resume=auto        # resume if there is a checkpoint, else start fresh
+    simnpo-fast unlearn --config default --overwrite          # move the folder's previous run aside, start fresh
 
-Config errors (unknown objective or key, beta <= 0, missing data / model path, bad batch geometry) fail before
-any work with exit status 2.
+An output folder belongs to one run (see simnpo_fast/run_folder.py): a second run into a busy folder, a fresh
+run over another run's checkpoints (without --overwrite), --resume with nothing to resume or with a config that
+differs outside steps / logging / checkpoint cadence all stop before any work.
+
+Errors end with one line naming the file or key and a distinct exit status (no traceback unless --debug):
+2 config, 3 diverged (non-finite loss / gradient), 4 data, 5 model, 6 tokenizer, 7 run folder (busy, another
+run, nothing to resume, config changed on resume), 8 checkpoint (none verifies), 1 unexpected.
 """
 from __future__ import annotations
 
@@ -19,7 +26,14 @@ import sys
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="default",
                    help="a YAML file or a packaged config name: default, tofu_forget10, muse_news")
-    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("--resume", action="store_const", const="true", default=None,
+                   help="continue from the newest verified checkpoint (an error when there is none); "
+                        "--resume=auto resumes when there is one and starts fresh otherwise")
+    p.add_argument("--resume-mode", dest="resume", choices=("true", "auto"), help=argparse.SUPPRESS)
+    p.add_argument("--overwrite", action="store_true",
+                   help="start fresh even over another run's checkpoints, moving that run's files into "
+                        "<output_dir>/replaced/ (nothing is deleted)")
+    p.add_argument("--debug", action="store_true", help="print the traceback of an error")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides, e.g. optim.lr=1e-5 loss.beta=4.5 output_dir=runs/x")
 
@@ -39,62 +53,74 @@ def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def normalize_argv(argv):
+    """``--resume=MODE`` -> ``--resume-mode MODE`` (a bare ``--resume`` must not swallow the next override)."""
+    out = []
+    stop = False
+    for a in argv:
+        if not stop and a.startswith("--resume="):
+            out += ["--resume-mode", a.split("=", 1)[1]]
+        else:
+            out.append(a)
+        stop = stop or a == "--"
+    return out
+
+
 def _load(args):
     from .trainer import load_config
 
     ov = list(args.overrides or [])
     if args.resume:
-        ov.append("checkpoint.resume=true")
+        ov.append(f"checkpoint.resume={args.resume}")
     return load_config(args.config, ov)
 
 
-def _config_or_exit(args):
-    try:
-        return _load(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"simnpo-fast: config error: {e}", file=sys.stderr)
-        return None
+def _rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def run_unlearn(args) -> int:
-    from .trainer import NonFiniteError, train
+    from .trainer import train
 
-    cfg = _config_or_exit(args)
-    if cfg is None:
-        return 2
-    try:
-        res = train(cfg)
-    except NonFiniteError as e:
-        print(f"simnpo-fast: {e}", file=sys.stderr)
-        return 3
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({"output_dir": res.output_dir, "steps": res.steps, "eval_before": res.eval_before,
-                          "eval_after": res.eval_after, "checkpoint": res.checkpoint, "hf": res.hf_dir}))
+    cfg = _load(args)
+    res = train(cfg, overwrite=args.overwrite)
+    if _rank0():
+        print(json.dumps({"output_dir": res.output_dir, "run_id": res.run_id, "steps": res.steps,
+                          "eval_before": res.eval_before, "eval_after": res.eval_after,
+                          "checkpoint": res.checkpoint, "hf": res.hf_dir}))
     return 0
 
 
 def run_finetune(args) -> int:
+    from .errors import ConfigError
     from .trainer import finetune_config, train
 
-    cfg = _config_or_exit(args)
-    if cfg is None:
-        return 2
-    res = train(finetune_config(cfg))
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({"output_dir": res.output_dir, "steps": res.steps, "hf": res.hf_dir}))
+    if args.resume:
+        raise ConfigError("finetune: the finetune stage keeps no checkpoints, so --resume does not apply "
+                          "(rerun it, or unlearn with --resume)")
+    cfg = _load(args)
+    res = train(finetune_config(cfg), overwrite=args.overwrite)
+    if _rank0():
+        print(json.dumps({"output_dir": res.output_dir, "run_id": res.run_id, "steps": res.steps, "hf": res.hf_dir}))
     return 0
 
 
 def main(argv=None) -> int:
+    from .errors import pop_debug_flag, run_command
+
+    argv, debug = pop_debug_flag(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="simnpo_fast.trainer_cli")
     sub = parser.add_subparsers(dest="cmd", required=True)
     add_unlearn_parser(sub)
     add_finetune_parser(sub)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(normalize_argv(argv))
     from .distributed import owned_process_group
 
-    with owned_process_group():
-        return args.func(args)
+    def command() -> int:
+        with owned_process_group():
+            return args.func(args)
+
+    return run_command(command, debug=debug)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ def base_overrides(corpus, out, **extra):
         "model.preset": "tiny-llama", "model.config": "{hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
                                                      "num_attention_heads: 4, num_key_value_heads: 2}",
         "data.kind": "synthetic", "data.path": corpus["data"], "data.tokenizer": corpus["tokenizer"],
+        "data.synthetic": "{n_authors: 10, facts_per_author: 5, seed: 0}",  # what the session corpus was made with
         "data.max_length": 96, "finetune.enabled": False,
         "optim.lr": 1e-3, "optim.schedule": "constant", "optim.weight_decay": 0.0,
         "checkpoint.final": False, "checkpoint.export_hf": False,

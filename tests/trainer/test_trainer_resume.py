@@ -31,11 +31,11 @@ def test_sigkill_then_resume_equals_uninterrupted(corpus, tmp_path):
     from simnpo_fast.trainer import load_config, train
 
     out = str(tmp_path / "killed")
-    cmd = [sys.executable, "-m", "simnpo_fast.trainer_cli", "unlearn", "--config",
-           os.path.join(ROOT, "simnpo_fast", "configs", "default.yaml"),
-           *_overrides(corpus, out, stall_after_step=3)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    cfg_default = os.path.join(ROOT, "simnpo_fast", "configs", "default.yaml")
+    cmd = [sys.executable, os.path.join(ROOT, "tests", "trainer", "stall_worker.py"), "unlearn", "--config",
+           cfg_default, *_overrides(corpus, out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(child_env(2), SIMNPO_TEST_STALL_AFTER="3"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 150
     lines = []
     try:
@@ -46,10 +46,20 @@ def test_sigkill_then_resume_equals_uninterrupted(corpus, tmp_path):
             assert time.time() < deadline, "".join(lines[-30:])
         else:
             pytest.fail("run ended before stalling:\n" + "".join(lines[-40:]))
+        # a second run into the same folder while the first lives: refused before any work, exit 7
+        second = subprocess.run([sys.executable, "-m", "simnpo_fast.cli", "unlearn", "--config", cfg_default,
+                                 *_overrides(corpus, out), "--resume=auto"], cwd=ROOT, env=child_env(1),
+                                capture_output=True, text=True, timeout=120)
+        assert second.returncode == 7, second.stderr[-2000:]
+        err = second.stderr.strip().splitlines()
+        assert len(err) == 1 and "in use by another run" in err[0] and f"pid {proc.pid}" in err[0], err
+        assert "Traceback" not in second.stderr
         os.kill(proc.pid, signal.SIGKILL)  # step 3 is done but not checkpointed: it must be redone
     finally:
         proc.kill()
         proc.wait()
+    with open(os.path.join(out, "run.lock")) as f:
+        assert json.load(f)["pid"] == proc.pid  # the killed run's lock is left behind: stale, taken over below
     ck = os.path.join(out, "checkpoints")
     assert os.path.basename(latest_checkpoint(ck)) == "step_00000002"
     assert not os.path.exists(os.path.join(out, "hf"))
@@ -59,7 +69,6 @@ def test_sigkill_then_resume_equals_uninterrupted(corpus, tmp_path):
     os.makedirs(os.path.join(ck, "step_00000004.tmp"))
     open(os.path.join(ck, "step_00000004.tmp", "junk"), "w").close()
 
-    cfg_default = os.path.join(ROOT, "simnpo_fast", "configs", "default.yaml")
     resumed = train(load_config(cfg_default, _overrides(corpus, out, **{"checkpoint.resume": True})))
     assert resumed.steps == STEPS and [r["step"] for r in resumed.records] == [3, 4, 5, 6]
     straight = train(load_config(cfg_default, _overrides(corpus, str(tmp_path / "straight"))))
@@ -79,6 +88,7 @@ def test_sigkill_then_resume_equals_uninterrupted(corpus, tmp_path):
     lb = [r["loss"] for r in straight.records[2:]]
     assert la == lb
     assert not os.path.exists(os.path.join(ck, "step_00000004.tmp"))
+    assert not os.path.exists(os.path.join(out, "run.lock"))  # released at the end of the resumed run
 
 
 def test_non_finite_gradient_stops_and_keeps_last_checkpoint(corpus, tmp_path):
