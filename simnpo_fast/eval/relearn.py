@@ -38,13 +38,18 @@ class RelearnConfig:
 
 def relearn_subset(n_total: int, n: int, seed: int) -> list[int]:
     """The attacker's forget rows: ``n`` distinct rows drawn with ``numpy.random.default_rng(seed)`` (sorted)."""
-    if n > n_total:
-        raise ValueError(f"asked for {n} relearning examples but the forget split has {n_total}")
+    if not 0 <= n <= n_total:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"asked for {n} relearning examples but the forget split has {n_total}")
     return sorted(np.random.default_rng(seed).choice(n_total, size=n, replace=False).tolist())
 
 
 def finetune_nll(model, examples, cfg: RelearnConfig, pad_id: int, *, progress: bool = False) -> list[float]:
     """``cfg.steps`` AdamW steps of token-mean NLL on ``examples`` (cycled in a seeded order); returns the losses."""
+    if cfg.steps > 0 and (len(examples) == 0 or cfg.batch_size < 1):
+        raise ValueError(f"relearning needs at least one example and batch_size >= 1 (got {len(examples)} "
+                         f"examples, batch_size {cfg.batch_size})")
     model = unwrap(model)
     dev = model_device(model)
     g = torch.Generator().manual_seed(cfg.seed)
@@ -72,6 +77,10 @@ def finetune_nll(model, examples, cfg: RelearnConfig, pad_id: int, *, progress: 
         h = backbone(model)(input_ids=ids, attention_mask=mask).last_hidden_state
         w, b = head_params(model)
         loss = nll_loss(h, w, labels, bias=b)
+        if not torch.isfinite(loss.detach()):
+            from ..errors import NonFiniteError
+
+            raise NonFiniteError(f"relearning step {len(losses) + 1}: non-finite loss ({float(loss)}) at lr {cfg.lr}")
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
