@@ -348,6 +348,7 @@ def add_study_parser(subparsers) -> argparse.ArgumentParser:
                    help="GA GradDiff NPO SimNPO, or variants defined under unlearn.methods (with base:)")
     p.add_argument("--out", default=None, help="work folder (default runs/study-<name>)")
     p.add_argument("--results", default=None, help="where the table/plot go (default docs/results)")
+    p.add_argument("--quick", action="store_true", help="study markov only: the small end-to-end run (< 1 min)")
     p.set_defaults(func=run_study_cli)
     return p
 
@@ -357,6 +358,14 @@ def run_study_cli(args) -> int:
     import sys
 
     cfg = load_study_config(args.config, args.overrides)
+    if cfg.get("kind") == "markov":  # the mixture-of-Markov-chains study (simnpo_fast/markov/) has its own driver
+        from .markov.study import run_cli
+
+        return run_cli(args)
+    if getattr(args, "quick", False):
+        from .errors import ConfigError
+
+        raise ConfigError("--quick applies to `simnpo-fast study markov` only")
     if args.data:
         cfg.setdefault("data", {})["path"] = args.data
     name = cfg.get("name", "tofu-mini")
