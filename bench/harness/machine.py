@@ -1,0 +1,124 @@
+"""Where a result came from and where it goes: machine facts and result files.
+
+Every result JSON starts with ``benchmark``, the ``command`` that reproduces it and ``machine`` (CPU model and
+SIMD flags, torch's CPU capability, GPU, package versions, git commit, date). Files are
+``<results>/<benchmark>-<machine tag>-<date>.json``; an existing file is never overwritten (a ``-2``, ``-3``,
+... suffix is added instead).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "bench" / "results"
+
+#: cpuinfo flags recorded with every result: the vector units the GEMMs and the epilogue can use
+SIMD_FLAG_PREFIXES = ("sse4", "avx", "fma", "f16c", "amx", "asimd", "sve")
+VERSIONED_PACKAGES = ("simnpo-fast", "torch", "triton", "liger-kernel", "cut-cross-entropy", "transformers",
+                      "numpy")
+
+
+def cpu_model_and_flags() -> tuple[str, list[str]]:
+    """CPU model name and its SIMD flags (avx2, avx512f, avx512_bf16, amx_bf16, ...; ARM: asimd, sve) from
+    /proc/cpuinfo."""
+    model, flags = platform.processor(), []
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and not flags:
+                    model = value.strip()
+                elif key.strip() in ("flags", "Features"):
+                    flags = value.split()
+                    break
+    except OSError:
+        pass
+    return model, sorted(f for f in flags if f.startswith(SIMD_FLAG_PREFIXES))
+
+
+def package_versions() -> dict:
+    from importlib import metadata
+
+    out = {}
+    for pkg in VERSIONED_PACKAGES:
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def git_revision() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except Exception:
+        return None
+
+
+def machine_info() -> dict:
+    """Where a result came from: host, CPU model + SIMD flags, cores, threads, GPU, versions, commit, date."""
+    import torch
+
+    cpu, flags = cpu_model_and_flags()
+    info = {"host": socket.gethostname(), "cpu": cpu, "cpu_flags": flags, "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__,
+            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET")}
+    try:
+        info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    except Exception:
+        pass
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except Exception:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
+    return dict(info, versions=package_versions(), git=git_revision())
+
+
+def machine_tag() -> str:
+    """Short machine name in result file names: ``cpu<cores>``, or the GPU model (``h100``) on CUDA."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0).replace("NVIDIA ", "").split()[0].lower()
+    return f"cpu{os.cpu_count()}"
+
+
+def result_header(benchmark: str, module: str, argv: list[str] | None) -> dict:
+    """The fields every result JSON starts with: ``benchmark``, the ``command`` that reproduces it, ``machine``."""
+    args = sys.argv[1:] if argv is None else argv
+    return {"benchmark": benchmark, "command": " ".join(["python -m " + module, *args]),
+            "machine": machine_info()}
+
+
+def fresh_path(out_dir: Path, stem: str, ext: str = ".json") -> Path:
+    """``out_dir/stem.ext``, or ``stem-2.ext``, ``stem-3.ext``, ... -- the first that does not exist."""
+    path, n = Path(out_dir) / f"{stem}{ext}", 1
+    while path.exists():
+        n += 1
+        path = Path(out_dir) / f"{stem}-{n}{ext}"
+    return path
+
+
+def write_result(name: str, payload: dict, out_dir: Path | str | None = None, suffix: str = "") -> Path:
+    """Write ``payload`` to ``<out_dir or bench/results>/<name>-<machine tag>-<date><suffix>.json`` (``name``
+    may be empty) without overwriting anything; returns the path."""
+    out_dir = Path(out_dir) if out_dir else RESULTS
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = "-".join(p for p in (name, machine_tag(), _dt.date.today().isoformat()) if p) + suffix
+    path = fresh_path(out_dir, stem)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
