@@ -13,7 +13,8 @@ import argparse
 import statistics
 import time
 
-from bench.loss import DTYPES, _inputs
+from bench.harness import chunked_backend, lm_inputs, simnpo
+from bench.loss import DTYPES
 
 
 def main(argv=None) -> int:
@@ -29,16 +30,15 @@ def main(argv=None) -> int:
 
     import torch
 
-    import simnpo_fast as sf
-    from simnpo_fast.backends import ChunkedBackend
-
-    h, W, labels = _inputs(a.N, a.d, a.V, getattr(torch, DTYPES[a.dtype]))
-    variants = {"naive": "reference", "chunked (rule)": ChunkedBackend()}
-    variants.update({f"chunked R={r}": ChunkedBackend(int(r)) for r in a.rows.split(",") if r})
+    h, W, labels = lm_inputs(a.N, a.d, a.V, getattr(torch, DTYPES[a.dtype]))
+    h.requires_grad_()
+    W.requires_grad_()
+    variants = {"naive": "reference", "chunked (rule)": chunked_backend()}
+    variants.update({f"chunked R={r}": chunked_backend(int(r)) for r in a.rows.split(",") if r})
 
     def step(be):
         h.grad = W.grad = None
-        sf.simnpo_loss(h, W, labels, beta=2.5, backend=be).backward()
+        simnpo(be)(h, W, labels).backward()
 
     times = {k: [] for k in variants}
     for be in variants.values():

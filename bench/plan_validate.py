@@ -1,9 +1,9 @@
 """Planner vs reality: the peak memory of one real unlearning step of small Llama models on CPU.
 
     python -m bench.plan_validate            # 3 configs x (fused, naive logits), JSON to bench/results
-    python -m bench.plan_validate --quick    # the same 3 configs (they are small), fewer warm-up steps
+    python -m bench.plan_validate --quick    # the same run (the configs are small); the suite passes it
 
-Each (config, logits) runs in a fresh subprocess (``bench.common.run_worker``: fixed glibc mmap threshold, so
+Each (config, logits) runs in a fresh subprocess (``harness.run_worker``: fixed glibc mmap threshold, so
 freed blocks go back to the OS and the RSS high-water mark tracks live tensors). The worker imports everything
 and runs a throw-away micro step (library start-up), records the RSS, builds the HF LlamaForCausalLM (fp32, SDPA,
 no checkpointing), runs one warm-up step (forward of the backbone, SimNPO loss on the final hidden states and the
@@ -16,11 +16,11 @@ Predicted = ``simnpo_fast.plan.plan(..., device="cpu", checkpointing=False)``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
-from bench.common import machine_info, reset_hwm, rss_kib, run_worker, write_result
+from bench.harness import PeakRSS, emit, result_header, rss_kib, run_worker, simnpo, write_result
+from bench.methods import simnpo_from_logp_sum
 
 CONFIGS = {
     # name: (model config, seq, batch)
@@ -44,20 +44,16 @@ def _model(cfg: dict):
 def _step(model, opt, ids, labels, loss_kind):
     import torch
 
-    import simnpo_fast as sf
-    from simnpo_fast.objectives import SimNPO
-
     hidden = model.model(input_ids=ids).last_hidden_state
     if loss_kind == "fused":
-        loss = sf.simnpo_loss(hidden, model.lm_head.weight, labels, backend="chunked")
+        loss = simnpo("chunked")(hidden, model.lm_head.weight, labels)
     else:  # what unlearning frameworks run: full logits of every position, per-token cross-entropy, SimNPO on top
         logits = model.lm_head(hidden)[:, :-1].float()
         tgt = labels[:, 1:]
         ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
                                                reduction="none").view(tgt.shape)
         del logits
-        n = (tgt != -100).sum(1)
-        loss = SimNPO(2.5, 0.0)(-ce.sum(1), n).sum() / (n > 0).sum()
+        loss = simnpo_from_logp_sum(-ce.sum(1), (tgt != -100).sum(1))
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -88,16 +84,14 @@ def worker(args) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     ids, lab = batch_for(cfg["vocab_size"], seq, batch)
     _step(model, opt, ids, lab, args.loss)
-    before = rss_kib("VmRSS")
-    ok = reset_hwm()
-    t0 = time.perf_counter()
-    _step(model, opt, ids, lab, args.loss)
-    dt = time.perf_counter() - t0
-    peak = rss_kib("VmHWM")
+    with PeakRSS() as mem:  # the steady-state step
+        t0 = time.perf_counter()
+        _step(model, opt, ids, lab, args.loss)
+        dt = time.perf_counter() - t0
     return {"config": args.config, "loss": args.loss, "seq": seq, "batch": batch,
             "params": sum(p.numel() for p in model.parameters()),
-            "measured_mib": (peak - base) / 1024, "steady_rss_mib": (before - base) / 1024,
-            "hwm_reset": ok, "step_s": dt}
+            "measured_mib": (mem.peak_kib - base) / 1024, "steady_rss_mib": (mem.base_kib - base) / 1024,
+            "hwm_reset": mem.hwm_reset, "step_s": dt}
 
 
 def predict(name: str, loss: str) -> dict:
@@ -118,8 +112,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args)))
-        return 0
+        return emit(worker(args))
     rows = []
     print(f"{'model':<22}{'params':>9}{'logits':>8}{'predicted':>12}{'measured':>12}{'error':>8}")
     for name in args.configs.split(","):
@@ -135,10 +128,9 @@ def main(argv=None) -> int:
                   f"{row['error'] * 100:>+7.1f}%", flush=True)
     worst = max(abs(r["error"]) for r in rows)
     print(f"worst |error| {worst * 100:.1f}% (target <= 15%)")
-    payload = {"benchmark": "plan_validate", "command": "python -m bench.plan_validate " + " ".join(argv or sys.argv[1:]),
-               "machine": machine_info(), "rows": rows, "worst_abs_error": worst, "within_15pct": worst <= 0.15}
-    path = write_result("plan_validate", payload, args.out)
-    print(f"wrote {path}")
+    payload = {**result_header("plan_validate", "bench.plan_validate", argv), "rows": rows,
+               "worst_abs_error": worst, "within_15pct": worst <= 0.15}
+    print(f"wrote {write_result('plan_validate', payload, args.out)}")
     return 0
 
 

@@ -18,10 +18,10 @@ counts the non-padding tokens of the forget and retain batches per step (median 
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 
-from bench.common import machine_info, median_time, reset_hwm, rss_kib, run_worker, write_result
+from bench.harness import PeakRSS, alternate, emit, median_time, result_header, write_result
 
 
 def _config(args):
@@ -131,13 +131,11 @@ def worker(args) -> dict:
         step, n_tok = _hf(args, tempfile.mkdtemp())
     step()
     step()  # optimizer state allocated, thread pools warm
-    base = rss_kib("VmRSS")
-    hwm_reset = reset_hwm()
-    t, ts = median_time(step, args.repeats, warmup=0)
-    peak = rss_kib("VmHWM") - base
+    with PeakRSS() as mem:
+        t, ts = median_time(step, args.repeats, warmup=0)
     return {"variant": args.variant, "median_s": t, "times_s": ts, "tokens_per_step": n_tok,
-            "tokens_per_s": n_tok / t, "peak_extra_mib": peak / 1024, "rss_before_mib": base / 1024,
-            "hwm_reset": hwm_reset}
+            "tokens_per_s": n_tok / t, "peak_extra_mib": mem.extra_mib, "rss_before_mib": mem.base_kib / 1024,
+            "hwm_reset": mem.hwm_reset}
 
 
 def main(argv=None) -> int:
@@ -161,39 +159,32 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args)))
-        return 0
+        return emit(worker(args))
     common = [f"--{k}={getattr(args, k)}" for k in ("V", "d", "ffn", "layers", "heads", "B", "T", "prompt",
                                                     "repeats", "threads")]
-    import os
-
     if args.chunk_rows:
-        os.environ["SIMNPO_FAST_CHUNK_ROWS"] = str(args.chunk_rows)
-    runs = {"hf": [], "ours": []}
-    for _ in range(args.rounds):
-        for v in ("hf", "ours"):
-            r = run_worker("bench.step", ["--variant", v, *common])
-            runs[v].append(r)
-            print(f"{v:5s} {r['median_s']*1e3:9.1f} ms/step  {r['tokens_per_s']:9.0f} tok/s  "
-                  f"peak +{r['peak_extra_mib']:8.1f} MiB", flush=True)
-    rows = {}
-    for v, rs in runs.items():
-        best = dict(min(rs, key=lambda r: r["median_s"]))
-        best["peak_extra_mib"] = max(r["peak_extra_mib"] for r in rs)  # worst case memory
-        best["all_median_s"] = [r["median_s"] for r in rs]
-        rows[v] = best
+        os.environ["SIMNPO_FAST_CHUNK_ROWS"] = str(args.chunk_rows)  # inherited by the workers
+    runs = alternate("bench.step", ("hf", "ours"), lambda v: ["--variant", v, *common], args.rounds, exact_rss=True,
+                     on_result=lambda v, r: print(f"{v:5s} {r['median_s']*1e3:9.1f} ms/step  {r['tokens_per_s']:9.0f} "
+                                                  f"tok/s  peak +{r['peak_extra_mib']:8.1f} MiB", flush=True))
+    rows = {v: best_of(rs) for v, rs in runs.items()}
     speed = rows["ours"]["tokens_per_s"] / rows["hf"]["tokens_per_s"]
     mem = rows["ours"]["peak_extra_mib"] / rows["hf"]["peak_extra_mib"]
     summary = {"tokens_per_s_ratio": speed, "peak_memory_ratio": mem,
                "targets": {"tokens_per_s_ratio": ">= 1.3", "peak_memory_ratio": "<= 0.5"},
                "meets_targets": bool(speed >= 1.3 and mem <= 0.5)}
     print(f"\nours / hf: {speed:.2f}x tokens/s, {mem*100:.1f}% peak step memory")
-    payload = {"benchmark": "step", "command": "python -m bench.step " + " ".join(argv or sys.argv[1:]),
-               "machine": machine_info(), "config": vars(args), "results": rows, "summary": summary}
-    path = write_result("step", payload, args.out)
-    print(f"wrote {path}")
+    payload = {**result_header("step", "bench.step", argv), "config": vars(args), "results": rows, "summary": summary}
+    print(f"wrote {write_result('step', payload, args.out)}")
     return 0
 
+
+def best_of(rs: list[dict]) -> dict:
+    """The round with the fastest median step (contention only slows a step down), the worst peak memory."""
+    best = dict(min(rs, key=lambda r: r["median_s"]))
+    best["peak_extra_mib"] = max(r["peak_extra_mib"] for r in rs)
+    best["all_median_s"] = [r["median_s"] for r in rs]
+    return best
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -5,38 +5,40 @@
     python -m bench.suite --report           # only regenerate plots + README section from the newest JSON
     simnpo-fast bench [--quick] [--report]   # the same, from anywhere inside a source checkout
 
-Stages (``--stages`` picks a subset; each measurement is a fresh subprocess, see bench/sweep.py):
-  check     every method vs the fp64 oracle (ReferenceBackend(float64)) on the loss, d hidden and d weight, in fp32
-            and bf16: at a tiny shape (all methods; Triton ones -- ours and Liger's FLCE -- under
+Stages (``--stages`` picks a subset; each measurement is a fresh subprocess of ``bench.sweep``):
+  check     every method of bench/methods.py vs the fp64 oracle on the loss, d hidden and d weight, in fp32 and
+            bf16: at a tiny shape (all methods; the Triton ones -- ours and Liger's FLCE -- under
             TRITON_INTERPRET=1 on CPU) and at a bench-sized shape (the methods timed at full size). A method
             that fails is reported with its errors and never timed.
-  headline  N=2048 tokens, d=512, V=32000 (the issue's target shape), fp32 and bf16: median time, spread, peak
-            memory, GFLOP/s and x the 6NdV floor at the GEMM rate measured in the same run; target ratios.
+  headline  N=2048 tokens, d=512, V=32000, fp32 and bf16: median time, spread, peak memory, GFLOP/s and x the
+            6NdV floor at the GEMM rate measured in the same run; target ratios (``TARGETS``).
   sweeps    time and peak memory vs N, vs V and vs d (fp32; + bf16 in full mode); points whose estimated peak
-            exceeds half the free memory are skipped and listed. Full mode: a fresh process per (method, point);
-            quick mode: one fresh process per method measures all its points (start-up / compile paid once).
-  step      python -m bench.step (the trainer's end-to-end step benchmark) if bench/step.py exists.
+            exceeds ``--mem-frac`` of the free memory are skipped and listed. Full mode: a fresh process per
+            (method, point); quick mode: one fresh process per method measures all its points (start-up /
+            compile paid once).
+  step      python -m bench.step (the trainer's end-to-end step), its JSON embedded under ``step.result``.
   plan      python -m bench.plan_validate: planner prediction vs measured peak of small Llama models.
-Output: bench/results/<machine>-<date>[-quick].json, PNG plots next to it, bench/results/README_section.md.
+Output: bench/results/<machine>-<date>[-quick].json, PNG plots next to it, bench/results/README_section.md
+(``bench.report``).
 """
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench.common import RESULTS, machine_info, machine_tag, mem_available_mib, run_worker
+from bench.harness import (RESULTS, machine_info, machine_tag, mem_available_mib, run_script, run_worker,
+                           write_result)
+from bench.methods import METHOD_NAMES, OURS, TRITON, full_size_names
+from bench.report import latest_result, report
+from bench.sweep import est_peak_mib
 
-ROOT = Path(__file__).resolve().parent.parent
+#: upper bounds of the ratios ``targets`` reports for our method (time and memory vs naive, time vs the GEMM
+#: floor, time vs the fastest peer)
 TARGETS = {"time_vs_naive": 0.9, "memory_vs_naive": 0.10, "time_vs_floor": 1.15, "time_vs_best_peer": 1.0}
-CPU_FULL = ("naive", "chunked", "torch_lce", "liger_chunked", "cce")  # timed at full size on CPU
-CPU_TINY = ("triton", "triton-gemm", "liger_flce")  # Triton kernels: CPU only under the interpreter, tiny sizes
-GPU_ALL = ("naive", "chunked", "triton", "triton-gemm", "torch_lce", "liger_flce", "liger_chunked", "cce")
 
 
 def config(quick: bool, gpu: bool) -> dict:
@@ -47,7 +49,6 @@ def config(quick: bool, gpu: bool) -> dict:
             "check_mid": {"N": 512, "d": 128, "V": 4096, "seq_len": 128},
             "headline": {"N": 2048, "d": 512, "V": 32000, "dtypes": ["fp32", "bf16"]},
             "sweep_base": {"N": 512, "d": 256, "V": 8192},
-            # torch_lce's CPU path is slowest at large V / small d: 131072 cost it 8 of the 17 min of the first run
             "sweeps": {"N": [512, 2048, 4096], "V": [8192, 32768, 65536], "d": [128, 256, 512]},
             "shared_process": True,  # one process per (method, dtype) for all sweep points
             "sweep_dtypes": ["fp32"],
@@ -70,118 +71,113 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _versions() -> dict:
-    from importlib import metadata
-
-    out = {}
-    for pkg in ("simnpo-fast", "torch", "triton", "liger-kernel", "cut-cross-entropy", "transformers", "numpy"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
-def _git_rev() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or None
-    except Exception:
-        return None
+def _pool(gpu: bool) -> tuple:
+    return full_size_names("cuda" if gpu else "cpu")
 
 
 # ------------------------------------------------------------------------------------------------------------
-# stages
+# check
 # ------------------------------------------------------------------------------------------------------------
-def _pt(shape: dict) -> list[str]:
-    out = ["--N", str(shape["N"]), "--d", str(shape["d"]), "--V", str(shape["V"])]
-    if "seq_len" in shape:
-        out += ["--seq-len", str(shape["seq_len"])]
-    return out
+def _log_check(label: str, run: dict) -> None:
+    for m, res in run["results"].items():
+        err = res.get("error")
+        desc = (f"ERROR {err[:100]}" if err else
+                f"loss {res['loss']:.1e} dh {res['dhidden']:.1e} dW {res['dweight']:.1e} (max); "
+                f"dh {res['dhidden_norm']:.1e} dW {res['dweight_norm']:.1e} (norm); tol {res['tol']:.0e} "
+                f"on {res.get('criterion')}")
+        _log(f"  check {label:4s} {run['dtype']} {m:14s} {'ok  ' if res['ok'] else 'FAIL'} {desc}")
+    for m, note in run.get("unavailable", {}).items():
+        _log(f"  check {label:4s} {run['dtype']} {m:14s} n/a  {note}")
 
 
 def stage_check(cfg: dict, gpu: bool) -> dict:
     """Correctness of every method vs the fp64 oracle; returns {"runs": [...], "passed": {dtype: [methods]}}."""
-    runs = []
-    full = GPU_ALL if gpu else CPU_FULL
+    full = _pool(gpu)
     plans = [("tiny", cfg["check_tiny"], full, None), ("mid", cfg["check_mid"], full, None)]
     if not gpu:
-        plans.insert(1, ("tiny", cfg["check_tiny"], CPU_TINY, {"TRITON_INTERPRET": "1"}))
+        plans.insert(1, ("tiny", cfg["check_tiny"], TRITON, {"TRITON_INTERPRET": "1"}))
+    runs = []
     for label, shape, methods, env in plans:
         t0 = time.perf_counter()
+        shape_args = [f"--{k.replace('_', '-')}={v}" for k, v in shape.items()]
         try:
             rs = run_worker("bench.sweep", ["--check", "--dtype", "fp32,bf16", "--methods", ",".join(methods),
-                                            *_pt(shape)], env=env)["checks"]
+                                            *shape_args], env=env)["checks"]
         except Exception as e:  # the whole worker failed: every method in it fails
             rs = [{"dtype": dt, **shape, "results": {m: {"ok": False, "error": str(e)[-500:]} for m in methods},
                    "unavailable": {}} for dt in ("fp32", "bf16")]
         for r in rs:
             r.update(stage=label, interpreter=bool(env), seconds=(time.perf_counter() - t0) / len(rs))
             runs.append(r)
-            for m, res in r["results"].items():
-                err = res.get("error")
-                desc = (f"ERROR {err[:100]}" if err else
-                        f"loss {res['loss']:.1e} dh {res['dhidden']:.1e} dW {res['dweight']:.1e} (max); "
-                        f"dh {res['dhidden_norm']:.1e} dW {res['dweight_norm']:.1e} (norm); tol {res['tol']:.0e} "
-                        f"on {res.get('criterion')}")
-                _log(f"  check {label:4s} {r['dtype']} {m:14s} {'ok  ' if res['ok'] else 'FAIL'} {desc}")
-            for m, note in r.get("unavailable", {}).items():
-                _log(f"  check {label:4s} {r['dtype']} {m:14s} n/a  {note}")
+            _log_check(label, r)
     passed = {}
     for dt in ("fp32", "bf16"):
         status: dict[str, bool] = {}
-        for r in runs:
-            if r["dtype"] != dt:
-                continue
+        for r in (r for r in runs if r["dtype"] == dt):
             for m, res in r["results"].items():
                 status[m] = status.get(m, True) and bool(res.get("ok"))
         passed[dt] = sorted(m for m, ok in status.items() if ok)
     return {"runs": runs, "passed": passed}
 
 
-def _measure(method: str, N: int, d: int, V: int, dt: str, repeats: int, budget_mib: float) -> dict:
-    from bench.sweep import est_peak_mib
+# ------------------------------------------------------------------------------------------------------------
+# timing: headline and sweeps
+# ------------------------------------------------------------------------------------------------------------
+def _skipped(method: str, N: int, d: int, V: int, dt: str, budget: float) -> dict | None:
+    est = est_peak_mib(method, N, d, V, 4 if dt == "fp32" else 2)
+    if est <= budget:
+        return None
+    return {"method": method, "dtype": dt, "N": N, "d": d, "V": V,
+            "skipped": f"estimated peak {est:.0f} MiB > budget {budget:.0f} MiB"}
 
-    elt = 4 if dt == "fp32" else 2
-    est = est_peak_mib(method, N, d, V, elt)
-    base = {"method": method, "dtype": dt, "N": N, "d": d, "V": V}
-    if est > budget_mib:
-        return {**base, "skipped": f"estimated peak {est:.0f} MiB > budget {budget_mib:.0f} MiB"}
+
+def _measure(method: str, N: int, d: int, V: int, dt: str, repeats: int, budget: float) -> dict:
+    skipped = _skipped(method, N, d, V, dt, budget)
+    if skipped:
+        return skipped
     try:
-        return run_worker("bench.sweep", ["--method", method, "--dtype", dt, "--N", str(N), "--d", str(d), "--V", str(V),
-                                          "--repeats", str(repeats)])
+        return run_worker("bench.sweep", ["--method", method, "--dtype", dt, "--N", str(N), "--d", str(d),
+                                          "--V", str(V), "--repeats", str(repeats)])
     except Exception as e:
-        return {**base, "error": str(e)[-800:]}
+        return {"method": method, "dtype": dt, "N": N, "d": d, "V": V, "error": str(e)[-800:]}
+
+
+def _assemble(N: int, d: int, V: int, dt: str, gemm: dict, rows: dict) -> dict:
+    """One point of the results: the GEMM floor and every method, each with its ``x_floor``."""
+    for r in rows.values():
+        if "median_s" in r and "floor_s" in gemm:
+            r["x_floor"] = r["median_s"] / gemm["floor_s"]
+    pt = {"N": N, "d": d, "V": V, "dtype": dt, "gemm": gemm, "methods": rows}
+    _print_point(pt)
+    return pt
 
 
 def _point(methods, N, d, V, dt, cfg, budget, cache: dict) -> dict:
-    """GEMM floor + every method at one point (cached: sweeps share their base point)."""
+    """GEMM floor + every method at one point, each in its own worker (cached: sweeps share their base point)."""
     key = (N, d, V, dt)
-    if key in cache:
-        return cache[key]
-    gemm = _measure("gemm", N, d, V, dt, cfg["gemm_repeats"], budget)
-    rows = {}
-    for m in methods:
-        r = _measure(m, N, d, V, dt, cfg["repeats"], budget)
-        if "median_s" in r and "floor_s" in gemm:
-            r["x_floor"] = r["median_s"] / gemm["floor_s"]
-        rows[m] = r
+    if key not in cache:
+        gemm = _measure("gemm", N, d, V, dt, cfg["gemm_repeats"], budget)
+        rows = {m: _measure(m, N, d, V, dt, cfg["repeats"], budget) for m in methods}
+        cache[key] = _assemble(N, d, V, dt, gemm, rows)
+    return cache[key]
+
+
+def _print_point(pt) -> None:
+    where = f"  {pt['dtype']} N={pt['N']:<6d} d={pt['d']:<5d} V={pt['V']:<7d}"
+    for m, r in pt["methods"].items():
         if "median_s" in r:
-            _log(f"  {dt} N={N:<6d} d={d:<5d} V={V:<7d} {m:14s} {r['median_s']*1e3:9.1f} ms "
-                 f"(spread {r['spread']*100:4.1f}%)  peak +{r['peak_extra_mib']:8.1f} MiB  {r['gflops']:7.1f} GFLOP/s"
+            _log(f"{where} {m:14s} {r['median_s']*1e3:9.1f} ms (spread {r['spread']*100:4.1f}%)  "
+                 f"peak +{r['peak_extra_mib']:8.1f} MiB  {r['gflops']:7.1f} GFLOP/s"
                  + (f"  {r['x_floor']:.2f}x floor" if "x_floor" in r else ""))
         else:
-            _log(f"  {dt} N={N:<6d} d={d:<5d} V={V:<7d} {m:14s} {r.get('skipped') or 'ERROR ' + r.get('error', '')[-200:]}")
-    if "floor_s" in gemm:
-        _log(f"  {dt} N={N:<6d} d={d:<5d} V={V:<7d} {'6NdV floor':14s} {gemm['floor_s']*1e3:9.1f} ms  "
-             f"(GEMM {gemm['gemm_gflops']:.1f} GFLOP/s)")
-    out = {"N": N, "d": d, "V": V, "dtype": dt, "gemm": gemm, "methods": rows}
-    cache[key] = out
-    return out
+            _log(f"{where} {m:14s} {r.get('skipped') or 'ERROR ' + r.get('error', '')[-200:]}")
+    g = pt.get("gemm", {})
+    if "floor_s" in g:
+        _log(f"{where} {'6NdV floor':14s} {g['floor_s']*1e3:9.1f} ms  (GEMM {g['gemm_gflops']:.1f} GFLOP/s)")
 
 
 def targets(point: dict, ours: str) -> dict:
-    """The issue's target ratios for ``ours`` at one point (None where a side is missing)."""
+    """The target ratios for ``ours`` at one point (absent where a side is missing) and which are ``met``."""
     ms = point["methods"]
     o, naive = ms.get(ours, {}), ms.get("naive", {})
     gemm = point.get("gemm", {})
@@ -193,7 +189,7 @@ def targets(point: dict, ours: str) -> dict:
         out["memory_vs_naive"] = o["peak_extra_mib"] / naive["peak_extra_mib"]
     if "floor_s" in gemm:
         out["time_vs_floor"] = o["median_s"] / gemm["floor_s"]
-    peers = {m: r["median_s"] for m, r in ms.items() if r.get("median_s") and m not in ("naive", "chunked", "triton", "triton-gemm")}
+    peers = {m: r["median_s"] for m, r in ms.items() if r.get("median_s") and m not in OURS}
     if peers:
         best = min(peers, key=peers.get)
         out["best_peer"] = best
@@ -203,160 +199,99 @@ def targets(point: dict, ours: str) -> dict:
     return out
 
 
-def stage_timing(cfg: dict, passed: dict, gpu: bool, budget: float, cache: dict) -> tuple[list, list]:
-    ours = "triton" if gpu else "chunked"
-    pool = GPU_ALL if gpu else CPU_FULL
-    head = cfg["headline"]
-    headline = []
+def stage_headline(cfg: dict, passed: dict, gpu: bool, budget: float, cache: dict) -> list:
+    head, headline = cfg["headline"], []
     for dt in head["dtypes"]:
-        methods = [m for m in pool if m in passed.get(dt, [])]
+        methods = [m for m in _pool(gpu) if m in passed.get(dt, [])]
         _log(f"\n[headline] {dt}: {', '.join(methods)}")
         pt = _point(methods, head["N"], head["d"], head["V"], dt, cfg, budget, cache)
-        pt["targets"] = targets(pt, ours)
+        pt["targets"] = targets(pt, "triton" if gpu else "chunked")
         headline.append(pt)
-    return headline, [m for m in pool]
+    return headline
+
+
+def _shape(point: dict) -> tuple:
+    return point["N"], point["d"], point["V"]
+
+
+def _shared_process_points(cfg, methods, dt, budget, cache) -> None:
+    """Quick mode: one process per method measures every sweep point (start-up / compile paid once)."""
+    base = cfg["sweep_base"]
+    shapes = sorted({_shape({**base, ax: v}) for ax, vs in cfg["sweeps"].items() for v in vs},
+                    key=lambda s: s[0] * s[1] * s[2])
+    results: dict = {}
+    for m in ["gemm", *methods]:
+        fits = [s for s in shapes if not _skipped(m, *s, dt, budget)]
+        t0 = time.perf_counter()
+        try:
+            rs = run_worker("bench.sweep", ["--method", m, "--dtype", dt, "--repeats",
+                                            str(cfg["gemm_repeats"] if m == "gemm" else cfg["repeats"]),
+                                            "--points", ",".join(f"{N}:{d}:{V}" for N, d, V in fits)])["points"]
+        except Exception as e:
+            rs = [{"method": m, "dtype": dt, "N": N, "d": d, "V": V, "error": str(e)[-800:]} for N, d, V in fits]
+        _log(f"  {dt} {m:14s} {len(fits)} points in one process: {time.perf_counter() - t0:.0f} s")
+        results.update({(r["N"], r["d"], r["V"], m): r for r in rs})
+        results.update({(*s, m): _skipped(m, *s, dt, budget) for s in shapes if s not in fits})
+    for N, d, V in shapes:
+        if (N, d, V, dt) not in cache:
+            rows = {m: results.get((N, d, V, m), {"error": "missing"}) for m in methods}
+            cache[(N, d, V, dt)] = _assemble(N, d, V, dt, results.get((N, d, V, "gemm"), {}), rows)
 
 
 def stage_sweeps(cfg: dict, passed: dict, gpu: bool, budget: float, cache: dict) -> list:
-    pool = GPU_ALL if gpu else CPU_FULL
-    base = cfg["sweep_base"]
-    if cfg.get("shared_process"):
-        _prefill(cfg, pool, passed, budget, cache)
-    out = []
+    base, out = cfg["sweep_base"], []
     for dt in cfg["sweep_dtypes"]:
-        methods = [m for m in pool if m in passed.get(dt, [])]
+        methods = [m for m in _pool(gpu) if m in passed.get(dt, [])]
+        if cfg.get("shared_process"):
+            _shared_process_points(cfg, methods, dt, budget, cache)
         for axis, values in cfg["sweeps"].items():
             _log(f"\n[sweep {axis}] {dt} (base N={base['N']} d={base['d']} V={base['V']})")
-            pts = []
-            for v in values:
-                shape = {**base, axis: v}
-                pts.append(_point(methods, shape["N"], shape["d"], shape["V"], dt, cfg, budget, cache))
+            pts = [_point(methods, *_shape({**base, axis: v}), dt, cfg, budget, cache) for v in values]
             out.append({"axis": axis, "dtype": dt, "base": base, "points": pts})
     return out
 
 
-def _prefill(cfg, pool, passed, budget, cache) -> None:
-    """Quick mode: one process per (method, dtype) measures every sweep point (start-up / compile paid once)."""
-    from bench.sweep import est_peak_mib
-
-    base = cfg["sweep_base"]
-    shapes = sorted({tuple({**base, ax: v}[k] for k in ("N", "d", "V")) for ax, vs in cfg["sweeps"].items() for v in vs},
-                    key=lambda s: s[0] * s[1] * s[2])
-    for dt in cfg["sweep_dtypes"]:
-        elt = 4 if dt == "fp32" else 2
-        results: dict = {}
-        for m in ["gemm"] + [m for m in pool if m in passed.get(dt, [])]:
-            ok = [s for s in shapes if est_peak_mib(m, *s, elt) <= budget]
-            t0 = time.perf_counter()
-            try:
-                rs = run_worker("bench.sweep", ["--method", m, "--dtype", dt, "--repeats",
-                                                str(cfg["gemm_repeats"] if m == "gemm" else cfg["repeats"]),
-                                                "--points", ",".join(f"{N}:{d}:{V}" for N, d, V in ok)])["points"]
-            except Exception as e:
-                rs = [{"method": m, "dtype": dt, "N": N, "d": d, "V": V, "error": str(e)[-800:]} for N, d, V in ok]
-            _log(f"  {dt} {m:14s} {len(ok)} points in one process: {time.perf_counter() - t0:.0f} s")
-            for r in rs:
-                results[(r["N"], r["d"], r["V"], m)] = r
-            for s in shapes:
-                if s not in ok:
-                    results[(*s, m)] = {"method": m, "dtype": dt, "N": s[0], "d": s[1], "V": s[2],
-                                        "skipped": f"estimated peak {est_peak_mib(m, *s, elt):.0f} MiB > budget"}
-        for N, d, V in shapes:
-            if (N, d, V, dt) in cache:
-                continue
-            gemm = results.get((N, d, V, "gemm"), {})
-            rows = {}
-            for m in [m for m in pool if m in passed.get(dt, [])]:
-                r = results.get((N, d, V, m), {"error": "missing"})
-                if "median_s" in r and "floor_s" in gemm:
-                    r["x_floor"] = r["median_s"] / gemm["floor_s"]
-                rows[m] = r
-            cache[(N, d, V, dt)] = {"N": N, "d": d, "V": V, "dtype": dt, "gemm": gemm, "methods": rows}
-            _print_point(cache[(N, d, V, dt)])
-
-
-def _print_point(pt) -> None:
-    N, d, V, dt = pt["N"], pt["d"], pt["V"], pt["dtype"]
-    for m, r in pt["methods"].items():
-        if "median_s" in r:
-            _log(f"  {dt} N={N:<6d} d={d:<5d} V={V:<7d} {m:14s} {r['median_s']*1e3:9.1f} ms "
-                 f"(spread {r['spread']*100:4.1f}%)  peak +{r['peak_extra_mib']:8.1f} MiB  {r['gflops']:7.1f} GFLOP/s"
-                 + (f"  {r['x_floor']:.2f}x floor" if "x_floor" in r else ""))
-        else:
-            _log(f"  {dt} N={N:<6d} d={d:<5d} V={V:<7d} {m:14s} {r.get('skipped') or 'ERROR ' + r.get('error', '')[-200:]}")
-    g = pt.get("gemm", {})
-    if "floor_s" in g:
-        _log(f"  {dt} N={N:<6d} d={d:<5d} V={V:<7d} {'6NdV floor':14s} {g['floor_s']*1e3:9.1f} ms  "
-             f"(GEMM {g['gemm_gflops']:.1f} GFLOP/s)")
-
-
-def stage_step(quick: bool, out_dir: Path) -> dict:
-    path = ROOT / "bench" / "step.py"
-    if not path.exists():
-        return {"skipped": "bench/step.py not present (the trainer's step benchmark has not landed)"}
-    helptext = subprocess.run([sys.executable, "-m", "bench.step", "--help"], cwd=ROOT, capture_output=True,
-                              text=True, timeout=300).stdout
-    args = []
-    if quick and "--quick" in helptext:
-        args.append("--quick")
-    # its own folder: bench/step.py's committed results in bench/results must not be overwritten by the suite;
-    # the suite JSON embeds the step result
-    step_dir = Path(tempfile.mkdtemp(prefix="suite-step-"))
-    if "--out" in helptext:
-        args += ["--out", str(step_dir)]
-    t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "bench.step", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=3600)
-    res = {"command": "python -m bench.step " + " ".join(args), "returncode": proc.returncode,
-           "stdout_tail": proc.stdout[-3000:], "seconds": time.time() - t0}
-    if proc.returncode != 0:
-        res["stderr_tail"] = proc.stderr[-3000:]
-    fresh = [p for p in step_dir.glob("step*.json") if p.stat().st_mtime >= t0 - 1]
-    if fresh:
-        newest = max(fresh, key=lambda p: p.stat().st_mtime)
-        res["json_path"] = str(newest)
-        res["result"] = json.loads(newest.read_text())
-    return res
+# ------------------------------------------------------------------------------------------------------------
+# whole benchmarks: step and plan
+# ------------------------------------------------------------------------------------------------------------
+def stage_step() -> dict:
+    """``python -m bench.step`` into a temporary folder (the committed step results are not touched)."""
+    record, result = run_script("bench.step", [], Path(tempfile.mkdtemp(prefix="suite-step-")))
+    return dict(record, result=result) if result else record
 
 
 def stage_plan(cfg: dict, out_dir: Path) -> dict:
-    t0 = time.time()
-    cmd = [sys.executable, "-m", "bench.plan_validate", *cfg["plan_args"], "--out", str(out_dir)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=3600)
-    _log(proc.stdout[-4000:])
-    if proc.returncode != 0:
-        return {"error": proc.stderr[-3000:], "command": " ".join(cmd[1:])}
-    fresh = [p for p in out_dir.glob("plan_validate*.json") if p.stat().st_mtime >= t0 - 1]
-    if not fresh:
-        return {"error": "plan_validate wrote no JSON"}
-    return json.loads(max(fresh, key=lambda p: p.stat().st_mtime).read_text())
+    record, result = run_script("bench.plan_validate", cfg["plan_args"], out_dir)
+    _log(record["stdout_tail"][-4000:])
+    if record["returncode"] != 0:
+        return {"error": record.get("stderr_tail", ""), "command": record["command"]}
+    return result or {"error": "plan_validate wrote no JSON"}
 
 
 # ------------------------------------------------------------------------------------------------------------
-def latest_result(out_dir: Path) -> Path | None:
-    cands = [p for p in out_dir.glob("*.json") if _is_suite_json(p)]
-    return max(cands, key=lambda p: p.stat().st_mtime) if cands else None
-
-
-def _is_suite_json(p: Path) -> bool:
-    try:
-        return json.loads(p.read_text()).get("benchmark") == "suite"
-    except Exception:
-        return False
-
-
-def report(path: Path, out_dir: Path) -> list[Path]:
-    from bench.plots import make_plots, readme_section
-
-    data = json.loads(path.read_text())
-    pngs = make_plots(data, out_dir, stem=path.stem)
-    md = readme_section(data, path, pngs, out_dir)
-    md_path = out_dir / "README_section.md"
-    md_path.write_text(md)
-    _log(f"wrote {md_path}")
-    for p in pngs:
-        _log(f"wrote {p}")
-    return [md_path, *pngs]
+def run_stages(args, stages: set, out_dir: Path, gpu: bool, budget: float) -> dict:
+    cfg = config(args.quick, gpu)
+    out: dict = {"quick": args.quick, "config": cfg, "targets_max": TARGETS}
+    cache: dict = {}
+    passed = {"fp32": list(_pool(gpu)), "bf16": list(_pool(gpu))}
+    if "check" in stages:
+        _log("\n[check] every method vs the fp64 oracle")
+        out["check"] = stage_check(cfg, gpu)
+        passed = out["check"]["passed"]
+        every = METHOD_NAMES if gpu else _pool(gpu) + TRITON
+        out["not_timed"] = {dt: sorted(set(every) - set(passed[dt])) for dt in passed}
+    if "headline" in stages:
+        out["headline"] = stage_headline(cfg, passed, gpu, budget, cache)
+    if "sweeps" in stages:
+        out["sweeps"] = stage_sweeps(cfg, passed, gpu, budget, cache)
+    if "step" in stages:
+        _log("\n[step]")
+        out["step"] = stage_step()
+        _log(json.dumps({k: v for k, v in out["step"].items() if k not in ("result", "stdout_tail")})[:600])
+    if "plan" in stages:
+        _log("\n[plan] planner vs measured peak memory")
+        out["plan"] = stage_plan(cfg, out_dir)
+    return out
 
 
 def main(argv=None) -> int:
@@ -382,39 +317,16 @@ def main(argv=None) -> int:
     import torch
 
     gpu = torch.cuda.is_available()
-    cfg = config(args.quick, gpu)
-    stages = set(args.stages.split(","))
     budget = mem_available_mib() * args.mem_frac
     t_start = time.time()
     argv_str = " ".join(argv if argv is not None else sys.argv[1:])
-    payload = {"benchmark": "suite", "command": f"python -m bench.suite {argv_str}".strip(),
-               "machine": {**machine_info(), "machine_tag": machine_tag(), "git": _git_rev(), "versions": _versions(),
-                           "mem_budget_mib": budget},
-               "quick": args.quick, "config": cfg, "targets_max": TARGETS}
-    _log(f"machine: {payload['machine']['cpu']} x{payload['machine']['cores']}"
-         f"{' + ' + payload['machine'].get('gpu', '') if gpu else ''}; memory budget {budget:.0f} MiB")
-    cache: dict = {}
-    passed = {"fp32": list(GPU_ALL if gpu else CPU_FULL), "bf16": list(GPU_ALL if gpu else CPU_FULL)}
-    if "check" in stages:
-        _log("\n[check] every method vs the fp64 oracle")
-        payload["check"] = stage_check(cfg, gpu)
-        passed = payload["check"]["passed"]
-        payload["not_timed"] = {dt: sorted(set(GPU_ALL if gpu else CPU_FULL + CPU_TINY) - set(passed[dt])) for dt in passed}
-    if "headline" in stages:
-        payload["headline"], _ = stage_timing(cfg, passed, gpu, budget, cache)
-    if "sweeps" in stages:
-        payload["sweeps"] = stage_sweeps(cfg, passed, gpu, budget, cache)
-    if "step" in stages:
-        _log("\n[step]")
-        payload["step"] = stage_step(args.quick, out_dir)
-        _log(json.dumps({k: v for k, v in payload["step"].items() if k not in ("result", "stdout_tail")})[:600])
-    if "plan" in stages:
-        _log("\n[plan] planner vs measured peak memory")
-        payload["plan"] = stage_plan(cfg, out_dir)
+    machine = {**machine_info(), "machine_tag": machine_tag(), "mem_budget_mib": budget}
+    _log(f"machine: {machine['cpu']} x{machine['cores']}{' + ' + machine.get('gpu', '') if gpu else ''}; "
+         f"memory budget {budget:.0f} MiB")
+    payload = {"benchmark": "suite", "command": f"python -m bench.suite {argv_str}".strip(), "machine": machine,
+               **run_stages(args, set(args.stages.split(",")), out_dir, gpu, budget)}
     payload["seconds"] = time.time() - t_start
-    day = _dt.date.today().isoformat()
-    path = out_dir / f"{machine_tag()}-{day}{'-quick' if args.quick else ''}.json"
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    path = write_result("", payload, out_dir, suffix="-quick" if args.quick else "")
     _log(f"\nwrote {path} ({payload['seconds'] / 60:.1f} min)")
     for h in payload.get("headline", []):
         t = h.get("targets", {})

@@ -15,7 +15,7 @@ import argparse
 
 import torch
 
-from bench.common import median_time
+from bench.harness import median_time
 
 
 def _t(fn, n=7) -> float:

@@ -1,10 +1,11 @@
-"""The benchmark's peer wrappers compute SimNPO like the fp64 oracle (tiny sizes; no timing)."""
+"""The benchmark's method table computes SimNPO like the fp64 oracle, and the oracle check catches a method that
+does not (tiny sizes; no timing)."""
 import pytest
 import torch
 
-pytest.importorskip("bench.peers")
-from bench import peers  # noqa: E402
-from simnpo_fast._batch import lm_batch  # noqa: E402
+from bench.harness import check_method, lm_inputs
+from bench.methods import make_method, simnpo_from_token_ce
+from simnpo_fast._batch import lm_batch
 
 
 @pytest.fixture(scope="module")
@@ -14,19 +15,29 @@ def batch():
 
 @pytest.mark.parametrize("name", ["naive", "chunked", "torch_lce", "cce", "liger_chunked"])
 def test_method_matches_oracle_fp32(name, batch):
-    m = peers.make_method(name, "cpu")
+    m = make_method(name, "cpu")
     if m.fn is None:
         pytest.skip(m.note)
-    r = peers.check_method(m.fn, *batch)
+    r = check_method(m.fn, *batch)
     assert r["ok"], r
 
 
 def test_wrong_method_is_caught(batch):
     """A peer that computes something else (token-mean CE instead of SimNPO) fails the check."""
-    wrong = peers.simnpo_from_token_ce(lambda x, w, t: torch.nn.functional.cross_entropy(x @ w.T, t, reduction="none") * 2)
-    assert not peers.check_method(wrong, *batch)["ok"]
+    wrong = simnpo_from_token_ce(lambda x, w, t: torch.nn.functional.cross_entropy(x @ w.T, t, reduction="none") * 2)
+    assert not check_method(wrong, *batch)["ok"]
+
+
+def test_bf16_check_judges_gradients_by_norm():
+    """bf16: the naive path passes on the norm criterion at a bench-like logit scale; a 10% error fails."""
+    h, w, lab = lm_inputs(64, 48, 300, torch.bfloat16, seq_len=16, seed=1)
+    naive = make_method("naive").fn
+    r = check_method(naive, h, w, lab)
+    assert r["ok"] and r["criterion"] == "norm", r
+    assert not check_method(lambda *a: 1.1 * naive(*a), h, w, lab)["ok"]
 
 
 def test_unavailable_triton_on_cpu_without_interpreter():
-    assert peers.make_method("triton", "cpu", interpreter=False).fn is None
-    assert peers.make_method("liger_flce", "cpu", interpreter=False).fn is None
+    for name in ("triton", "triton-gemm", "liger_flce"):
+        m = make_method(name, "cpu", interpreter=False)
+        assert m.fn is None and "CUDA" in m.note

@@ -1,10 +1,10 @@
-"""Suite bookkeeping on synthetic results: target ratios, plots and README section (fast, no timing)."""
+"""Suite bookkeeping on synthetic results: target ratios, plots and README section, result files (fast, no timing)."""
 import json
 
 import pytest
 
 pytest.importorskip("matplotlib")
-from bench import suite  # noqa: E402
+from bench import harness, report, suite  # noqa: E402
 
 
 def _r(method, t, mem):
@@ -42,15 +42,33 @@ def test_plots_and_readme(tmp_path):
             "headline": [head],
             "sweeps": [{"axis": "N", "dtype": "fp32", "base": {"N": 512, "d": 256, "V": 8192},
                         "points": [_point(n, 256, 8192, scale=n / 512) for n in (512, 1024, 2048)]}],
-            "step": {"skipped": "bench/step.py not present"},
+            "step": {"command": "python -m bench.step", "returncode": 1, "stdout_tail": ""},
             "plan": {"rows": [{"name": "m", "params": 1e6, "loss": "fused", "seq": 8, "batch": 2,
                                "predicted_mib": 10.0, "measured_mib": 11.0, "error": -1 / 11}]}}
     path = tmp_path / "cpu2-2026-01-01-quick.json"
     path.write_text(json.dumps(data))
-    written = suite.report(path, tmp_path)
+    written = report.report(path, tmp_path)
     md = (tmp_path / "README_section.md").read_text()
     assert (tmp_path / "cpu2-2026-01-01-quick-N-fp32.png").stat().st_size > 1000
     assert "| chunked |" in md and "0.50x" in md and "quick mode" in md and "-9.1%" in md
     assert "time vs naive 0.50 (target <= 0.9: met)" in md
+    assert "`python -m bench.step` (exit 1)" in md
     assert len(written) == 2
-    assert suite.latest_result(tmp_path) == path
+    assert report.latest_result(tmp_path) == path
+
+
+def test_results_are_never_overwritten(tmp_path):
+    first = harness.write_result("loss", {"n": 1}, tmp_path)
+    second = harness.write_result("loss", {"n": 2}, tmp_path)
+    assert first != second and second.name == first.stem + "-2.json"
+    assert json.loads(first.read_text()) == {"n": 1} and json.loads(second.read_text()) == {"n": 2}
+
+
+def test_machine_info_records_cpu_model_and_simd_flags():
+    info = harness.machine_info()
+    model, flags = harness.cpu_model_and_flags()
+    assert info["cpu"] == model and info["cpu_flags"] == flags
+    with open("/proc/cpuinfo") as fh:
+        text = fh.read()
+    for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16"):
+        assert (flag in flags) == (f" {flag} " in text.replace("\n", " ") + " "), flag
