@@ -6,21 +6,31 @@ Notation: ``x [M, d]`` hidden rows, ``w [V, d]`` LM-head weight, optional ``b [V
 ``d_logits_t = g_t (onehot(y_t) - softmax(z_t))`` (zero for an ignored row), ``dx = d_logits @ w``,
 ``dw = d_logits^T @ x``, ``db = sum_t d_logits_t``. No ``[M, V]`` tensor is ever written to memory.
 
+The target term (see ``simnpo_fast/backends/base.py``): the forward's online log-sum-exp runs over the
+*other* columns (``lo_t = logsumexp_{v != y_t} z_tv``) and ``lp_t = -softplus(lo_t - z_t[y_t])`` is formed from
+it, so ``lp_t`` and ``1 - p_t`` keep their relative accuracy as ``p_t -> 1``. The backward writes
+``d_logits_t = r_t (q_t - onehot(y_t))`` with ``q_tv = exp(z_tv - lo_t)`` (the distribution of the other
+tokens, O(1) entries however peaked the row) and the per-row factor ``r_t = -g_t (1 - p_t)`` applied in fp32
+after the product (dx) or, divided by one power of two for the whole call, before it (dw): a 16-bit dot
+operand never holds ``g_t p_tv`` itself, which underflows fp16 for a memorised row or a saturated weight.
+
 Kernels
 -------
 ``_fwd_kernel``      grid ``(cdiv(M, BLOCK_M), SPLIT_V)``. A program owns ``BLOCK_M`` rows and a contiguous
                      range of vocabulary tiles. For every ``[BLOCK_M, BLOCK_V]`` logits tile (``tl.dot`` over
                      ``BLOCK_D`` slices of ``d``, fp32 accumulator, bias added in fp32) it updates an online
-                     logsumexp (running max / rescaled running sum) and picks up the target logit. It writes
-                     three partials per row and split (max, sum, target logit): ``3 * SPLIT_V * M`` floats.
-``_combine_kernel``  grid ``(cdiv(M, BLOCK),)``: merges the ``SPLIT_V`` partials -> ``lse``, ``lp`` (O(M)).
+                     logsumexp of the non-target columns (running max / rescaled running sum) and picks up
+                     the target logit. It writes three partials per row and split (max, sum, target logit):
+                     ``3 * SPLIT_V * M`` floats.
+``_combine_kernel``  grid ``(cdiv(M, BLOCK),)``: merges the ``SPLIT_V`` partials -> ``lo``, ``zt`` (O(M)); the
+                     launcher turns them into ``lp`` and ``lse`` (a few O(M) torch ops).
 ``_seq_sum_kernel``  grid ``(S,)``: per-sequence ``logp_sum`` and ``n_tokens`` over CSR row offsets
                      (deterministic, no atomics).
 ``_bwd_dx_kernel``   grid ``(cdiv(M, BLOCK_M), SPLIT_V)``: a program owns ``BLOCK_M`` rows of ``dx``; it
-                     recomputes each logits tile of its vocabulary range, turns it into ``d_logits`` with the
-                     saved ``lse`` (``p = exp(z - lse)``, no second reduction) and the per-token scale ``g``,
-                     and adds ``d_logits @ w[tile]`` into its rows of ``dx`` (fp32, in global memory: the
-                     ``[BLOCK_M, d]`` accumulator does not fit registers for d = 4096).
+                     recomputes each logits tile of its vocabulary range, turns it into ``q - onehot`` with
+                     the saved ``lo`` (no second reduction), and adds ``r * ((q - onehot) @ w[tile])`` into its
+                     rows of ``dx`` (fp32, in global memory: the ``[BLOCK_M, d]`` accumulator does not fit
+                     registers for d = 4096).
 ``_bwd_dw_kernel``   grid ``(cdiv(V, BLOCK_V), SPLIT_M)``: a program owns ``BLOCK_V`` rows of ``dw`` (and of
                      ``db``); it loops over token tiles, recomputes the logits tile, and adds
                      ``d_logits^T @ x[tile]`` into its rows of ``dw``.
@@ -42,13 +52,16 @@ Generic path with dx and dw: **10 MdV** (8 MdV in the backward). The chunked GEM
 the generic path and 6 MdV for scalar losses; a tiled recompute design cannot reach 6 MdV without
 materialising ``d_logits`` (see ``simnpo_fast/backends/triton.py`` for the GEMM + Triton-epilogue variant).
 
+The backward needs the forward's ``lse`` *and* ``lp`` (``lo = lse + log(1 - p_t)``, ``1 - p_t = -expm1(lp)``).
+
 Precision
 ---------
 Every load is cast to fp32 right away (``.to(tl.float32)``; bf16 arithmetic is wrong in the interpreter),
 all accumulators are fp32. The operands of ``tl.dot`` are then cast to ``DOT_DTYPE``: on a GPU with
 bf16/fp16 inputs that is the input dtype (a lossless round trip for the loaded values, tensor-core rate;
-``d_logits`` is rounded to it before the two gradient products, like every GEMM-based implementation);
-under the interpreter and for fp32 inputs it is fp32 (``IEEE=True`` unless torch allows TF32 matmuls).
+the normalised ``q - onehot`` (times ``r / 2^k`` in the dw kernel) is rounded to it before the two gradient
+products, like every GEMM-based implementation); under the interpreter and for fp32 inputs it is fp32
+(``IEEE=True`` unless torch allows TF32 matmuls).
 """
 from __future__ import annotations
 
@@ -58,6 +71,8 @@ from typing import Optional, Sequence
 import torch
 import triton
 import triton.language as tl
+
+from simnpo_fast.backends.base import other_lse, target_terms
 
 #: whether this module was imported under the Triton interpreter (the jit functions are bound at import).
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -94,12 +109,12 @@ def _logits_tile(x_ptr, w_ptr, b_ptr, offs_m, offs_v, M, V, D, sxm, sxk, swv, sw
 
 
 @triton.jit
-def _dlogits_tile(z, tgt, lse, g, row_ok, offs_v, V):
-    """``g (onehot - exp(z - lse))`` with rows ``~row_ok`` and columns ``>= V`` set to exactly 0."""
-    p = tl.exp(z - lse[:, None])
-    onehot = tl.where(offs_v[None, :] == tgt[:, None], 1.0, 0.0)
-    dz = g[:, None] * (onehot - p)
-    return tl.where(row_ok[:, None] & (offs_v < V)[None, :], dz, 0.0)
+def _qtile(z, tgt, lo, row_ok, offs_v, V):
+    """``q - onehot``: ``exp(z - lo)`` off the target column, -1 on it; rows ``~row_ok`` and columns ``>= V``
+    exactly 0 (``lo = +inf`` gives a zero ``q``)."""
+    q = tl.exp(z - lo[:, None])
+    t = tl.where(offs_v[None, :] == tgt[:, None], -1.0, q)
+    return tl.where(row_ok[:, None] & (offs_v < V)[None, :], t, 0.0)
 
 
 @triton.jit
@@ -134,12 +149,14 @@ def _fwd_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, part_ptr, M, V, D, sxm, sxk, swv, 
         offs_v = t * BLOCK_V + tl.arange(0, BLOCK_V)
         z = _logits_tile(x_ptr, w_ptr, b_ptr, offs_m, offs_v, M, V, D, sxm, sxk, swv, swk,
                          HAS_BIAS, DOT_DTYPE, IEEE, BLOCK_M, BLOCK_V, BLOCK_D)
-        z = tl.where((offs_v < V)[None, :], z, float("-inf"))
-        # every tile in [t0, t1) has >= 1 valid column, so new_max is finite and no inf - inf occurs
+        is_t = offs_v[None, :] == tgt[:, None]
+        z_tgt += tl.sum(tl.where(is_t, z, 0.0), axis=1)
+        # the log-sum-exp runs over the other columns; a row may see none yet (max -inf): offset 0 then
+        z = tl.where((offs_v < V)[None, :] & ~is_t, z, float("-inf"))
         new_max = tl.maximum(run_max, tl.max(z, axis=1))
-        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
+        off = tl.where(new_max == float("-inf"), 0.0, new_max)
+        run_sum = run_sum * tl.exp(run_max - off) + tl.sum(tl.exp(z - off[:, None]), axis=1)
         run_max = new_max
-        z_tgt += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), axis=1)
     base = part_ptr + pid_s * M + offs_m
     tl.store(base, run_max, mask=m_ok)
     tl.store(base + n_split * M, run_sum, mask=m_ok)
@@ -147,25 +164,25 @@ def _fwd_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, part_ptr, M, V, D, sxm, sxk, swv, 
 
 
 @triton.jit
-def _combine_kernel(part_ptr, tgt_ptr, lp_ptr, lse_ptr, M, ignore_index,
+def _combine_kernel(part_ptr, tgt_ptr, lo_ptr, zt_ptr, M, ignore_index,
                     N_SPLIT: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < M
     mx = tl.full((BLOCK,), float("-inf"), tl.float32)
     for s in tl.static_range(N_SPLIT):
         mx = tl.maximum(mx, tl.load(part_ptr + s * M + offs, mask=ok, other=0.0))
+    off = tl.where(mx == float("-inf"), 0.0, mx)  # no other column at all (V = 1): lo = -inf below
     tot = tl.zeros((BLOCK,), tl.float32)
     z_tgt = tl.zeros((BLOCK,), tl.float32)
     for s in tl.static_range(N_SPLIT):
         m_s = tl.load(part_ptr + s * M + offs, mask=ok, other=0.0)
         s_s = tl.load(part_ptr + (N_SPLIT + s) * M + offs, mask=ok, other=0.0)
-        tot += s_s * tl.exp(m_s - mx)  # an empty split has m_s = -inf, s_s = 0 -> adds 0
+        tot += s_s * tl.exp(m_s - off)  # an empty split has m_s = -inf, s_s = 0 -> adds 0
         z_tgt += tl.load(part_ptr + (2 * N_SPLIT + s) * M + offs, mask=ok, other=0.0)
-    lse = mx + tl.log(tl.where(ok, tot, 1.0))  # masked lanes: avoid log(0)
+    lo = tl.where(tot > 0, off + tl.log(tl.where(tot > 0, tot, 1.0)), float("-inf"))
     tgt = tl.load(tgt_ptr + offs, mask=ok, other=ignore_index)
-    lp = tl.where(tgt != ignore_index, z_tgt - lse, 0.0)
-    tl.store(lse_ptr + offs, lse, mask=ok)
-    tl.store(lp_ptr + offs, lp, mask=ok)
+    tl.store(lo_ptr + offs, lo, mask=ok)
+    tl.store(zt_ptr + offs, tl.where(tgt != ignore_index, z_tgt, 0.0), mask=ok)
 
 
 @triton.jit
@@ -190,7 +207,7 @@ def _seq_sum_kernel(lp_ptr, tgt_ptr, off_ptr, out_ptr, cnt_ptr, ignore_index, BL
 # backward
 # ------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _bwd_dx_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, dx_ptr, M, V, D, sxm, sxk, swv, swk,
+def _bwd_dx_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, lo_ptr, r_ptr, dx_ptr, M, V, D, sxm, sxk, swv, swk,
                    tiles_per_split, ignore_index,
                    HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, ATOMIC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -200,8 +217,8 @@ def _bwd_dx_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, dx_ptr, M, V, D
     m_ok = offs_m < M
     tgt = tl.load(tgt_ptr + offs_m, mask=m_ok, other=ignore_index)
     row_ok = m_ok & (tgt != ignore_index)
-    lse = tl.load(lse_ptr + offs_m, mask=row_ok, other=float("inf"))  # p = 0 on masked rows
-    g = tl.load(g_ptr + offs_m, mask=row_ok, other=0.0).to(tl.float32)
+    lo = tl.load(lo_ptr + offs_m, mask=row_ok, other=float("inf"))  # q = 0 on masked rows
+    r = tl.load(r_ptr + offs_m, mask=row_ok, other=0.0).to(tl.float32)
     offs_d = tl.arange(0, BLOCK_D)
     dx_rows = dx_ptr + offs_m.to(tl.int64)[:, None] * D
     t0 = pid_s * tiles_per_split
@@ -211,13 +228,13 @@ def _bwd_dx_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, dx_ptr, M, V, D
         v_ok = offs_v < V
         z = _logits_tile(x_ptr, w_ptr, b_ptr, offs_m, offs_v, M, V, D, sxm, sxk, swv, swk,
                          HAS_BIAS, DOT_DTYPE, IEEE, BLOCK_M, BLOCK_V, BLOCK_D)
-        dz = _dlogits_tile(z, tgt, lse, g, row_ok, offs_v, V).to(DOT_DTYPE)
+        dz = _qtile(z, tgt, lo, row_ok, offs_v, V).to(DOT_DTYPE)
         w_rows = w_ptr + offs_v.to(tl.int64)[:, None] * swv
         for k0 in range(0, D, BLOCK_D):
             dk = k0 + offs_d
             d_ok = dk < D
             wt = tl.load(w_rows + dk[None, :] * swk, mask=v_ok[:, None] & d_ok[None, :], other=0.0)
-            upd = _dot_acc(dz, wt.to(tl.float32).to(DOT_DTYPE), IEEE)  # [BLOCK_M, BLOCK_D]
+            upd = _dot_acc(dz, wt.to(tl.float32).to(DOT_DTYPE), IEEE) * r[:, None]  # [BLOCK_M, BLOCK_D], fp32
             ptrs = dx_rows + dk[None, :]
             msk = m_ok[:, None] & d_ok[None, :]
             if ATOMIC:
@@ -227,8 +244,8 @@ def _bwd_dx_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, dx_ptr, M, V, D
 
 
 @triton.jit
-def _bwd_dw_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, dw_ptr, db_ptr, M, V, D, sxm, sxk, swv, swk,
-                   tiles_per_split, ignore_index,
+def _bwd_dw_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, lo_ptr, r_ptr, rn_ptr, pow2_ptr, dw_ptr, db_ptr, M, V, D,
+                   sxm, sxk, swv, swk, tiles_per_split, ignore_index,
                    HAS_BIAS: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
                    DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, ATOMIC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -239,6 +256,7 @@ def _bwd_dw_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, dw_ptr, db_ptr,
     offs_d = tl.arange(0, BLOCK_D)
     dw_rows = dw_ptr + offs_v.to(tl.int64)[:, None] * D
     db_acc = tl.zeros((BLOCK_V,), tl.float32)
+    pow2 = tl.load(pow2_ptr)  # rn = r / pow2: the dot operand stays in range, pow2 comes back in fp32
     t0 = pid_s * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(M, BLOCK_M))
     for t in range(t0, t1):
@@ -246,21 +264,22 @@ def _bwd_dw_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, dw_ptr, db_ptr,
         m_ok = offs_m < M
         tgt = tl.load(tgt_ptr + offs_m, mask=m_ok, other=ignore_index)
         row_ok = m_ok & (tgt != ignore_index)
-        lse = tl.load(lse_ptr + offs_m, mask=row_ok, other=float("inf"))  # p = 0 on masked rows
-        g = tl.load(g_ptr + offs_m, mask=row_ok, other=0.0).to(tl.float32)
+        lo = tl.load(lo_ptr + offs_m, mask=row_ok, other=float("inf"))  # q = 0 on masked rows
         z = _logits_tile(x_ptr, w_ptr, b_ptr, offs_m, offs_v, M, V, D, sxm, sxk, swv, swk,
                          HAS_BIAS, DOT_DTYPE, IEEE, BLOCK_M, BLOCK_V, BLOCK_D)
-        dz = _dlogits_tile(z, tgt, lse, g, row_ok, offs_v, V)
+        qt = _qtile(z, tgt, lo, row_ok, offs_v, V)
         if NEED_DB:
-            db_acc += tl.sum(dz, axis=0)
+            r = tl.load(r_ptr + offs_m, mask=row_ok, other=0.0)
+            db_acc += tl.sum(qt * r[:, None], axis=0)
         if NEED_DW:
-            dzt = tl.trans(dz.to(DOT_DTYPE))  # [BLOCK_V, BLOCK_M]
+            rn = tl.load(rn_ptr + offs_m, mask=row_ok, other=0.0)
+            dzt = tl.trans((qt * rn[:, None]).to(DOT_DTYPE))  # [BLOCK_V, BLOCK_M]
             x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * sxm
             for k0 in range(0, D, BLOCK_D):
                 dk = k0 + offs_d
                 d_ok = dk < D
                 xt = tl.load(x_rows + dk[None, :] * sxk, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-                upd = _dot_acc(dzt, xt.to(tl.float32).to(DOT_DTYPE), IEEE)  # [BLOCK_V, BLOCK_D]
+                upd = _dot_acc(dzt, xt.to(tl.float32).to(DOT_DTYPE), IEEE) * pow2  # [BLOCK_V, BLOCK_D]
                 ptrs = dw_rows + dk[None, :]
                 msk = v_ok[:, None] & d_ok[None, :]
                 if ATOMIC:
@@ -344,7 +363,8 @@ def _bias_arg(b, x):
 # ------------------------------------------------------------------------------------------------------------
 def lse_target_fwd(x, w, b, targets, ignore_index: int = -100, *, blocks: Optional[Sequence[int]] = None,
                    split_v: Optional[int] = None):
-    """Per-token ``(lp [M] fp32, lse [M] fp32)``; ``lp = 0`` on ``ignore_index`` rows.
+    """Per-token ``(lp [M] fp32, lse [M] fp32)``; ``lp = 0`` on ``ignore_index`` rows. ``lp`` comes from the
+    non-target log-sum-exp (``-softplus(lo - zt)``), not from ``zt - lse``.
 
     ``blocks=(BLOCK_M, BLOCK_V, BLOCK_D)`` and ``split_v`` override the heuristics (tests use them to cross
     every tile edge and the split/combine path).
@@ -352,10 +372,10 @@ def lse_target_fwd(x, w, b, targets, ignore_index: int = -100, *, blocks: Option
     _check(x, w, b, targets)
     M, D = x.shape
     V = w.shape[0]
-    lp = torch.empty(M, dtype=torch.float32, device=x.device)
-    lse = torch.empty(M, dtype=torch.float32, device=x.device)
+    lo = torch.empty(M, dtype=torch.float32, device=x.device)
+    zt = torch.empty(M, dtype=torch.float32, device=x.device)
     if M == 0:
-        return lp, lse
+        return lo, zt
     targets = targets.contiguous()
     bm, bv, bd, kw = _blocks(x, blocks)
     n_vt = triton.cdiv(V, bv)
@@ -370,8 +390,11 @@ def lse_target_fwd(x, w, b, targets, ignore_index: int = -100, *, blocks: Option
         tps, ignore_index, HAS_BIAS=b is not None, DOT_DTYPE=dot_dtype, IEEE=ieee,
         BLOCK_M=bm, BLOCK_V=bv, BLOCK_D=bd, **kw)
     cb = 128 if INTERPRET else 1024
-    _combine_kernel[(triton.cdiv(M, cb),)](part, targets, lp, lse, M, ignore_index, N_SPLIT=split, BLOCK=cb)
-    return lp, lse
+    _combine_kernel[(triton.cdiv(M, cb),)](part, targets, lo, zt, M, ignore_index, N_SPLIT=split, BLOCK=cb)
+    valid = targets != ignore_index
+    lp_v, lse_v, _ = target_terms(lo, zt)
+    # an ignored row: lp = 0 and lse = its plain log-sum-exp (nothing was left out of lo)
+    return torch.where(valid, lp_v, 0.0), torch.where(valid, lse_v, lo)
 
 
 def seq_reduce(lp, targets, offsets, ignore_index: int = -100):
@@ -395,15 +418,15 @@ def seq_logprob_fwd(x, w, b, targets, offsets, ignore_index: int = -100, **kw):
     return logp_sum, n_tokens, lp, lse
 
 
-def logits_grad_bwd(x, w, b, targets, lse, g, ignore_index: int = -100, *, need_dx: bool = True,
+def logits_grad_bwd(x, w, b, targets, lse, g, ignore_index: int = -100, *, lp, need_dx: bool = True,
                     need_dw: bool = True, need_db: Optional[bool] = None,
                     blocks: Optional[Sequence[int]] = None, split_v: Optional[int] = None,
                     split_m: Optional[int] = None):
     """Gradients of ``sum_t g_t lp_t``: ``(dx [M, d], dw [V, d], db [V])`` in fp32 (``None`` if not needed).
 
-    ``lse`` is the forward's per-token logsumexp; ``g`` the per-token scale (e.g. SimNPO's
-    ``2/|y_i| sigmoid(beta/|y_i| logp_sum_i + gamma) / normalizer`` broadcast to the tokens of sequence i).
-    ``ignore_index`` rows get zero gradient whatever their ``g``.
+    ``lse`` and ``lp`` are the forward's per-token logsumexp and target log-probability (``lse_target_fwd``);
+    ``g`` the per-token scale (e.g. SimNPO's ``2/|y_i| sigmoid(beta/|y_i| logp_sum_i + gamma) / normalizer``
+    broadcast to the tokens of sequence i). ``ignore_index`` rows get zero gradient whatever their ``g``.
     """
     _check(x, w, b, targets)
     if need_db is None:
@@ -417,8 +440,15 @@ def logits_grad_bwd(x, w, b, targets, lse, g, ignore_index: int = -100, *, need_
     if M == 0 or not (need_dx or need_dw or need_db):
         return dx, dw, db
     targets = targets.contiguous()
-    lse = lse.to(torch.float32).contiguous()
-    g = g.to(torch.float32).contiguous()
+    lo, omp = other_lse(lse.to(torch.float32), lp.to(torch.float32))
+    valid = targets != ignore_index
+    r = torch.where(valid, -g.to(torch.float32) * omp, 0.0).contiguous()  # d_logits = r (q - onehot)
+    lo = lo.contiguous()
+    # dw: the dot operand is q * r / pow2 (max |r / pow2| in [1/2, 1): inside fp16's range), pow2 re-applied in fp32
+    amax = r.abs().amax().reshape(1)
+    pow2 = torch.ldexp(torch.ones_like(amax), torch.frexp(amax).exponent)
+    pow2 = torch.where((amax > 0) & torch.isfinite(amax), pow2, torch.ones_like(pow2))
+    rn = (r / pow2).contiguous()
     bm, bv, bd, kw = _blocks(x, blocks)
     dot_dtype, ieee = _dot_cfg(x)
     common = (M, V, D, x.stride(0), x.stride(1), w.stride(0), w.stride(1))
@@ -430,7 +460,7 @@ def logits_grad_bwd(x, w, b, targets, lse, g, ignore_index: int = -100, *, need_
         tps = triton.cdiv(n_vt, split)
         split = triton.cdiv(n_vt, tps)
         _bwd_dx_kernel[(grid_m, split)](
-            x, w, bias, targets, lse, g, dx, *common, tps, ignore_index,
+            x, w, bias, targets, lo, r, dx, *common, tps, ignore_index,
             HAS_BIAS=b is not None, DOT_DTYPE=dot_dtype, IEEE=ieee, ATOMIC=split > 1,
             BLOCK_M=bm, BLOCK_V=bv, BLOCK_D=bd, **kw)
     if need_dw or need_db:
@@ -440,7 +470,8 @@ def logits_grad_bwd(x, w, b, targets, lse, g, ignore_index: int = -100, *, need_
         tps = triton.cdiv(n_mt, split)
         split = triton.cdiv(n_mt, tps)
         _bwd_dw_kernel[(grid_v, split)](
-            x, w, bias, targets, lse, g, dw if need_dw else x, db if need_db else lse, *common, tps, ignore_index,
+            x, w, bias, targets, lo, r, rn, pow2, dw if need_dw else x, db if need_db else lo, *common, tps,
+            ignore_index,
             HAS_BIAS=b is not None, NEED_DW=need_dw, NEED_DB=need_db, DOT_DTYPE=dot_dtype, IEEE=ieee,
             ATOMIC=split > 1, BLOCK_M=bm, BLOCK_V=bv, BLOCK_D=bd, **kw)
     return dx, dw, db

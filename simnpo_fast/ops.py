@@ -25,19 +25,19 @@ class _SeqLogprob(torch.autograd.Function):
         kw = {} if rows is None else {"rows": rows}
         lp, lse = backend.token_logprob(x, w, b, targets, **kw)
         out = torch.zeros(num_seqs, dtype=lp.dtype, device=x.device).index_add_(0, seq_ids, lp)
-        ctx.save_for_backward(x, w, b, targets, seq_ids, lse, rows)
+        ctx.save_for_backward(x, w, b, targets, seq_ids, lse, lp, rows)
         ctx.backend = backend
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        x, w, b, targets, seq_ids, lse, rows = ctx.saved_tensors
+        x, w, b, targets, seq_ids, lse, lp, rows = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-        g = grad_out.to(lse.dtype).index_select(0, seq_ids)
+        g = grad_out.to(lp.dtype).index_select(0, seq_ids)  # the upstream gradient stays fp32 (fp64)
         kw = {} if rows is None else {"rows": rows}
         dx, dw, db = ctx.backend.token_logprob_backward(
-            x, w, b, targets, lse, g, need_dx, need_dw, need_db and b is not None, **kw
+            x, w, b, targets, lse, g, need_dx, need_dw, need_db and b is not None, lp=lp, **kw
         )
         return (
             None if dx is None else dx.to(x.dtype),
@@ -60,28 +60,75 @@ class _FusedSeqLoss(torch.autograd.Function):
         loss_sum, logp_sum, dx, dw, db = backend.fused_seq_loss(
             x, w, b, targets, seq_ids, offsets, num_seqs, head, *need, **kw
         )
-        ctx.grads = [None if grad is None else grad.to(ref.dtype) for grad, ref in ((dx, x), (dw, w), (db, b))]
+        ctx.grads = _hold_grads((dx, dw, db), (x, w, b))
         ctx.mark_non_differentiable(logp_sum)
         return loss_sum * scale, logp_sum
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_logp):
-        out = _scale_grads_(ctx.grads, grad_loss)
+        out = _apply_upstream(ctx.grads, grad_loss)
         ctx.grads = None
         return (*out, None, None, None, None, None, None, None, None, None)
 
 
-def _scale_grads_(grads, grad_loss: torch.Tensor):
-    """The gradients computed in the forward, times the upstream gradient of the scalar loss.
+def _hold_grads(grads, refs):
+    """How the gradients computed in the forward wait for the upstream gradient: ``[(buffer, dtype)]``.
+
+    fp32 / bf16 / fp64 inputs: rounded to the input dtype at once (bf16 has fp32's exponent range: a later
+    upstream factor neither overflows nor underflows it). fp16 inputs: held in fp32 (the backends return fp32
+    for them), so that a loss scale -- ``GradScaler`` multiplies the loss by 2^16 and its first steps by more --
+    is applied before the one rounding to fp16: an fp16 gradient rounded in the forward would have flushed every
+    entry below 6e-8 (saturated SimNPO weights are ~1e-7) before any scale could rescue it. Memory: the fp32
+    ``dW`` is the accumulator every backend builds anyway; it now lives until this loss's backward instead of
+    being replaced by an fp16 copy at the end of the forward: 2 more bytes per ``[V, d]`` element in between
+    (the moment both exist, fp32 + fp16, moves from the end of the forward into the backward). fp16 ``dX`` is
+    ``[N, d]`` fp32 (2 more bytes per hidden-state element).
+    """
+    out = []
+    for grad, ref in zip(grads, refs):
+        if grad is None:
+            out.append(None)
+        elif ref.dtype == torch.float16:
+            out.append((grad if grad.dtype == torch.float32 else grad.float(), ref.dtype))
+        else:
+            out.append((grad.to(ref.dtype), ref.dtype))
+    return out
+
+
+#: elements per block when a 16-bit gradient is multiplied in fp32 (bounded temporaries)
+_UPSTREAM_BLOCK = 1 << 22
+
+
+def _apply_upstream(held, grad_loss: torch.Tensor):
+    """The held gradients times the upstream gradient of the scalar loss, in fp32 (fp64) arithmetic, each
+    rounded once to its input dtype afterwards; never the upstream gradient rounded to 16 bits (2^16 is inf in
+    fp16). A product that exceeds the input dtype's range becomes inf (what ``GradScaler`` looks for), never NaN.
 
     The buffers are ours alone: scaled in place, so dW is never held twice. On CPU an upstream gradient of
     exactly 1 (``loss.backward()``) skips the pass over ``[V, d]`` (x 1.0 is exact); on an accelerator the
-    multiply is cheaper than reading the value back.
+    multiply is cheaper than reading the value back. A 16-bit buffer (bf16 inputs) is multiplied block by block
+    through fp32 (exact for a power-of-two upstream such as a ``GradScaler`` scale; otherwise one more bf16
+    rounding).
     """
-    if grad_loss.device.type == "cpu" and grad_loss.numel() == 1 and float(grad_loss) == 1.0:
-        return list(grads)
-    return [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads]
+    one = grad_loss.device.type == "cpu" and grad_loss.numel() == 1 and float(grad_loss) == 1.0
+    out = []
+    for item in held:
+        if item is None:
+            out.append(None)
+            continue
+        g, dtype = item
+        if not one:
+            if g.dtype in (torch.float32, torch.float64):
+                g.mul_(grad_loss.to(g.dtype))
+            else:
+                u = grad_loss.float()
+                flat = g.view(-1)
+                for i in range(0, flat.numel(), _UPSTREAM_BLOCK):
+                    blk = flat[i : i + _UPSTREAM_BLOCK]
+                    blk.copy_(blk.float().mul_(u))
+        out.append(g.to(dtype))
+    return out
 
 
 class _FusedKL(torch.autograd.Function):
@@ -94,13 +141,13 @@ class _FusedKL(torch.autograd.Function):
         need = [want_grad and n for n in ctx.needs_input_grad[:3]]
         need[2] = need[2] and b is not None
         loss, dx, dw, db = fused_kl(x, w, b, xr, wr, br, rows, scale, *need, chunk_rows_override=chunk_rows)
-        ctx.grads = [None if g is None else g.to(ref.dtype) for g, ref in ((dx, x), (dw, w), (db, b))]
+        ctx.grads = _hold_grads((dx, dw, db), (x, w, b))
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        out = _scale_grads_(ctx.grads, grad_loss)
+        out = _apply_upstream(ctx.grads, grad_loss)
         ctx.grads = None
         return (*out, None, None, None, None, None, None, None)
 

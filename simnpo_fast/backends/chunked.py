@@ -22,24 +22,37 @@ never touches the tile: ``d_logits = g (onehot - softmax) = diag(row_scale) tile
 of the tile are rewritten and ``row_scale`` is applied to the ``[R, d]`` sides of the two gradient GEMMs
 (``dX = row_scale * (tile W)``, ``dW += tile^T (row_scale * x)``).
 
-- fp32 / fp64 (and fp16) tiles: ``m = max z``; ``z <- exp(z - m)``; ``s = sum z`` (a separate cascade sum, so
-  ``lse = m + log s`` is good to ~1 ulp at any V); ``z_t <- s (p_t - 1)``; ``row_scale = -g / s``.
-- bf16 tiles: ``z <- softmax(z)`` (ATen's fused row kernel, fp32 inside, one pass);
-  ``logp_t = log p_t``; ``z_t <- p_t - 1``; ``row_scale = -g``; no max pass. On CPU, where every 16-bit
-  elementwise pass converts to fp32 and back, this took a bf16 step (N=2048, d=512, V=32000, 2-core Xeon) from
-  335-365 to ~262 ms (``python -m bench.chunk_rows --dtype bf16`` before and after the change).
+The target entries carry ``1 - p_t`` (or ``p_t - 1``) computed from the *other* entries of the row, never as a
+difference of rounded numbers (see ``backends/base.py``), so the gradient keeps its relative accuracy however
+close ``p_t`` is to 1 (a memorised forget set):
 
-``p_t - 1`` is computed in fp32 as ``expm1(logp_t)``, never as a difference of rounded numbers.
+- fp32 / fp64 tiles: ``m = max z``; ``z <- exp(z - m)``; ``z_t <- 0``; ``so = sum z`` (the other entries; torch's
+  cascade sum, good to ~1 ulp at any V) and ``s = so + exp(z_t - m)``; ``lp_t = -log1p(so / exp(z_t - m))`` when
+  ``p_t >= 1/2``, else ``(z_t - m) - log s``; ``z_t <- -so`` (= ``s (p_t - 1)``); ``row_scale = -g / s``.
+- bf16 tiles: ``z <- softmax(z)`` (ATen's fused row kernel, fp32 inside, one pass, no max pass); ``z_t <- 0``;
+  ``so = sum z`` (one read pass, fp32 accumulation: ``1 - p_t`` to the 2^-9 relative rounding of the entries
+  themselves); ``lp_t = log1p(-so)`` when ``p_t > 1/2``, else ``log p_t``; ``z_t <- p_t - 1``; ``row_scale = -g``.
+  On CPU, where every 16-bit elementwise pass converts to fp32 and back, the fused softmax took a bf16 step
+  (N=2048, d=512, V=32000, 2-core Xeon) from 335-365 to ~262 ms (``python -m bench.chunk_rows --dtype bf16``);
+  the ``so`` pass costs one read of the tile.
+- fp16 tiles: ``z_t <- -inf``; ``mo = max z``; ``z <- softmax(z)`` = ``q``, the distribution of the *other*
+  tokens (``q_v = p_v / (1 - p_t)``); ``lo = mo - log max q``; ``z_t <- -1``; ``row_scale = -g (1 - p_t)``. An
+  fp16 softmax of the whole row would flush every ``p_v`` of a peaked row to zero (below 6e-8); ``q`` keeps them
+  at their scale relative to each other (entries below 2^-14, e.g. flat rows over V > 16k, are fp16 subnormals
+  with fewer bits).
 
 Precision. fp32 inputs: everything in fp32 (fp64 inputs: fp64). bf16/fp16 inputs: the tile stays in the
-input dtype like the naive path's logits (halving the memory traffic of the epilogue), but every reduction
-is fp32 -- row sums, ``lse``, per-sequence sums -- and 16-bit numbers are rounded once: a bf16 ``logp_t`` is
-``log`` of the target probability rounded to bf16 (<= 2^-9 relative, i.e. <= 0.002 absolute: the same single
-rounding a bf16 row sum carries); where ``p_t`` is below the smallest normal bf16 (``logp_t < -87``) it is
-``z_t - lse`` with the row's logits recomputed (the same GEMM, a few rows at a time) and their ``lse`` taken
-in fp32: no pass over the tile is spent on a case that normal tiles never meet.
+input dtype like the naive path's logits (halving the memory traffic of the epilogue), every reduction is
+fp32 (row sums, ``lse``, per-sequence sums) and each 16-bit number is rounded once. Beyond the rounding of the
+logits themselves (``~|z| 2^-9`` each in bf16, as in the naive path, whose GEMM output they are), ``lp_t`` and
+``1 - p_t`` carry the relative rounding of the tile's entries (2^-9 bf16, 2^-11 fp16). Where a bf16 ``p_t`` is below the smallest normal bf16
+(``lp_t < -87``) it is ``z_t - lse`` with the row's logits recomputed (the same GEMM, a few rows at a time) and
+their ``lse`` taken in fp32: no pass over the tile is spent on a case that normal tiles never meet.
 The three GEMMs run in the input dtype (fp32 accumulation inside); each tile's dW product is added into an
-fp32 ``[V, d]`` accumulator, which is rounded to the weight dtype once at the end.
+fp32 ``[V, d]`` accumulator. fp16 row scales are split into a power of two per tile (applied in fp32) and a
+factor in [1/2, 1) so that ``row_scale * x`` neither underflows nor overflows in fp16, and fp16 ``dX`` rows are
+written in fp32 (``_Grads``): fp16 gradients are returned in fp32 so that the upstream gradient (a loss scale)
+is applied before the one rounding to fp16 (``simnpo_fast/ops.py``).
 """
 from __future__ import annotations
 
@@ -49,7 +62,7 @@ from typing import Optional
 
 import torch
 
-from .base import Backend, Head
+from .base import Backend, Head, target_terms
 
 _MIN_ROWS = 128
 _BF16_LOG_TINY = math.log(torch.finfo(torch.bfloat16).tiny)  # ~ -87.3: below it a bf16 p_t is subnormal
@@ -98,26 +111,6 @@ class _TileBuffer:
         return self._buf[: r * self.V].view(r, self.V)
 
 
-#: 16-bit row sums are taken over column blocks of at most this many entries (each <= 1 after ``exp(z - max)``),
-#: so a partial sum never exceeds 2^15 < 65504, the largest fp16 (a flat fp16 row of V > 65504 would give inf)
-_SUM_BLOCK = 32768
-
-
-def _lse_inplace(z: torch.Tensor):
-    """Turn z into exp(z - max) in place; return (max, sum) in the accumulation dtype."""
-    m = z.amax(dim=1)
-    z.sub_(m.unsqueeze(1)).exp_()
-    if z.dtype in (torch.float32, torch.float64):
-        return m, z.sum(dim=1)
-    # bf16/fp16: each block sum accumulates in fp32 inside and is rounded once (<= 2^-9 relative, i.e. <= 0.002
-    # on lse -- small next to the rounding of the 16-bit logits themselves); sum(dtype=fp32) would first copy
-    # the whole tile to fp32 (~15x slower on CPU).
-    s = z[:, :_SUM_BLOCK].sum(dim=1).float()
-    for c0 in range(_SUM_BLOCK, z.shape[1], _SUM_BLOCK):
-        s += z[:, c0 : c0 + _SUM_BLOCK].sum(dim=1).float()
-    return m.float(), s
-
-
 class _RowSource:
     """Rows ``[r0, r1)`` of the packed matrix: a view of ``x`` when ``rows is None``, else gathered
     (``x[rows[r0:r1]]``) into one ``[R, d]`` buffer reused by every tile."""
@@ -138,13 +131,40 @@ class _RowSource:
         return (self.x[r0:r1], None) if self.rows is None else (self.x, self.rows[r0:r1])
 
 
+def pow2_split(scale: torch.Tensor) -> "tuple[float, torch.Tensor]":
+    """``(alpha, scale / alpha)``: ``alpha`` a power of two (a host float) with ``max |scale / alpha|`` in [1/2, 1);
+    ``alpha = 1`` for an all-zero or non-finite ``scale`` (exact: only exponents change)."""
+    amax = float(scale.abs().amax()) if scale.numel() else 0.0
+    if not (amax > 0.0 and math.isfinite(amax)):
+        return 1.0, scale
+    alpha = math.ldexp(1.0, math.frexp(amax)[1])
+    return alpha, scale / alpha
+
+
+def _row_pow2_(p: torch.Tensor) -> torch.Tensor:
+    """Divide each row of the wide tile ``p`` in place by a power of two ``c_r`` with ``max |p_r / c_r|`` in
+    [1/2, 1); return ``c`` (fp32, 1 for all-zero rows): the rows then round to fp16 without underflow."""
+    amax = p.abs().amax(dim=1).float()
+    c = torch.ldexp(torch.ones_like(amax), torch.frexp(amax).exponent)
+    c = torch.where((amax > 0) & torch.isfinite(amax), c, torch.ones_like(c))
+    p.div_(c.to(p.dtype).unsqueeze(1))
+    return c
+
+
 class _Grads:
     """Gradient buffers, allocated only for what autograd needs.
 
     ``dW`` (and ``db``) accumulate over tiles in fp32 (fp64 for fp64 inputs). ``dX`` rows are each written
-    once, by the tile that holds them, straight in the input dtype (a low-precision GEMM rounds its fp32 sum
-    once: the same single rounding as an fp32 buffer cast at the end, without the buffer). With ``rows`` the
-    tile rows land at ``dx[rows]`` of a ``dx`` shaped like the flat hidden states (zero elsewhere).
+    once, by the tile that holds them: in the input dtype for fp32/bf16 (a bf16 GEMM rounds its fp32 sum once:
+    the same single rounding as an fp32 buffer cast at the end, without the buffer), in fp32 for fp16 inputs
+    (``N d`` fp32 instead of fp16: 2 more bytes per hidden-state element, so that a loss scale can still be
+    applied before the rounding to fp16; bf16 has fp32's exponent range and needs no such copy). With ``rows``
+    the tile rows land at ``dx[rows]`` of a ``dx`` shaped like the flat hidden states (zero elsewhere).
+
+    fp16 GEMM operands are kept inside fp16's range: a per-row ``scale`` is split into a power of two per tile
+    (``pow2_split``, applied in fp32 to the GEMM results) and a factor in [1/2, 1) applied to ``x``; a wide
+    (fp32) tile is normalised row by row before its rounding to fp16 (``_row_pow2_``). Without this a small
+    per-sequence weight (saturated SimNPO: ``g ~ 1e-7``) times ``x`` would underflow in fp16.
     """
 
     #: bf16/fp16 tiles: the per-tile dW product is formed in vocabulary blocks of this many rows, in a reused
@@ -157,6 +177,7 @@ class _Grads:
         self.acc = acc_dtype(x)
         self._blk = self._wide = None  # reused [dw_block_rows, d] buffers of low-precision tiles
         self._dxbuf = None  # reused [R, d] product of row-indexed tiles
+        self._prodbuf = None  # reused [R, d] fp16 product of fp16 tiles (dX rows are fp32)
         self._xsbuf = None  # reused [R, d] row-scaled tile inputs
         self.dx = torch.zeros(x.shape, dtype=self.dx_dtype(x), device=x.device) if need_dx else None
         # dW is written (not added) by the first tile: no zero-fill pass over [V, d]; finish() zeroes it if no
@@ -167,7 +188,7 @@ class _Grads:
         self.any = need_dx or need_dw or self.db is not None
 
     def dx_dtype(self, x) -> torch.dtype:
-        return x.dtype
+        return torch.float32 if x.dtype == torch.float16 else x.dtype
 
     def _dx_rows(self, prod_fn, r0: int, r1: int, rows: Optional[torch.Tensor], dtype: torch.dtype):
         """Write ``prod_fn(out)`` into dx rows ``[r0, r1)`` (or ``dx[rows[r0:r1]]``)."""
@@ -182,6 +203,13 @@ class _Grads:
         else:
             self.dx.index_copy_(0, rows[r0:r1], prod.to(self.dx.dtype))
 
+    def _prod16(self, p: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``p @ w`` in p's (16-bit) dtype, into a reused ``[R, d]`` buffer."""
+        r = p.shape[0]
+        if self._prodbuf is None or self._prodbuf.shape[0] < r:
+            self._prodbuf = torch.empty(r, w.shape[1], dtype=p.dtype, device=p.device)
+        return torch.mm(p, w, out=self._prodbuf[:r])
+
     def add_tile(self, p: torch.Tensor, xc: torch.Tensor, w: torch.Tensor, r0: int, r1: int,
                  rows: Optional[torch.Tensor] = None, scale: Optional[torch.Tensor] = None):
         """Add the d_logits tile ``diag(scale) p`` of packed rows [r0, r1) (``scale=None``: ``p`` itself).
@@ -190,21 +218,31 @@ class _Grads:
         the ``[rows, d]`` sides of the GEMMs -- ``dX = scale * (p W)``, ``dW += p^T (scale * x)`` -- instead of a
         read+write pass over the ``[rows, V]`` tile.
         """
-        if p.dtype != w.dtype:
+        if p.dtype != w.dtype:  # a wide tile (the KL's fp32 d_logits) for GEMMs in the input dtype
+            if w.dtype == torch.float16 and scale is None:
+                scale = _row_pow2_(p)
             p = p.to(w.dtype)
+        alpha, sn = 1.0, scale  # fp16: scale = alpha * sn, alpha a power of two applied in fp32
+        if scale is not None and p.dtype == torch.float16:
+            alpha, sn = pow2_split(scale)
         if self.db is not None:
-            self.db.add_(p.sum(dim=0, dtype=self.acc) if scale is None
-                         else torch.mv(p.t(), scale.to(p.dtype)).to(self.acc))
+            if scale is None:
+                self.db.add_(p.sum(dim=0, dtype=self.acc))
+            else:
+                self.db.add_(torch.mv(p.t(), sn.to(p.dtype)).to(self.acc), alpha=alpha)
         if self.dx is not None:
             if scale is None:
-                prod_fn = lambda out: torch.mm(p, w, out=out)  # noqa: E731
-            else:
+                prod_fn, dt = (lambda out: torch.mm(p, w, out=out)), p.dtype  # noqa: E731
+            elif self.dx.dtype == p.dtype:
                 # fp32 row scale (not rounded to 16 bits: that would be a systematic 2^-9 error per row)
-                prod_fn = lambda out: torch.mm(p, w, out=out).mul_(scale.unsqueeze(1))  # noqa: E731
-            self._dx_rows(prod_fn, r0, r1, rows, p.dtype)
+                prod_fn, dt = (lambda out: torch.mm(p, w, out=out).mul_(scale.unsqueeze(1))), p.dtype  # noqa: E731
+            else:  # fp16 tile, fp32 dX rows: the fp16 product (|p W| <= 2 max |W|) scaled in fp32
+                prod_fn = lambda out: torch.mul(self._prod16(p, w), scale.unsqueeze(1), out=out)  # noqa: E731
+                dt = self.dx.dtype
+            self._dx_rows(prod_fn, r0, r1, rows, dt)
         if self.dw is not None:
-            if scale is not None:
-                xc = self._scaled_rows(xc, scale)
+            if sn is not None:
+                xc = self._scaled_rows(xc, sn)
             if p.dtype == self.acc:
                 if self._dw_fresh:
                     torch.mm(p.t(), xc, out=self.dw)
@@ -220,8 +258,10 @@ class _Grads:
                     prod = torch.mm(p[:, v0 : v0 + n].t(), xc, out=self._blk[:n])
                     if self._dw_fresh:
                         self.dw[v0 : v0 + n].copy_(prod)
+                        if alpha != 1.0:
+                            self.dw[v0 : v0 + n].mul_(alpha)
                     else:
-                        self.dw[v0 : v0 + n].add_(self._wide[:n].copy_(prod))
+                        self.dw[v0 : v0 + n].add_(self._wide[:n].copy_(prod), alpha=alpha)
             self._dw_fresh = False
 
     def _scaled_rows(self, xc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -231,7 +271,7 @@ class _Grads:
         return torch.mul(xc, scale.unsqueeze(1), out=self._xsbuf[: xc.shape[0]])
 
     def finish(self):
-        self._blk = self._wide = self._dxbuf = self._xsbuf = None
+        self._blk = self._wide = self._dxbuf = self._xsbuf = self._prodbuf = None
         if self.dw is not None and self._dw_fresh:
             self.dw.zero_()
             self._dw_fresh = False
@@ -249,8 +289,10 @@ def _softmax_(z: torch.Tensor) -> torch.Tensor:
     return torch._softmax(z, 1, False, out=z)
 
 
-def _put_targets_(z: torch.Tensor, tgt: torch.Tensor, values: torch.Tensor) -> None:
-    """``z[r, tgt[r]] = values[r]`` (rounded to z's dtype)."""
+def _put_targets_(z: torch.Tensor, tgt: torch.Tensor, values) -> None:
+    """``z[r, tgt[r]] = values[r]`` (a tensor, or one float for every row; rounded to z's dtype)."""
+    if not isinstance(values, torch.Tensor):
+        values = torch.full(tgt.shape, values, dtype=z.dtype, device=z.device)
     if z.dtype in (torch.float32, torch.float64):
         z.scatter_(1, tgt.unsqueeze(1), values.to(z.dtype).unsqueeze(1))
     else:  # flat index_copy_: 16-bit scatter_ takes a slow path on CPU (~300x slower for the same R writes)
@@ -258,21 +300,77 @@ def _put_targets_(z: torch.Tensor, tgt: torch.Tensor, values: torch.Tensor) -> N
         z.view(-1).index_copy_(0, flat, values.to(z.dtype))
 
 
-def _factor_dlogits_(z, state, tgt, g):
-    """``(tile, row_scale)`` with ``diag(row_scale) tile = g * (onehot - softmax)``.
+def _gather(z: torch.Tensor, tgt: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return z.gather(1, tgt.unsqueeze(1)).squeeze(1).to(dtype)
 
-    ``z`` holds ``exp(z - m) = s * softmax`` (``s = None``: the softmax itself) and ``state = (s, logp_t)``. Only
-    the target entries are written, ``z_t <- s (p_t - 1)`` computed in fp32 as ``s * expm1(logp_t)`` (no
-    cancellation when ``p_t -> 1``); the per-row factor ``-g / s`` goes to the GEMMs' ``[rows, d]`` operands
-    (``_Grads.add_tile``).
+
+def _forward_exp_(z, tgt):
+    """fp32/fp64 tile -> ``(lse, lp, ("exp", s, so))``; ``z <- exp(z - m)`` with its target entries zeroed."""
+    zt = _gather(z, tgt, z.dtype)
+    m = z.amax(dim=1)
+    z.sub_(m.unsqueeze(1)).exp_()
+    _put_targets_(z, tgt, 0.0)
+    so = z.sum(dim=1)                     # sum of the other entries, exp(z_v - m)
+    dt = zt - m                           # <= 0
+    et = torch.exp(dt)
+    s = so + et
+    # p_t >= 1/2: lp = -log1p(so / et) keeps 1 - p_t = so / s to fp32 relative accuracy; else dt - log s
+    lp = torch.where(et >= so, -torch.log1p(so / et), dt - torch.log(s))
+    return m + torch.log(s), lp, ("exp", s, so)
+
+
+def _forward_softmax_(z, tgt, relogits):
+    """bf16 tile -> ``(lse, lp, ("p", omp))``; ``z <- softmax(z)`` with its target entries zeroed."""
+    zt = _gather(z, tgt, torch.float32)
+    _softmax_(z)
+    pt = _gather(z, tgt, torch.float32)
+    _put_targets_(z, tgt, 0.0)
+    so = z.sum(dim=1).float()             # = 1 - p_t from the other entries (fp32 accumulation inside)
+    near1 = pt > 0.5
+    lp = torch.where(near1, torch.log1p(-so), torch.log(pt))
+    small = (lp < _BF16_LOG_TINY).nonzero().squeeze(1)
+    if small.numel():  # p_t below the smallest normal bf16: recompute the row, its lse in fp32
+        step = max(1, _RELOGITS_ELEMS // z.shape[1])
+        for i in range(0, small.numel(), step):
+            idx = small[i : i + step]
+            lp[idx] = zt[idx] - torch.logsumexp(relogits(idx).float(), dim=1)
+    omp = torch.where(near1, so, -torch.expm1(lp))
+    return zt - lp, lp, ("p", omp)
+
+
+def _forward_masked_softmax_(z, tgt):
+    """fp16 tile -> ``(lse, lp, ("q", omp))``; ``z <- q``, the softmax of the other entries (target entry 0)."""
+    zt = _gather(z, tgt, torch.float32)
+    _put_targets_(z, tgt, float("-inf"))
+    mo = z.amax(dim=1)
+    _softmax_(z)
+    lo = mo.float() - torch.log(z.amax(dim=1).float())   # max q = exp(mo - lo)
+    none = mo == float("-inf")                           # no other finite logit (V = 1): p_t = 1
+    if bool(none.any()):
+        z[none] = 0.0
+        lo = torch.where(none, torch.full_like(lo, float("-inf")), lo)
+    lp, lse, omp = target_terms(lo, zt)
+    return lse, lp, ("q", omp)
+
+
+def _factor_dlogits_(z, state, tgt, g):
+    """``(tile, row_scale)`` with ``diag(row_scale) tile = g * (onehot - softmax)``, from the tile as the
+    ``_forward_*_`` function left it (``state``); only the target entries are written:
+
+    * ``("exp", s, so)``: ``z = exp(z - m)``; ``z_t <- -so`` (= ``s (p_t - 1)``), ``row_scale = -g / s``;
+    * ``("p", omp)``: ``z = softmax``; ``z_t <- -omp`` (= ``p_t - 1``), ``row_scale = -g``;
+    * ``("q", omp)``: ``z = q``; ``z_t <- -1``, ``row_scale = -g * omp`` (= ``-g (1 - p_t)``).
     """
-    s, logp = state
-    target = torch.expm1(logp)
-    if s is None:
-        _put_targets_(z, tgt, target)
+    kind = state[0]
+    if kind == "exp":
+        _, s, so = state
+        _put_targets_(z, tgt, -so)
+        return z, -g / s
+    if kind == "p":
+        _put_targets_(z, tgt, -state[1])
         return z, -g
-    _put_targets_(z, tgt, target * s)
-    return z, -g / s
+    _put_targets_(z, tgt, -1.0)
+    return z, -g * state[1]
 
 
 class ChunkedBackend(Backend):
@@ -298,50 +396,35 @@ class ChunkedBackend(Backend):
         return _logits(xc, w, b, out)
 
     def tile_forward(self, z, tgt, relogits):
-        """``(lse, target_logit, state)`` of a logits tile; may overwrite ``z``.
+        """``(lse, lp, state)`` of a logits tile (``lp`` = target log-probabilities); overwrites ``z`` (see the
+        module docstring: fp32/fp64 ``exp(z - m)``, bf16 softmax, fp16 softmax of the other entries).
 
         ``relogits(idx)`` returns the logits of tile rows ``idx`` afresh (a ``[len(idx), V]`` tensor), for the
-        rare rows whose statistics the in-place tile can no longer give (below).
-
-        fp32/fp64 (and fp16) tiles: ``z <- exp(z - max)``, row sums summed apart (torch's cascade sum: ``lse``
-        good to ~1 ulp at any V). bf16 tiles: ``z <- softmax(z)`` in one fused pass (fp32 inside) and
-        ``logp_t = log p_t``, the target probability rounded once to bf16 (2^-9 relative, i.e. <= 0.002 on
-        ``logp_t``: the single rounding a bf16 row sum would carry too). Where ``p_t`` is below the smallest
-        normal bf16 (``logp_t < -87``), the row's logits are recomputed and its ``lse`` taken in fp32.
+        rare bf16 rows whose target probability is below the smallest normal bf16.
         """
-        zt = z.gather(1, tgt.unsqueeze(1)).squeeze(1)
-        if z.dtype != torch.bfloat16:
-            m, s = _lse_inplace(z)
-            zt = zt.to(s.dtype)
-            logs = s.log()
-            # state: logp_t = (z_t - max) - log(sum), not z_t - lse: no rounding of lse near p_t -> 1
-            return m + logs, zt, (s, (zt - m) - logs)
-        _softmax_(z)
-        zt = zt.float()
-        logp = z.gather(1, tgt.unsqueeze(1)).squeeze(1).float().log()
-        small = (logp < _BF16_LOG_TINY).nonzero().squeeze(1)
-        if small.numel():
-            step = max(1, _RELOGITS_ELEMS // z.shape[1])
-            for i in range(0, small.numel(), step):
-                idx = small[i : i + step]
-                logp[idx] = zt[idx] - torch.logsumexp(relogits(idx).float(), dim=1)
-        return zt - logp, zt, (None, logp)
+        if z.dtype == torch.bfloat16:
+            return _forward_softmax_(z, tgt, relogits)
+        if z.dtype == torch.float16:
+            return _forward_masked_softmax_(z, tgt)
+        return _forward_exp_(z, tgt)
 
     def tile_dlogits(self, z, state, tgt, g):
         """``(tile, row_scale)`` with ``diag(row_scale) tile = g * (onehot - softmax)``, from the tile as
         ``tile_forward`` left it (``row_scale=None``: the tile is ``d_logits`` itself); see ``_factor_dlogits_``."""
         return _factor_dlogits_(z, state, tgt, g)
 
-    def tile_dlogits_from_logits(self, z, lse, tgt, g):
-        """``tile_dlogits`` from a raw logits tile and the saved ``lse``."""
-        zt = z.gather(1, tgt.unsqueeze(1)).squeeze(1).to(lse.dtype)
+    def tile_dlogits_from_logits(self, z, lse, lp, tgt, g, relogits=None):
+        """``tile_dlogits`` from a raw logits tile and the forward's ``lse`` and ``lp`` of its rows.
+
+        fp32/fp64: ``z <- exp(z - lse)`` (one pass less than ``tile_forward``), ``z_t <- expm1(lp_t)``. 16-bit:
+        ``tile_forward`` again (as cheap as rebuilding from ``lse``, which a 16-bit ``z - lse`` would round).
+        """
         if z.dtype in (torch.float32, torch.float64):
             z.sub_(lse.unsqueeze(1)).exp_()
-            return _factor_dlogits_(z, (None, zt - lse), tgt, g)
-        # low precision: never round lse itself; z <- exp(z - m) with m exact in bf16, s = exp(lse - m) in fp32
-        m = z.amax(dim=1)
-        z.sub_(m.unsqueeze(1)).exp_()
-        return _factor_dlogits_(z, (torch.exp(lse - m.to(lse.dtype)), zt - lse), tgt, g)
+            _put_targets_(z, tgt, torch.expm1(lp))
+            return z, -g
+        _, _, state = self.tile_forward(z, tgt, relogits)
+        return self.tile_dlogits(z, state, tgt, g)
 
     # -- generic path -------------------------------------------------------------------------------------
     def _token_tiles(self, x, w, b, rows, M: int):
@@ -359,18 +442,17 @@ class ChunkedBackend(Backend):
         lp = torch.empty(M, dtype=acc_dtype(x), device=x.device)
         lse = torch.empty(M, dtype=acc_dtype(x), device=x.device)
         for r0, r1, xc, z in self._token_tiles(x, w, b, rows, M):
-            lse_c, zt, _ = self.tile_forward(z, targets[r0:r1], _relogits(self, xc, w, b))
-            lse[r0:r1] = lse_c
-            lp[r0:r1] = zt - lse_c
+            lse[r0:r1], lp[r0:r1], _ = self.tile_forward(z, targets[r0:r1], _relogits(self, xc, w, b))
         return lp, lse
 
-    def token_logprob_backward(self, x, w, b, targets, lse, grad_lp, need_dx, need_dw, need_db, rows=None):
+    def token_logprob_backward(self, x, w, b, targets, lse, grad_lp, need_dx, need_dw, need_db, rows=None, *, lp):
         acc = self.grads_class(x, w, b, need_dx, need_dw, need_db)
         if not acc.any:
             return None, None, None
         grad_lp = grad_lp.to(acc_dtype(x))
         for r0, r1, xc, z in self._token_tiles(x, w, b, rows, targets.shape[0]):
-            p, row_scale = self.tile_dlogits_from_logits(z, lse[r0:r1], targets[r0:r1], grad_lp[r0:r1])
+            p, row_scale = self.tile_dlogits_from_logits(z, lse[r0:r1], lp[r0:r1], targets[r0:r1], grad_lp[r0:r1],
+                                                         _relogits(self, xc, w, b))
             acc.add_tile(p, xc, w, r0, r1, rows, scale=row_scale)
         return acc.finish()
 
@@ -392,9 +474,9 @@ class ChunkedBackend(Backend):
             if kind == "tile":  # whole sequences s0..s1-1 in one tile
                 xc, tgt = src.get(r0, r1), targets[r0:r1]
                 z = self.tile_logits(xc, w, b, out=buf.take(r1 - r0))
-                lse, zt, state = self.tile_forward(z, tgt, _relogits(self, xc, w, b))
+                _, lp, state = self.tile_forward(z, tgt, _relogits(self, xc, w, b))
                 local = seq_ids[r0:r1] - s0
-                seq_lp = torch.zeros(s1 - s0, dtype=acc_t, device=dev).index_add_(0, local, zt - lse)
+                seq_lp = torch.zeros(s1 - s0, dtype=acc_t, device=dev).index_add_(0, local, lp.to(acc_t))
                 logp_sum[s0:s1] = seq_lp
                 f, g = head(seq_lp, sidx)
                 loss_sum += f.sum()
@@ -417,8 +499,9 @@ class ChunkedBackend(Backend):
                         t1 = min(r1, t0 + R)
                         xc = src.get(t0, t1)
                         z = self.tile_logits(xc, w, b, out=buf.take(t1 - t0))
-                        p, row_scale = self.tile_dlogits_from_logits(z, lse[t0 - r0 : t1 - r0], targets[t0:t1],
-                                                                     g.expand(t1 - t0).contiguous())
+                        p, row_scale = self.tile_dlogits_from_logits(
+                            z, lse[t0 - r0 : t1 - r0], lp[t0 - r0 : t1 - r0], targets[t0:t1],
+                            g.expand(t1 - t0).contiguous(), _relogits(self, xc, w, b))
                         acc.add_tile(p, xc, w, t0, t1, rows, scale=row_scale)
                         del z, p
         del buf

@@ -24,8 +24,8 @@ import os
 
 import torch
 
-from .base import Backend
-from .chunked import ChunkedBackend, _Grads
+from .base import Backend, other_lse, target_terms
+from .chunked import ChunkedBackend, _Grads, pow2_split
 
 
 def _interpreting() -> bool:
@@ -65,13 +65,14 @@ class TritonBackend(Backend):
             return self._fp64.token_logprob(x, w, b, targets)
         return self._kernels().lse_target_fwd(x, w, b, targets, self.ignore_index)
 
-    def token_logprob_backward(self, x, w, b, targets, lse, grad_lp, need_dx, need_dw, need_db):
+    def token_logprob_backward(self, x, w, b, targets, lse, grad_lp, need_dx, need_dw, need_db, *, lp):
         if x.dtype == torch.float64:
-            return self._fp64.token_logprob_backward(x, w, b, targets, lse, grad_lp, need_dx, need_dw, need_db)
+            return self._fp64.token_logprob_backward(x, w, b, targets, lse, grad_lp, need_dx, need_dw, need_db,
+                                                     lp=lp)
         if not (need_dx or need_dw or (need_db and b is not None)):
             return None, None, None
         return self._kernels().logits_grad_bwd(
-            x, w, b, targets, lse, grad_lp, self.ignore_index,
+            x, w, b, targets, lse, grad_lp, self.ignore_index, lp=lp,
             need_dx=need_dx, need_dw=need_dw, need_db=bool(need_db and b is not None),
         )
 
@@ -97,9 +98,9 @@ def _mm_f32_native(a, b, out=None):
     return torch.mm(a, b, out_dtype=torch.float32, out=out)
 
 
-def _addmm_f32_native(acc, a, b):
-    """``acc += a @ b`` with fp32 ``acc`` and 16-bit operands, accumulated in fp32 inside the GEMM."""
-    return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+def _addmm_f32_native(acc, a, b, alpha: float = 1.0):
+    """``acc += alpha * (a @ b)`` with fp32 ``acc`` and 16-bit operands, accumulated in fp32 inside the GEMM."""
+    return torch.addmm(acc, a, b, out_dtype=torch.float32, alpha=alpha, out=acc)
 
 
 def f32_gemm_available(device, dtype) -> bool:
@@ -119,10 +120,10 @@ def f32_gemm_available(device, dtype) -> bool:
             out = torch.empty(16, 16, device=device)
             r1 = _mm_f32_native(a, b)
             _mm_f32_native(a, b, out=out)
-            _addmm_f32_native(acc, a, b)
+            _addmm_f32_native(acc, a, b, alpha=0.5)
             tol = 1e-3 * ref.abs().max().item()
             ok = (r1.dtype == torch.float32 and (r1 - ref).abs().max().item() <= tol
-                  and (out - ref).abs().max().item() <= tol and (acc - 1 - ref).abs().max().item() <= tol)
+                  and (out - ref).abs().max().item() <= tol and (acc - 1 - 0.5 * ref).abs().max().item() <= tol)
         except Exception:
             ok = False
         _F32_GEMM_OK[key] = ok
@@ -132,10 +133,12 @@ def f32_gemm_available(device, dtype) -> bool:
 class _GemmGrads(_Grads):
     """Accumulators of the triton-gemm backend: the chunked ``_Grads`` plus native fp32-result GEMMs.
 
-    A 16-bit d_logits tile (the GEMM dtype of 16-bit inputs) feeds 16-bit GEMMs with fp32 results where the
-    device has them (``torch.mm/addmm(out_dtype=torch.float32)`` on CUDA): ``dx`` rows written as fp32 and
-    ``dW`` accumulated in fp32 inside the GEMM. Elsewhere (CPU torch, older torch), and for fp32/fp64 tiles,
-    the chunked accumulation runs unchanged.
+    A 16-bit tile (the GEMM dtype of 16-bit inputs) feeds 16-bit GEMMs with fp32 results where the device has
+    them (``torch.mm/addmm(out_dtype=torch.float32)`` on CUDA): ``dx`` rows written as fp32 (the row scale
+    applied to them in fp32) and ``dW`` accumulated in fp32 inside the GEMM (``scale * x`` as the 16-bit
+    operand; for fp16 split into a power of two per tile, passed as the GEMM's ``alpha``, and a factor in
+    [1/2, 1), see ``chunked.pow2_split``: one host sync per fp16 tile). Elsewhere (CPU torch, older torch), and
+    for fp32/fp64 tiles, the chunked accumulation runs unchanged.
     """
 
     def __init__(self, x, w, b, need_dx, need_dw, need_db):
@@ -143,20 +146,30 @@ class _GemmGrads(_Grads):
         super().__init__(x, w, b, need_dx, need_dw, need_db)
 
     def dx_dtype(self, x) -> torch.dtype:
-        return self.acc if self._native else x.dtype  # fp32 dX rows straight from the GEMM
+        return self.acc if self._native else super().dx_dtype(x)  # fp32 dX rows straight from the GEMM
 
     def add_tile(self, p, xc, w, r0, r1, rows=None, scale=None):
-        if p.dtype == self.acc or not self._native or scale is not None:
+        if p.dtype == self.acc or not self._native:
             return super().add_tile(p, xc, w, r0, r1, rows, scale)
+        alpha, sn = 1.0, scale
+        if scale is not None and p.dtype == torch.float16:
+            alpha, sn = pow2_split(scale)
         if self.db is not None:
-            self.db.add_(p.sum(dim=0, dtype=self.acc))
+            if scale is None:
+                self.db.add_(p.sum(dim=0, dtype=self.acc))
+            else:
+                self.db.add_(_mm_f32_native(sn.to(p.dtype).unsqueeze(0), p).squeeze(0), alpha=alpha)
         if self.dx is not None:
-            self._dx_rows(lambda out: _mm_f32_native(p, w, out=out), r0, r1, rows, self.acc)
+            if scale is None:
+                prod_fn = lambda out: _mm_f32_native(p, w, out=out)  # noqa: E731
+            else:
+                prod_fn = lambda out: _mm_f32_native(p, w, out=out).mul_(scale.unsqueeze(1))  # noqa: E731
+            self._dx_rows(prod_fn, r0, r1, rows, self.acc)
         if self.dw is not None:
             if self._dw_fresh:
                 self.dw.zero_()
                 self._dw_fresh = False
-            _addmm_f32_native(self.dw, p.t(), xc)
+            _addmm_f32_native(self.dw, p.t(), xc if sn is None else self._scaled_rows(xc, sn), alpha=alpha)
 
 
 class TritonGemmBackend(ChunkedBackend):
@@ -164,9 +177,10 @@ class TritonGemmBackend(ChunkedBackend):
     generic path) with torch / cuBLAS GEMMs and the Triton tile epilogue of ``simnpo_fast.kernels.epilogue``.
 
     Per tile: ``z = x_tile w^T (+ b)`` is kept in the GEMM dtype (bf16 inputs -> a bf16 tile, half the
-    bytes of the chunked backend's fp32 tile); one read pass gives ``lse`` and the target logits; one
-    read+write pass turns the tile, in place, into ``d_logits`` in the GEMM dtype; then the dX and dW GEMMs
-    (fp32 results, see ``_GemmGrads``). fp64 inputs (oracle use only) keep the chunked fp64 path.
+    bytes of the chunked backend's fp32 tile); one read pass gives the non-target ``lo`` and the target logit
+    (hence ``lp``, ``lse`` and ``1 - p_t``, ``base.target_terms``); one read+write pass turns the tile, in place,
+    into ``q - onehot`` in the GEMM dtype; then the dX and dW GEMMs with the row scale ``-g (1 - p_t)`` on their
+    ``[R, d]`` sides (fp32 results, see ``_GemmGrads``). fp64 inputs (oracle use only) keep the chunked fp64 path.
 
     Precision note: with bf16 inputs the logits are rounded to bf16 by the GEMM before the softmax (as in a
     bf16 model's own LM head), so ``lp`` carries ~2^-9 |z| per token; ``backend="triton"`` keeps the logits
@@ -200,15 +214,19 @@ class TritonGemmBackend(ChunkedBackend):
     def tile_forward(self, z, tgt, relogits=None):
         if z.dtype == torch.float64:
             return super().tile_forward(z, tgt, relogits)
-        lse, zt = self._kernels().tile_lse_target(z, tgt, self.ignore_index, block_v=self.block_v)
-        return lse, zt, lse  # z is left untouched: the state is the lse itself
+        lo, zt = self._kernels().tile_target_stats(z, tgt, self.ignore_index, block_v=self.block_v)
+        lp, lse, omp = target_terms(lo, zt)
+        # z is left untouched; lo = +inf where 1 - p_t = 0 (no other column): q = 0 there, never inf * 0
+        return lse, lp, (torch.where(omp > 0, lo, torch.full_like(lo, float("inf"))), omp)
 
     def tile_dlogits(self, z, state, tgt, g):
         if z.dtype == torch.float64:
             return super().tile_dlogits(z, state, tgt, g)
-        return self.tile_dlogits_from_logits(z, state, tgt, g)
+        lo, omp = state
+        self._kernels().tile_dlogits_(z, lo, tgt, None, self.ignore_index, block_v=self.block_v)
+        return z, -g * omp
 
-    def tile_dlogits_from_logits(self, z, lse, tgt, g):
+    def tile_dlogits_from_logits(self, z, lse, lp, tgt, g, relogits=None):
         if z.dtype == torch.float64:
-            return super().tile_dlogits_from_logits(z, lse, tgt, g)
-        return self._kernels().tile_dlogits_(z, lse, tgt, g, None, self.ignore_index, block_v=self.block_v), None
+            return super().tile_dlogits_from_logits(z, lse, lp, tgt, g, relogits)
+        return self.tile_dlogits(z, other_lse(lse, lp), tgt, g)

@@ -93,9 +93,9 @@ def test_fp32_result_gemm_path(monkeypatch):
         r = a.float() @ b.float()
         return r if out is None else out.copy_(r)
 
-    def addmm(acc, a, b):
+    def addmm(acc, a, b, alpha=1.0):
         calls["addmm"] += 1
-        return acc.add_(a.float() @ b.float())
+        return acc.add_(a.float() @ b.float(), alpha=alpha)
 
     h, w, b, lab = batch(dtype=torch.bfloat16, seed=4, B=4)
     ref = run("simnpo", h, w, b, lab, ORACLE)

@@ -81,7 +81,7 @@ def test_forward_backward_vs_fp64(M, V, D, dtype, bias, n_ign, blocks, split):
     close(lp, lp_r, FP32_TOL, "lp")
     assert torch.all(lp.cpu()[~valid] == 0), "ignored rows must have lp == 0 exactly"
     close(lse[valid], lse_r[valid], FP32_TOL, "lse")
-    dx, dw, db = K.logits_grad_bwd(x, w, b, t, lse, g, IGN, blocks=blocks, split_v=split, split_m=split)
+    dx, dw, db = K.logits_grad_bwd(x, w, b, t, lse, g, IGN, lp=lp, blocks=blocks, split_v=split, split_m=split)
     close(dx, dx_r, FP32_TOL, "dx")
     close(dw, dw_r, FP32_TOL, "dw")
     assert torch.all(dx.cpu()[~valid] == 0), "ignored rows must get exactly zero dx"
@@ -108,7 +108,7 @@ def test_large_logits_are_stable():
     lp, lse = K.lse_target_fwd(x, w, b, t, IGN, split_v=2)
     assert torch.isfinite(lp).all() and torch.isfinite(lse).all()
     close(lp, lp_r, 1e-5, "lp")
-    dx, dw, db = K.logits_grad_bwd(x, w, b, t, lse, g, IGN)
+    dx, dw, db = K.logits_grad_bwd(x, w, b, t, lse, g, IGN, lp=lp)
     close(dx, dx_r, 1e-4, "dx")
     close(dw, dw_r, 1e-4, "dw")
     close(db, db_r, 1e-4, "db")
@@ -120,8 +120,9 @@ def test_backward_need_flags(need):
     need_dx, need_dw, need_db = need
     x, w, b, t, g = make(21, 70, 19, torch.float32, True, 2)
     _, _, _, dx_r, dw_r, db_r = oracle(x, w, b, t, g)
-    _, lse = K.lse_target_fwd(x, w, b, t, IGN)
-    dx, dw, db = K.logits_grad_bwd(x, w, b, t, lse, g, IGN, need_dx=need_dx, need_dw=need_dw, need_db=need_db)
+    lp, lse = K.lse_target_fwd(x, w, b, t, IGN)
+    dx, dw, db = K.logits_grad_bwd(x, w, b, t, lse, g, IGN, lp=lp, need_dx=need_dx, need_dw=need_dw,
+                                   need_db=need_db)
     for got, ref, want, name in ((dx, dx_r, need_dx, "dx"), (dw, dw_r, need_dw, "dw"), (db, db_r, need_db, "db")):
         if want:
             close(got, ref, FP32_TOL, name)
@@ -139,7 +140,7 @@ def test_strided_input_rows():
     lp_r, _, _, dx_r, dw_r, _ = oracle(x, w, b, t, g)
     lp, lse = K.lse_target_fwd(xv, w, b, t, IGN)
     close(lp, lp_r, FP32_TOL, "lp")
-    dx, dw, _ = K.logits_grad_bwd(xv, w, b, t, lse, g, IGN)
+    dx, dw, _ = K.logits_grad_bwd(xv, w, b, t, lse, g, IGN, lp=lp)
     close(dx, dx_r, FP32_TOL, "dx")
     close(dw, dw_r, FP32_TOL, "dw")
 
@@ -162,7 +163,7 @@ def test_no_rows():
     x, w, b, t, g = make(0, 40, 16, torch.float32, True, 0)
     lp, lse = K.lse_target_fwd(x, w, b, t, IGN)
     assert lp.shape == (0,) and lse.shape == (0,)
-    dx, dw, db = K.logits_grad_bwd(x, w, b, t, lse, g, IGN)
+    dx, dw, db = K.logits_grad_bwd(x, w, b, t, lse, g, IGN, lp=lp)
     assert dx.shape == (0, 16) and torch.all(dw == 0) and torch.all(db == 0)
     s, n = K.seq_reduce(lp, t, [0, 0, 0], IGN)
     assert s.tolist() == [0.0, 0.0] and n.tolist() == [0, 0]
