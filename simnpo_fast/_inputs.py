@@ -46,7 +46,7 @@ def _fmt(t: torch.Tensor) -> str:
 
 
 def check_inputs(hidden, weight, labels, bias=None, ignore_index: int = -100) -> None:
-    """Raise ``ValueError`` with both shapes on any mismatch; labels are range-checked."""
+    """Raise ``ValueError`` with both shapes (dtypes, devices) on any mismatch; labels are range-checked."""
     if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise ValueError("hidden and weight must be torch.Tensors")
     if not isinstance(labels, torch.Tensor):
@@ -74,10 +74,14 @@ def check_inputs(hidden, weight, labels, bias=None, ignore_index: int = -100) ->
             f"device mismatch: hidden {_fmt(hidden)}, weight {_fmt(weight)}, labels {_fmt(labels)}"
         )
     if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise ValueError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got {tuple(bias.shape)}; weight {tuple(weight.shape)}")
         if bias.device != weight.device:
             raise ValueError(f"device mismatch: bias {_fmt(bias)} vs weight {_fmt(weight)}")
+        if bias.dtype != weight.dtype:
+            raise ValueError(f"dtype mismatch: bias {_fmt(bias)} vs weight {_fmt(weight)} (all in one dtype)")
     V = weight.shape[0]
     if labels.numel():
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))

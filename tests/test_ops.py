@@ -287,6 +287,36 @@ def test_bad_options_raise():
         sf.simnpo_loss(h, W, labels, bias=b[:-1])
 
 
+@pytest.mark.parametrize("beta", [float("inf"), float("nan"), 0.0, -1.0])
+def test_beta_must_be_finite_and_positive(beta):
+    """beta = inf used to give loss 0 with NaN gradients (0 * inf); now a one-line ValueError naming beta."""
+    h, W, b, labels, ref = make(2, 10, 37, 1000)
+    for call in (lambda: sf.simnpo_loss(h, W, labels, beta=beta), lambda: sf.npo_loss(h, W, labels, ref, beta=beta),
+                 lambda: sf.FusedSimNPOLoss(beta=beta), lambda: sf.UnlearningLoss("npo", beta=beta)):
+        with pytest.raises(ValueError, match=r"^beta must be finite and > 0, got"):
+            call()
+
+
+@pytest.mark.parametrize("gamma", [float("inf"), float("-inf"), float("nan")])
+def test_gamma_must_be_finite(gamma):
+    h, W, b, labels, _ = make(2, 10, 37, 1000)
+    with pytest.raises(ValueError, match=r"^gamma must be finite, got"):
+        sf.simnpo_loss(h, W, labels, gamma=gamma)
+
+
+@pytest.mark.parametrize("backend", ["chunked", "reference"])
+def test_bias_dtype_is_checked_with_the_other_inputs(backend):
+    """A bias of another dtype than hidden / weight: ValueError naming both dtypes, on every backend (the
+    reference backend used to raise a raw RuntimeError from F.linear)."""
+    h, W, b, labels, _ = make(2, 10, 37, 1000)
+    for fn in (lambda: sf.simnpo_loss(h, W, labels, bias=b.double(), backend=backend),
+               lambda: sf.sequence_logprob(h, W, labels, bias=b.bfloat16(), backend=backend),
+               lambda: sf.kl_loss(h, W, labels, h, W, bias=b.half())):
+        with pytest.raises(ValueError, match=r"dtype mismatch: bias .*torch\.(float64|bfloat16|float16).* vs weight "
+                                             r".*torch\.float32"):
+            fn()
+
+
 def test_backend_env_var_forces_backend(monkeypatch):
     from simnpo_fast.backends import get_backend
 

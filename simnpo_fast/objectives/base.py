@@ -13,6 +13,7 @@ A sequence with no answer token contributes ``f_i = 0`` and is left out of the m
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional
 
 import torch
@@ -59,7 +60,15 @@ def check_reduction(reduction: str, normalizer: Optional[float]) -> None:
 
 
 def check_beta(beta: float, name: str = "beta") -> float:
+    """A finite ``beta > 0`` (``beta = inf`` would give a loss of 0 with NaN gradients, ``0 * inf``)."""
     beta = float(beta)
-    if not beta > 0:
-        raise ValueError(f"{name} must be > 0, got {beta}")
+    if not (beta > 0 and math.isfinite(beta)):
+        raise ValueError(f"{name} must be finite and > 0, got {beta}")
     return beta
+
+
+def check_finite(value: float, name: str) -> float:
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from .base import SequenceObjective, check_beta
+from .base import SequenceObjective, check_beta, check_finite
 
 
 class SimNPO(SequenceObjective):
@@ -20,7 +20,7 @@ class SimNPO(SequenceObjective):
 
     def __init__(self, beta: float = 2.5, gamma: float = 0.0):
         self.beta = check_beta(beta)
-        self.gamma = float(gamma)
+        self.gamma = check_finite(gamma, "gamma")
 
     def per_sequence(self, logp_sum, n_tokens, **extra):
         n = n_tokens.clamp(min=1).to(logp_sum.dtype)
