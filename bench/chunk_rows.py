@@ -13,8 +13,7 @@ import argparse
 import statistics
 import time
 
-from bench.harness import chunked_backend, lm_inputs, simnpo
-from bench.loss import DTYPES
+from bench.harness import DTYPES, chunked_backend, lm_inputs, simnpo
 
 
 def main(argv=None) -> int:

@@ -20,11 +20,10 @@ import argparse
 import statistics
 import sys
 
-from bench.harness import (alternate, emit, fwd_bwd_memory, fwd_bwd_step, gemm_floor, lm_inputs, median_time,
-                           result_header, run_worker, write_result)
+from bench.harness import (DTYPES, alternate, emit, fwd_bwd_memory, fwd_bwd_step, gemm_floor, lm_inputs,
+                           median_time, result_header, run_worker, write_result)
 from bench.methods import make_method
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 #: variant name in the results -> method of bench/methods.py
 VARIANTS = {"reference": "naive", "chunked": "chunked"}
 

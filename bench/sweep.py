@@ -21,12 +21,9 @@ import json
 import sys
 import time
 
-from bench.harness import (check_methods, emit, fwd_bwd_memory, fwd_bwd_step, gemm_floor, lm_inputs, run_worker,
-                           spread, valid_rows)
+from bench.harness import (DTYPES, check_methods, emit, fwd_bwd_memory, fwd_bwd_step, gemm_floor, lm_inputs,
+                           run_worker, spread, valid_rows)
 from bench.methods import make_method, make_methods
-
-DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
-
 
 def est_peak_mib(method: str, N: int, d: int, V: int, elt: int) -> float:
     """Rough upper estimate of a method's peak above its inputs (used only to skip points that cannot fit)."""

@@ -5,9 +5,8 @@
 Prints GFLOP/s of the three products of a tile of R rows -- logits ``x W^T``, ``dX = p W`` and
 ``dW += p^T x`` -- and of the logits in the ``[V, R]`` layout (``W x^T``), for R = 255 (one 256-token
 sequence after the shift, the fp32 tile of the README benchmark), 256, 510 (two sequences), 512 and the full
-batch (2048 rows). Outputs go to preallocated
-buffers, as in the chunked backend. It explains where the chunked path loses time to the naive one on CPU
-(see README, Results).
+batch (2048 rows). Outputs go to preallocated buffers, as in the chunked backend: the rates say how much of the
+chunked path's time over the GEMM floor comes from tile-sized GEMMs (see README, Results).
 """
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ from typing import Callable
 
 BETA, GAMMA = 2.5, 0.0  # SimNPO hyper-parameters of every loss benchmark
 IGNORE = -100  # HF's ignore index in labels
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # command-line dtype name -> torch dtype name
 
 
 def simnpo(backend) -> Callable:
