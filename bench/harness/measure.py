@@ -193,9 +193,9 @@ def gemm_floor(rows: int, d: int, V: int, dtype, repeats: int, device: str = "cp
     page faults of a fresh ``[rows, V]`` result); ``floor_s`` is their sum, ``gemm_gflops`` = 6 rows d V / floor."""
     import torch
 
-    x = torch.randn(rows, d).to(device=device, dtype=dtype)
-    w = torch.randn(V, d).to(device=device, dtype=dtype)
-    g = torch.randn(rows, V).to(device=device, dtype=dtype)
+    x = torch.randn(rows, d, device=device).to(dtype)
+    w = torch.randn(V, d, device=device).to(dtype)
+    g = torch.randn(rows, V, device=device).to(dtype)
     o_logits = torch.empty(rows, V, dtype=dtype, device=device)
     o_dx, o_dw = torch.empty(rows, d, dtype=dtype, device=device), torch.empty(V, d, dtype=dtype, device=device)
     torch.mm(x[:64], w.t())  # library start-up
