@@ -13,7 +13,7 @@ ever holds the ``[B, V]`` logits of the last position.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -195,13 +195,17 @@ def token_logprobs(model, examples: Sequence[dict], pad_id: int, batch_size: int
 
 # ----------------------------------------------------------------------------- generation
 
-def batch_greedy(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, pad_id: int,
+def batch_greedy(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: Union[int, Sequence[int]], pad_id: int,
                  eos_id: Optional[int]) -> list[list[int]]:
-    """Greedy continuation of left-padded prompts with a KV cache; stops at EOS (not returned) or the limit.
-    Positions are counted from each prompt's first real token, so padding does not shift them."""
+    """Greedy continuation of left-padded prompts with a KV cache; stops at EOS (not returned) or the limit
+    (``max_new_tokens``: one number, or one per prompt). Positions are counted from each prompt's first real
+    token, so padding does not shift them."""
     model = unwrap(model)
     dev = model_device(model)
     n = len(prompts)
+    limits = [int(max_new_tokens)] * n if isinstance(max_new_tokens, int) else [int(x) for x in max_new_tokens]
+    if len(limits) != n:
+        raise ValueError(f"{len(limits)} generation limits for {n} prompts")
     width = max(len(p) for p in prompts)
     ids = torch.full((n, width), pad_id, dtype=torch.long)
     mask = torch.zeros((n, width), dtype=torch.long)
@@ -212,14 +216,16 @@ def batch_greedy(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     w, b = head_params(model)
     out_tokens = [[] for _ in range(n)]
-    done = torch.zeros(n, dtype=torch.bool, device=dev)
+    done = torch.tensor([lim <= 0 for lim in limits], dtype=torch.bool, device=dev)
+    if bool(done.all()):
+        return out_tokens
     with eval_mode(model):
         base = backbone(model)
         out = base(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
         cache = _cache_of(out)
         cache_kw = _cache_kwarg(base)
         h = _last_hidden(out)[:, -1]
-        for _ in range(max_new_tokens):
+        for _ in range(max(limits)):
             logits = F.linear(h, w, b).float()  # [B, V]: the last position only
             nxt = logits.argmax(-1)
             if eos_id is not None:
@@ -228,6 +234,8 @@ def batch_greedy(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
                 newly = torch.zeros_like(done)
             for i in torch.nonzero(~done & ~newly).flatten().tolist():
                 out_tokens[i].append(int(nxt[i]))
+                if len(out_tokens[i]) >= limits[i]:
+                    newly[i] = True
             done |= newly
             if bool(done.all()):
                 break
@@ -266,11 +274,16 @@ def _cache_kwarg(base) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, pad_id: int, eos_id: Optional[int],
-             batch_size: int = 16, desc: str = "generate", progress: bool = False) -> list[list[int]]:
-    """Batched greedy generation of every prompt, sharded over the ranks (results in input order)."""
+def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: Union[int, Sequence[int]], pad_id: int,
+             eos_id: Optional[int], batch_size: int = 16, desc: str = "generate",
+             progress: bool = False) -> list[list[int]]:
+    """Batched greedy generation of every prompt (``max_new_tokens``: one limit or one per prompt), sharded over
+    the ranks (results in input order)."""
+    limits = [int(max_new_tokens)] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(limits) != len(prompts):
+        raise ValueError(f"{len(limits)} generation limits for {len(prompts)} prompts")
     return run_sharded(len(prompts), [len(p) for p in prompts], batch_size,
-                       lambda b: batch_greedy(model, [prompts[i] for i in b], max_new_tokens=max_new_tokens,
+                       lambda b: batch_greedy(model, [prompts[i] for i in b], max_new_tokens=[limits[i] for i in b],
                                               pad_id=pad_id, eos_id=eos_id),
                        desc=desc, progress=progress)
 

@@ -63,3 +63,20 @@ def test_global_batches_independent_of_world_and_sorted():
 
 def test_prompt_of():
     assert R.prompt_of({"input_ids": [1, 2, 3, 4], "labels": [-100, -100, 3, 4]}) == [1, 2]
+
+
+def test_per_prompt_generation_limits_equal_hf_generate():
+    """One budget per prompt (TOFU's per-batch max_length): each prompt's tokens equal HF greedy with that budget."""
+    V = 40
+    model = tiny_llama(V, seed=3)
+    prompts = [[1, 5, 9], [1, 7], [1, 3, 4, 5, 6, 8], [1, 20, 21, 22]]
+    limits = [4, 0, 7, 1]
+    got = R.generate(model, prompts, max_new_tokens=limits, pad_id=0, eos_id=None, batch_size=3)
+    for p, lim, g in zip(prompts, limits, got):
+        assert len(g) == lim
+        if lim:
+            ref = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                 max_new_tokens=lim, do_sample=False, pad_token_id=0, eos_token_id=None)
+            assert g == ref[0, len(p):].tolist()
+    with pytest.raises(ValueError, match="3 generation limits for 4 prompts"):
+        R.generate(model, prompts, max_new_tokens=[1, 2, 3], pad_id=0, eos_id=None)
