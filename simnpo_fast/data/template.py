@@ -1,16 +1,22 @@
 """Prompt templates and the QA / raw-text encoders that produce ``{"input_ids", "labels"}`` examples.
 
-Masking rules (the part unlearning depends on):
+Masking rules (the part unlearning depends on), those of the benchmarks' reference code (locuslab/tofu
+``data_module.convert_raw_data_to_model_format``; open-unlearning ``src/data/utils.preprocess_chat_instance``):
 
 * ``labels`` are aligned with ``input_ids`` (HF style; the model code shifts them).
-* Prompt tokens (BOS, template tags, question) get ``-100``; the answer tokens **and the appended EOS** are the
-  targets. The prompt and the answer are tokenised separately and concatenated, so the boundary is exact (no
-  "tokenise prompt alone and hope the count matches" off-by-one).
+* The *whole* text ``prompt + answer`` is tokenised in one call, exactly as the references do, and the first
+  ``len(tokenize(prompt))`` tokens (BOS, template tags, question) get ``-100``; the remaining tokens **and an
+  appended EOS** are the targets. Tokenising the answer on its own instead would change the tokens at the
+  border for SentencePiece tokenizers (Llama's dummy-prefix space) and so every score. When the prompt's own
+  tokens are not a prefix of the joint tokenisation (a merge across the border), the first ``len(prompt)``
+  tokens are masked all the same, as in the references, and the example is counted (``boundary_mismatch``)
+  and warned about.
 * Padding is the collator's job and is decided by lengths, never by comparing ids with ``pad_token_id``; a real
   EOS is therefore a target even when ``pad_token_id == eos_token_id`` (open-unlearning issue #128).
 * Overlong examples: if the prompt plus one answer token does not fit, the example is dropped (counted, warned;
   or an error with ``overlong="error"``); if only the answer overflows it is cut (``overlong="truncate"``, the
-  default: counted and warned, EOS lost) or dropped (``overlong="drop"``). Never a silent cut into the prompt.
+  default: counted and warned, EOS lost; TOFU's ``truncation=True`` keeps the same first ``max_length``
+  tokens) or dropped (``overlong="drop"``). Never a silent cut into the prompt.
 """
 from __future__ import annotations
 
@@ -23,44 +29,122 @@ import torch
 from .formats import DataError, DataWarning, _lines
 
 IGNORE_INDEX = -100
+EOS_PLACEHOLDER = "{eos_token}"
 
 
 @dataclass(frozen=True)
 class PromptTemplate:
-    """How a question becomes a prompt. ``prompt = question_start + question + question_end + answer_start``;
-    the answer is tokenised as ``answer_prefix + answer`` (the space lives with the answer, as in running text).
-    With ``use_chat_template`` the tokenizer's chat template renders the prompt instead (BOS comes from it)."""
+    """How a QA pair becomes text: ``prompt = question_start + question + question_end + answer_start`` and
+    ``full = prompt + answer_prefix + answer``; the prompt's tokens are masked, the rest plus EOS are targets.
+    ``{eos_token}`` in a tag is replaced by the tokenizer's EOS string.
+
+    ``add_bos``: ``True`` prepends the tokenizer's BOS (when it has one), ``False`` never does, ``None`` does
+    what ``tokenizer(text, add_special_tokens=True)`` does (the references' call: BOS for Llama tokenizers and
+    this project's BPE, nothing for GPT-2 / phi-1.5). With ``use_chat_template`` the tokenizer's chat template
+    renders the prompt (``add_generation_prompt=True``) and the whole conversation (the answer as the assistant
+    turn), both tokenised without special tokens, as ``apply_chat_template(tokenize=True)`` does
+    (open-unlearning ``preprocess_chat_instance``). ``reference`` says where the format comes from."""
 
     name: str = "plain"
     question_start: str = "Question: "
     question_end: str = "\n"
     answer_start: str = "Answer:"
     answer_prefix: str = " "
-    add_bos: bool = True
+    add_bos: bool | None = True
     use_chat_template: bool = False
     system_prompt: str | None = None
+    reference: str = ""
+
+    @staticmethod
+    def _fill(text: str, tokenizer) -> str:
+        if EOS_PLACEHOLDER in text:
+            if tokenizer is None or tokenizer.eos_token is None:
+                raise ValueError(f"template tag {text!r} needs a tokenizer with an eos_token")
+            text = text.replace(EOS_PLACEHOLDER, tokenizer.eos_token)
+        return text
+
+    def _chat(self, question: str, answer: str | None, tokenizer) -> str:
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"template '{self.name}' needs a tokenizer with a chat_template")
+        msgs = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else [])
+        msgs.append({"role": "user", "content": question})
+        if answer is None:
+            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        msgs.append({"role": "assistant", "content": answer})
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
 
     def prompt_text(self, question: str, tokenizer=None) -> str:
         if self.use_chat_template:
-            if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-                raise ValueError(f"template '{self.name}' needs a tokenizer with a chat_template")
-            msgs = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else [])
-            msgs.append({"role": "user", "content": question})
-            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        return f"{self.question_start}{question}{self.question_end}{self.answer_start}"
+            return self._chat(question, None, tokenizer)
+        return "".join(self._fill(t, tokenizer) for t in (self.question_start, question, self.question_end,
+                                                         self.answer_start))
 
-    def answer_text(self, answer: str) -> str:
-        return answer if self.use_chat_template else self.answer_prefix + answer
+    def answer_text(self, answer: str, tokenizer=None) -> str:
+        """The answer as it follows the prompt (non-chat templates)."""
+        return answer if self.use_chat_template else self._fill(self.answer_prefix, tokenizer) + answer
+
+    def full_text(self, question: str, answer: str, tokenizer=None) -> str:
+        """The text tokenised in one call: prompt followed by the answer (or the rendered conversation)."""
+        if self.use_chat_template:
+            return self._chat(question, answer, tokenizer)
+        return self.prompt_text(question, tokenizer) + self.answer_text(answer, tokenizer)
+
+    def bos_ids(self, tokenizer) -> list[int]:
+        """The BOS this template prepends with ``tokenizer`` (``[]`` or ``[bos_token_id]``)."""
+        bos = tokenizer.bos_token_id
+        if self.use_chat_template or bos is None or self.add_bos is False:
+            return []
+        if self.add_bos is None and not adds_bos(tokenizer):
+            return []
+        return [bos]
 
 
-#: Built-in templates by model family. ``chat`` defers to ``tokenizer.chat_template``.
+def adds_bos(tokenizer) -> bool:
+    """Whether ``tokenizer(text, add_special_tokens=True)`` prepends the BOS token (Llama and this project's BPE
+    do; GPT-2 / phi-1.5 tokenizers do not)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    key = id(tokenizer)
+    hit = _ADDS_BOS.get(key)
+    if hit is not None and hit[0] is tokenizer:
+        return hit[1]
+    with_sp = tokenizer("a", add_special_tokens=True)["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    res = len(with_sp) > len(without) and with_sp[0] == bos
+    _ADDS_BOS[key] = (tokenizer, res)
+    return res
+
+
+_ADDS_BOS: dict = {}
+
+#: Built-in templates by model family, each with the reference string it reproduces.
 TEMPLATES: dict[str, PromptTemplate] = {
-    "plain": PromptTemplate(),
-    "phi": PromptTemplate(name="phi"),  # TOFU's phi-1.5 format is the plain Question/Answer one
-    "llama2": PromptTemplate(name="llama2", question_start="[INST] ", question_end=" [/INST]", answer_start=""),
-    "zephyr": PromptTemplate(name="zephyr", question_start="<|user|>\n", question_end="\n",
-                             answer_start="<|assistant|>\n", answer_prefix=""),
-    "chat": PromptTemplate(name="chat", use_chat_template=True, answer_prefix=""),
+    "plain": PromptTemplate(
+        name="plain",
+        reference="this project's own format: 'Question: {q}\\nAnswer:' + ' {a}' (BOS whenever the tokenizer has "
+                  "one; no benchmark reference)"),
+    "phi": PromptTemplate(
+        name="phi", question_start="Question: ", question_end="\n", answer_start="", answer_prefix="Answer: ",
+        add_bos=None,
+        reference="locuslab/tofu config/model_config.yaml 'phi' (question_start_tag 'Question: ', "
+                  "question_end_tag '\\n', answer_tag 'Answer: ') as data_module.convert_raw_data_to_model_format "
+                  "uses it: 'Question: {q}\\n' masked, 'Answer: {a}' + EOS the target"),
+    "llama2": PromptTemplate(
+        name="llama2", question_start="[INST] ", question_end=" [/INST]", answer_start="", answer_prefix="",
+        add_bos=None,
+        reference="locuslab/tofu config/model_config.yaml 'llama2-7b' and open-unlearning "
+                  "configs/model/Llama-2-7b-chat-hf.yaml: '[INST] ' + q + ' [/INST]' + a, no space before the "
+                  "answer (asst_start_tag '')"),
+    "zephyr": PromptTemplate(
+        name="zephyr", question_start="<|user|>\n", question_end=EOS_PLACEHOLDER + "\n",
+        answer_start="<|assistant|>\n", answer_prefix="", add_bos=False,
+        reference="the chat template of HuggingFaceH4/zephyr-7b-beta rendered with add_generation_prompt: "
+                  "'<|user|>\\n' + q + eos + '\\n<|assistant|>\\n', then a + EOS (no BOS, as "
+                  "apply_chat_template tokenises)"),
+    "chat": PromptTemplate(
+        name="chat", use_chat_template=True, answer_prefix="", add_bos=False,
+        reference="open-unlearning src/data/utils.preprocess_chat_instance with apply_chat_template: True"),
 }
 
 
@@ -86,13 +170,15 @@ class EncodeReport:
     dropped_answer_too_long: list[int] = field(default_factory=list)
     truncated_answer: list[int] = field(default_factory=list)
     empty_answer: list[int] = field(default_factory=list)
+    boundary_mismatch: list[int] = field(default_factory=list)  # prompt tokens not a prefix of the joint ones
     short_windows: int = 0  # raw text: last windows shorter than the window length (kept, padded later)
     dropped_short_windows: int = 0  # raw text: windows under min_tokens (dropped)
 
     def summary(self) -> str:
         return (f"{self.kept}/{self.total} kept; dropped {len(self.dropped_prompt_too_long)} (prompt too long) + "
                 f"{len(self.dropped_answer_too_long)} (answer too long); {len(self.truncated_answer)} answers "
-                f"truncated (EOS lost); {len(self.empty_answer)} empty answers")
+                f"truncated (EOS lost); {len(self.empty_answer)} empty answers; {len(self.boundary_mismatch)} "
+                f"prompt/answer border merges")
 
 
 def _special_ids(tokenizer) -> tuple[int | None, int]:
@@ -119,24 +205,33 @@ def encode_qa_batch(tokenizer, questions: Sequence[str], answers: Sequence[str],
                     overlong: str = "truncate", add_eos: bool = True, warn: bool = True,
                     source: str = "QA data") -> tuple[list[dict], list[int], EncodeReport]:
     """Encode QA pairs. Returns ``(examples, rows, report)``: examples are ``{"input_ids", "labels"}`` lists,
-    ``rows`` the input index of each kept example. ``overlong`` in ``truncate`` / ``drop`` / ``error``."""
+    ``rows`` the input index of each kept example. ``overlong`` in ``truncate`` / ``drop`` / ``error``.
+
+    ``input_ids = BOS? + tokenize(full_text)`` and the first ``len(BOS? + tokenize(prompt_text))`` labels are
+    -100 (TOFU ``convert_raw_data_to_model_format``: ``num_question_tokens = len(tokenizer.tokenize(question,
+    add_special_tokens=True))``); EOS is appended as a target unless the text already ends with it
+    (open-unlearning ``preprocess_chat_instance``)."""
     if overlong not in ("truncate", "drop", "error"):
         raise ValueError(f"overlong must be 'truncate', 'drop' or 'error', got {overlong!r}")
     if len(questions) != len(answers):
         raise ValueError(f"{len(questions)} questions but {len(answers)} answers")
     tpl = get_template(template, tokenizer)
-    bos, eos = _special_ids(tokenizer)
+    _, eos = _special_ids(tokenizer)
     questions, answers = list(questions), list(answers)
     prompts = [tpl.prompt_text(q, tokenizer) for q in questions]
+    fulls = [tpl.full_text(q, a, tokenizer) for q, a in zip(questions, answers)]
     p_ids = token_ids(tokenizer, prompts)
-    a_ids = token_ids(tokenizer, [tpl.answer_text(a) for a in answers])
-    head = [bos] if (tpl.add_bos and not tpl.use_chat_template and bos is not None) else []
-    tail = [eos] if add_eos else []
+    f_ids = token_ids(tokenizer, fulls)
+    head = tpl.bos_ids(tokenizer)
     rep = EncodeReport(total=len(prompts))
     examples, rows = [], []
-    for i, (p, a) in enumerate(zip(p_ids, a_ids)):
-        p = head + p
-        a = a + tail
+    for i, (p, f) in enumerate(zip(p_ids, f_ids)):
+        if f[: len(p)] != p:
+            rep.boundary_mismatch.append(i)
+        a = list(f[len(p):])
+        p = head + list(f[: len(p)])
+        if add_eos and not (a and a[-1] == eos):
+            a = a + [eos]
         if not answers[i].strip():
             rep.empty_answer.append(i)
         if len(p) + 1 > max_length:
@@ -172,6 +267,9 @@ def _warn_encode(rep: EncodeReport, source: str, max_length: int) -> None:
     if rep.truncated_answer:
         msgs.append(f"truncated the answer of {len(rep.truncated_answer)} example(s), losing their EOS "
                     f"(rows {_lines(rep.truncated_answer)})")
+    if rep.boundary_mismatch:
+        msgs.append(f"{len(rep.boundary_mismatch)} example(s) tokenise across the prompt/answer border; their "
+                    f"first len(prompt) tokens are masked as in the references (rows {_lines(rep.boundary_mismatch)})")
     if msgs:
         warnings.warn(f"{source}: max_length={max_length}: " + "; ".join(msgs), DataWarning, stacklevel=3)
 

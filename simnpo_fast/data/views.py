@@ -1,8 +1,9 @@
 """Evaluation views: a question with its true, paraphrased and perturbed (wrong) answers, tokenised as candidates.
 
-Every candidate is encoded exactly like a training example (same template, prompt = -100, EOS appended), so
-log-probabilities of the true answer, its paraphrase and the perturbed answers are comparable (TOFU's truth
-ratio, the real-authors / world-facts option accuracy).
+Every candidate is encoded exactly like a training example (same template, ``prompt + answer`` tokenised in one
+call as in TOFU's ``TextDatasetQA``, prompt = -100, EOS appended), so log-probabilities of the true answer, its
+paraphrase and the perturbed answers are comparable (TOFU's truth ratio, the real-authors / world-facts option
+accuracy).
 
 Sources: ``forget{01,05,10}_perturbed`` and ``retain_perturbed`` (``paraphrased_answer``, a list
 ``perturbed_answer``, ``paraphrased_question``); ``real_authors`` / ``world_facts`` in either layout:
@@ -125,6 +126,9 @@ def encode_candidates(rows: Sequence[dict], tokenizer, *, template: str | Prompt
     if rep.truncated_answer:
         warnings.warn(f"{source}: truncated {len(rep.truncated_answer)} candidate answer(s) at max_length="
                       f"{max_length}", DataWarning, stacklevel=2)
+    if rep.boundary_mismatch:
+        warnings.warn(f"{source}: {len(rep.boundary_mismatch)} candidate(s) tokenise across the prompt/answer "
+                      f"border (first len(prompt) tokens masked, as in the references)", DataWarning, stacklevel=2)
     return CandidateDataset([items[i] for i in sorted(items)], bad, len(rep.truncated_answer), source)
 
 

@@ -16,7 +16,8 @@ def _file_rows(d, name):
 
 
 def _check_candidate(tok, ex, prompt_ids, text):
-    """Oracle: prompt ids masked, then the separately tokenised ' ' + text and EOS as targets."""
+    """Oracle: prompt ids masked, then the separately tokenised ' ' + text and EOS as targets (for this byte-level
+    BPE the same tokens as the joint tokenisation: its pre-tokenizer splits before ' ' + word)."""
     ans = tok(" " + text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     assert ex["input_ids"] == prompt_ids + ans
     assert ex["labels"] == [M] * len(prompt_ids) + ans
@@ -37,11 +38,16 @@ def test_tofu_forget10_perturbed_view(tofu_dir, bpe_tok):
 
 
 def test_paraphrased_question_view(tofu_dir, bpe_tok):
+    """llama2 on the paraphrased question, against TOFU's TextDatasetQA encoding: '[INST] q [/INST]' + answer
+    (no space) tokenised once, the question's tokens masked, EOS appended."""
     view = load_eval_view(tofu_dir, "forget01_perturbed", bpe_tok, question="paraphrased_question", template="llama2")
     r = _file_rows(tofu_dir, "forget01_perturbed")[0]
-    prompt = [bpe_tok.bos_token_id] + bpe_tok(f"[INST] {r['paraphrased_question']} [/INST]",
-                                              add_special_tokens=False)["input_ids"]
-    _check_candidate(bpe_tok, view[0]["answer"], prompt, r["answer"])
+    prompt = f"[INST] {r['paraphrased_question']} [/INST]"
+    for ex, text in [(view[0]["answer"], r["answer"])] + list(zip(view[0]["perturbed"], r["perturbed_answer"])):
+        full = bpe_tok(prompt + text)["input_ids"]
+        n_q = len(bpe_tok.tokenize(prompt, add_special_tokens=True))
+        assert ex["input_ids"] == full + [bpe_tok.eos_token_id]
+        assert ex["labels"] == [M] * n_q + full[n_q:] + [bpe_tok.eos_token_id]
 
 
 @pytest.mark.parametrize("name,n", [("real_authors", 100), ("world_facts", 117)])
