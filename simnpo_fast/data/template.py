@@ -105,18 +105,10 @@ def adds_bos(tokenizer) -> bool:
     bos = tokenizer.bos_token_id
     if bos is None:
         return False
-    key = id(tokenizer)
-    hit = _ADDS_BOS.get(key)
-    if hit is not None and hit[0] is tokenizer:
-        return hit[1]
     with_sp = tokenizer("a", add_special_tokens=True)["input_ids"]
     without = tokenizer("a", add_special_tokens=False)["input_ids"]
-    res = len(with_sp) > len(without) and with_sp[0] == bos
-    _ADDS_BOS[key] = (tokenizer, res)
-    return res
+    return len(with_sp) > len(without) and with_sp[0] == bos
 
-
-_ADDS_BOS: dict = {}
 
 #: Built-in templates by model family, each with the reference string it reproduces.
 TEMPLATES: dict[str, PromptTemplate] = {
