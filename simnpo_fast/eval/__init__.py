@@ -1,10 +1,12 @@
 """Evaluation: TOFU and MUSE metrics, distributed (any world size, identical numbers), the relearning attack
 and reports (JSON + Markdown + PNG).
 
-Pure metrics (``metrics``)::
+Pure metrics (``metrics``; the reference code's definitions, cited there)::
 
-    length_normalised_prob, option_probability, truth_ratio, truth_ratio_stat, forget_quality (KS p-value),
-    harmonic_mean, rouge_l / rouge_l_recall / rouge_l_f1, min_k_prob, auc, privleak
+    length_normalised_prob, option_probability, truth_ratio_logp / truth_ratio (geometric mean, as the TOFU
+    code), truth_ratio_stat (max(0, 1-R)), forget_truth_ratio_stat (min(R, 1/R)), forget_quality (KS p-value),
+    harmonic_mean, rouge_l_recall (TOFU, stemmed) / rouge_l_f1 (MUSE, unstemmed), min_k_score (MUSE Min-K%),
+    roc_auc, privleak_auc (forget = 0, holdout = 1), privleak (percent), AUC_RETRAIN (news / books)
 
 Model-side (``runner``; fused likelihoods, batched greedy generation, world-size-independent sharding)::
 
@@ -14,8 +16,8 @@ Model-side (``runner``; fused likelihoods, batched greedy generation, world-size
 
 Benchmarks, attack, reports::
 
-    evaluate_tofu(model, tokenizer, data_dir, TofuEvalConfig(forget_split="forget10"), reference=None) -> dict
-    evaluate_muse(model, tokenizer, muse_dir, MuseEvalConfig(), retrain_auc=None) -> dict
+    evaluate_tofu(model, tokenizer, data_dir, TofuEvalConfig(protocol="tofu"|"open-unlearning"), reference=None)
+    evaluate_muse(model, tokenizer, muse_dir, MuseEvalConfig(corpus="news"), retrain_auc=None) -> dict
     relearn_attack(model, tokenizer, data_dir, RelearnConfig(n_examples=20, steps=10), reference=) -> dict
     write_report({name: result}, out_dir, history=None) -> {name: json, "markdown", "plot", "curves"}
     EvalHook(data_dir, tokenizer, every=N)     trainer hook (``hooks={"after_backward": hook}``)
@@ -25,12 +27,13 @@ or a DDP/FSDP wrapper; in ``torch.distributed`` every rank must call the same fu
 """
 from . import metrics
 from .hook import EvalHook
-from .muse import MuseEvalConfig, evaluate_muse
+from .muse import MuseEvalConfig, evaluate_muse, load_muse_files
 from .relearn import RelearnConfig, relearn_attack
 from .report import write_report
 from .runner import generate, logprobs, token_logprobs
-from .tofu import TofuEvalConfig, evaluate_tofu, reference_truth_ratios, summarize
+from .tofu import PROTOCOLS, TofuEvalConfig, evaluate_tofu, reference_truth_ratios, summarize
 
 __all__ = ["metrics", "generate", "logprobs", "token_logprobs", "TofuEvalConfig", "evaluate_tofu",
-           "reference_truth_ratios", "summarize", "MuseEvalConfig", "evaluate_muse", "RelearnConfig",
+           "reference_truth_ratios", "summarize", "PROTOCOLS", "MuseEvalConfig", "evaluate_muse",
+           "load_muse_files", "RelearnConfig",
            "relearn_attack", "write_report", "EvalHook"]

@@ -12,13 +12,14 @@ TOFU_COLUMNS = (
     ("forget/probability", "forget prob"),
     ("forget/rouge_l_recall", "forget ROUGE-L"),
     ("forget/truth_ratio", "forget truth ratio"),
+    ("forget/truth_ratio_stat", "forget TR min(R,1/R)"),
     ("forget_quality", "forget quality"),
     ("retain/probability", "retain prob"),
     ("retain/rouge_l_recall", "retain ROUGE-L"),
     ("model_utility", "model utility"),
 )
 MUSE_COLUMNS = (("verbmem_forget", "VerbMem forget"), ("knowmem_forget", "KnowMem forget"),
-                ("knowmem_retain", "KnowMem retain"), ("privleak_auc", "Min-K% AUC"), ("privleak", "PrivLeak"))
+                ("knowmem_retain", "KnowMem retain"), ("privleak_auc", "Min-40% AUC"), ("privleak", "PrivLeak %"))
 
 
 def save_json(obj, path: str) -> str:

@@ -71,7 +71,7 @@ def test_report_files_and_table(tmp_path):
     a = {"summary": {"forget/probability": 0.5, "forget_quality": 1e-5, "model_utility": 0.25}}
     b = {"summary": {"forget/probability": 0.125, "forget_quality": 0.5, "model_utility": 0.2}}
     md = markdown_table({"A": a["summary"], "B": b["summary"]})
-    assert "| A | 0.5000 | - | - | 1.00e-05 | - | - | 0.2500 |" in md
+    assert "| A | 0.5000 | - | - | - | 1.00e-05 | - | - | 0.2500 |" in md
     paths = write_report({"A": a, "B": b}, str(tmp_path / "rep"), title="t",
                          history=[{"step": 0, "summary": a["summary"]}, {"step": 5, "summary": b["summary"]}])
     for k in ("A", "B", "plot", "curves", "markdown"):
