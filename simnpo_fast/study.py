@@ -211,14 +211,20 @@ def load_hf(path: str):
 
 
 def eval_config(cfg: dict):
+    """The study's TOFU evaluation: ``eval.protocol`` (default ``tofu``: the reference's first 300 questions per
+    set, 200-token candidates, greedy generation up to 200 tokens in total); ``eval.max_new_tokens``,
+    ``eval.max_length`` and ``eval.max_examples`` override the protocol when set."""
     from .eval import TofuEvalConfig
 
     e = cfg.get("eval", {})
-    return TofuEvalConfig(forget_split=cfg["forget_split"], batch_size=int(e.get("batch_size", 32)),
-                          gen_batch_size=int(e.get("gen_batch_size", 32)),
-                          max_new_tokens=int(e.get("max_new_tokens", 48)),
-                          max_length=int(cfg["data"].get("max_length", 128)), template="plain",
-                          max_examples=e.get("max_examples"))
+
+    def opt(key):
+        return None if e.get(key) is None else int(e[key])
+
+    return TofuEvalConfig(forget_split=cfg["forget_split"], protocol=e.get("protocol", "tofu"),
+                          batch_size=int(e.get("batch_size", 32)), gen_batch_size=int(e.get("gen_batch_size", 32)),
+                          max_new_tokens=opt("max_new_tokens"), max_length=opt("max_length"), template="plain",
+                          max_examples=opt("max_examples"))
 
 
 # ============================================================================= the study
@@ -291,11 +297,28 @@ def run_study(cfg: dict, out_dir: str, *, seeds: Optional[List[int]] = None, met
         rows[name], std[name] = _summary_stats(runs)
     elapsed = time.perf_counter() - t0
     out = {"config": {k: v for k, v in cfg.items()}, "seeds": seeds, "methods": methods, "rows": rows, "std": std,
-           "per_seed": per_seed, "elapsed_s": elapsed, "command": command}
+           "per_seed": per_seed, "elapsed_s": elapsed, "command": command, "protocol": ecfg.protocol,
+           "eval_settings": ecfg.resolved(), "machine": _machine()}
     save_json(out, os.path.join(out_dir, "study.json"))
     if results_dir:
         write_study_results(out, results_dir)
     return out
+
+
+def _machine() -> str:
+    """CPU model and core count (wall times depend on them; the CPU may be shared)."""
+    import platform
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores"
 
 
 def _with_fq(res: dict, ref: dict) -> dict:
@@ -312,7 +335,8 @@ def write_study_results(study: dict, results_dir: str) -> Dict[str, str]:
     name = study["config"].get("name", "tofu-mini")
     rows, std = study["rows"], study["std"]
     cols = (("forget/probability", "forget prob"), ("forget/rouge_l_recall", "forget ROUGE-L"),
-            ("forget/truth_ratio", "forget truth ratio"), ("log10_forget_quality", "log10 forget quality"),
+            ("forget/truth_ratio", "forget truth ratio"), ("forget/truth_ratio_stat", "forget TR min(R,1/R)"),
+            ("log10_forget_quality", "log10 forget quality"),
             ("retain/probability", "retain prob"), ("retain/rouge_l_recall", "retain ROUGE-L"),
             ("model_utility", "model utility"))
     md_rows = {}
@@ -323,11 +347,16 @@ def write_study_results(study: dict, results_dir: str) -> Dict[str, str]:
                     title=f"{name}: mean over seeds {study['seeds']}")
     cfg = {k: v for k, v in study["config"].items() if not k.startswith("_")}
     md = [f"# {name}", "", f"Command: `{study['command']}`", "",
-          f"Seeds: {study['seeds']}; wall time {study['elapsed_s'] / 60:.1f} min (2-core CPU).", "",
+          f"Seeds: {study['seeds']}; wall time {study['elapsed_s'] / 60:.1f} min on "
+          f"{study.get('machine', 'a 2-core CPU')} (shared with other jobs: wall times are upper bounds).", "",
           markdown_table(md_rows, cols), "",
-          "forget quality = KS-test p-value vs the retain-only model (log10, mean over seeds); model utility = "
-          "harmonic mean of the 9 retain / real-authors / world-facts numbers. `+ relearn` = after the "
-          "relearning attack.", "", f"![{name}]({os.path.basename(png)})", "", "Config:", "", "```yaml",
+          "Metrics as the TOFU reference code computes them (protocol `" + str(study.get("protocol", "tofu"))
+          + "`): truth ratio R = geometric mean of the perturbed answers' length-normalised probabilities over "
+          "the paraphrased one's; `forget truth ratio` = mean R, `forget TR min(R,1/R)` = TOFU's forget "
+          "statistic; forget quality = KS-test p-value of the forget-set R vs the retain-only model's (log10, "
+          "mean over seeds); model utility = harmonic mean of the 9 retain / real-authors / world-facts numbers. "
+          "`+ relearn` = after the relearning attack.", "", f"![{name}]({os.path.basename(png)})", "", "Config:", "",
+          "```yaml",
           yaml.safe_dump(cfg, sort_keys=False).strip(), "```", ""]
     md_path = os.path.join(results_dir, f"{name}.md")
     with open(md_path, "w", encoding="utf-8") as f:

@@ -85,7 +85,8 @@ def sp_tok(syn_dir):
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
     tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
-    texts = corpus_texts(syn_dir) + ["[INST] Who? [/INST]Yes.", "Question: x\nAnswer: y", "<|user|>\nq\n<|assistant|>\n"]
+    texts = corpus_texts(syn_dir) + ["[INST] Who? [/INST]Yes.", "Question: x\nAnswer: y",
+                                     "<|user|>\nq\n<|assistant|>\n"]
     tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=1500, special_tokens=["<unk>", "<s>", "</s>"],
                                                        show_progress=False))
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",

@@ -67,4 +67,5 @@ def test_cli_tofu_protocol_on_real_tofu(tofu_dir, tmp_path):
     widths = [max(pe["prompt_tokens"][:30]), max(pe["prompt_tokens"][30:])]
     assert pe["max_new_tokens"] == [200 - widths[0]] * 30 + [200 - widths[1]] * 15
     assert g["rouge_l_recall"] == pytest.approx(np.mean(pe["rouge_l_recall"])) and len(pe["generation"]) == 45
-    assert pe["answer_mean_logp"] == pytest.approx(res["sets"]["forget"]["per_example"]["answer_mean_logp"][:45], rel=1e-5)
+    first = res["sets"]["forget"]["per_example"]["answer_mean_logp"][:45]
+    assert pe["answer_mean_logp"] == pytest.approx(first, rel=1e-5)  # other batches, float rounding only
