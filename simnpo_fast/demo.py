@@ -3,8 +3,9 @@
 1. generate the fictitious-author corpus (TOFU layout) and train its BPE tokenizer;
 2. finetune a tiny Llama on all of it (the *target*) and a retain-only twin (the forget-quality reference);
 3. unlearn forget10 from the target with SimNPO (fused loss, FSDP2 trainer), evaluating every few steps;
-4. evaluate target, retain and unlearned models with the TOFU metrics and print the table, plus where the
-   report, the plots and the unlearned HF model were written.
+4. evaluate target, retain and unlearned models with the TOFU metrics (the reference code's definitions,
+   ``eval.protocol`` of the config, default ``tofu``) and print the table, plus where the report, the plots and
+   the unlearned HF model were written.
 
 Sizes and hyper-parameters: ``simnpo_fast/configs/demo.yaml``. ``python -m simnpo_fast.cli demo --out DIR``.
 The old fused-loss showcase is kept as :func:`showcase` (``--showcase``).
@@ -110,6 +111,8 @@ def main(out_dir: str = "demo_out", config: str = "demo", overrides=None, with_s
     print()
     print(text_table(rows))
     print()
+    print(f"metrics:         the TOFU reference code's (protocol {ecfg.protocol!r}: truth ratio = geometric mean, "
+          f"forget TR = mean min(R, 1/R), forget quality = KS p-value vs the retain model)")
     print(f"report:          {paths['markdown']}")
     print(f"plots:           {paths['plot']}" + (f", {paths['curves']}" if "curves" in paths else ""))
     print(f"unlearned model: {hf}  (AutoModelForCausalLM.from_pretrained)")
