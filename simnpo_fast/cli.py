@@ -42,7 +42,10 @@ def main(argv=None) -> int:
     from .distributed import owned_process_group
 
     def command() -> int:
-        with owned_process_group():  # under torchrun: every rank leaves through a barrier + destroy_process_group
+        from .data.formats import empty_splits_are_errors
+
+        # under torchrun: every rank leaves through a barrier + destroy_process_group
+        with owned_process_group(), empty_splits_are_errors():
             if args.cmd == "demo":
                 from .demo import main as demo_main
 

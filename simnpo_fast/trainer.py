@@ -158,10 +158,6 @@ class TrainConfig:
         _check_int("data.max_length", d.max_length, ge=2)
         _check_int("data.window", d.window, ge=2)
         _check_int("data.vocab_size", d.vocab_size, ge=259, why="256 bytes + 3 special tokens")
-        from .data.template import TEMPLATES
-
-        if d.template not in TEMPLATES:
-            raise ConfigError(f"data.template: unknown template {d.template!r}; choose one of {sorted(TEMPLATES)}")
         if d.pairing not in ("random", "cycle", "fixed"):
             raise ConfigError(f"data.pairing must be random, cycle or fixed, got {d.pairing!r}")
         d.synthetic = _check_synthetic(d.synthetic)
@@ -243,9 +239,21 @@ def _check_int(key: str, v, *, ge=None, why: str = "") -> None:
         raise ConfigError(f"{key} must be >= {ge}{f' ({why})' if why else ''}, got {v}")
 
 
-def _check_synthetic(syn) -> dict:
+def _check_data_names(cfg: "TrainConfig") -> None:
+    """The checks that need the data package (a few seconds to import, so not in ``validate``, which stays
+    instant for ``load_config``): run by :func:`train` before any work."""
     from .data.synthetic import FACTS
+    from .data.template import TEMPLATES
 
+    d = cfg.data
+    if d.template not in TEMPLATES:
+        raise ConfigError(f"data.template: unknown template {d.template!r}; choose one of {sorted(TEMPLATES)}")
+    n = d.synthetic.get("facts_per_author", 1)
+    if not n <= len(FACTS):
+        raise ConfigError(f"data.synthetic.facts_per_author must be in 1..{len(FACTS)}, got {n}")
+
+
+def _check_synthetic(syn) -> dict:
     if not isinstance(syn, dict):
         raise ConfigError(f"data.synthetic must be a mapping, got {syn!r}")
     unknown = set(syn) - set(SYNTHETIC_KEYS)
@@ -254,8 +262,8 @@ def _check_synthetic(syn) -> dict:
     out = {k: _coerce(SYNTHETIC_KEYS[k], v, f"data.synthetic.{k}") for k, v in syn.items()}
     if out.get("n_authors", 2) < 2:
         raise ConfigError(f"data.synthetic.n_authors must be >= 2, got {out['n_authors']}")
-    if not 1 <= out.get("facts_per_author", 1) <= len(FACTS):
-        raise ConfigError(f"data.synthetic.facts_per_author must be in 1..{len(FACTS)}, got {out['facts_per_author']}")
+    if out.get("facts_per_author", 1) < 1:
+        raise ConfigError(f"data.synthetic.facts_per_author must be >= 1, got {out['facts_per_author']}")
     if out.get("n_perturbed", 3) < 3:
         raise ConfigError(f"data.synthetic.n_perturbed must be >= 3, got {out['n_perturbed']}")
     return out
@@ -863,6 +871,7 @@ def train(cfg: TrainConfig, *, hooks: Optional[dict] = None, overwrite: bool = F
     from . import run_folder as RF
 
     cfg.validate()
+    _check_data_names(cfg)
     info = init_distributed(cfg.parallel.device)
     requested = config_to_dict(cfg)
     artifacts = RUN_ARTIFACTS + (("data",) if cfg.data.kind == "synthetic" and cfg.data.path is None else ())

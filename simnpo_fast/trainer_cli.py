@@ -117,7 +117,9 @@ def main(argv=None) -> int:
     from .distributed import owned_process_group
 
     def command() -> int:
-        with owned_process_group():
+        from .data.formats import empty_splits_are_errors
+
+        with owned_process_group(), empty_splits_are_errors():
             return args.func(args)
 
     return run_command(command, debug=debug)

@@ -17,6 +17,7 @@ counted in a :class:`ReadReport` and announced with a :class:`DataWarning` (or r
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
@@ -62,6 +63,19 @@ class DataWarning(UserWarning):
     """Something was skipped, truncated or is suspicious; the message carries the count."""
 
 
+class EmptySplitWarning(DataWarning):
+    """A file or split holds no rows. The command line turns it into an error (:func:`empty_splits_are_errors`)."""
+
+
+@contextlib.contextmanager
+def empty_splits_are_errors():
+    """Within the block an empty split raises :class:`EmptySplitWarning` (a ``DataWarning``) instead of warning:
+    a metric over no examples is no result."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EmptySplitWarning)
+        yield
+
+
 @dataclass
 class ReadReport:
     """What happened while reading one file. Line numbers are 1-based."""
@@ -100,7 +114,7 @@ def _warn_report(rep: ReadReport, on_bad: str) -> None:
     if rep.rows == 0:
         if on_bad == "raise":
             raise DataError(rep.path, "the file holds no rows (empty split)")
-        warnings.warn(f"{rep.path}: empty split (0 rows)", DataWarning, stacklevel=3)
+        warnings.warn(f"{rep.path}: empty split (0 rows)", EmptySplitWarning, stacklevel=3)
 
 
 def _check_on_bad(on_bad: str) -> None:
@@ -231,14 +245,23 @@ def load_tofu(source: str, split: str, *, question_field: str = "question", answ
     if os.path.isdir(source):
         return load_qa(split_path(source, split), question_field=question_field, answer_field=answer_field,
                        extra_fields=extra_fields, on_bad=on_bad)
-    if "/" in source and not os.path.isabs(source) and not source.startswith("."):
+    if _looks_like_hub_id(source):
         ds = datasets.load_dataset(source, split, split="train")  # hub: network required
         rows = ds.to_list()
         if not rows:
             _warn_report(ReadReport(f"{source}:{split}"), on_bad)
         return records_to_qa(rows, f"{source}:{split}", question_field=question_field,
                              answer_field=answer_field, extra_fields=extra_fields)
-    raise DataFileNotFoundError(source, "data folder not found (and not a hub id like 'locuslab/TOFU')")
+    raise DataFileNotFoundError(source, f"data folder not found (relative to {os.getcwd()}; a hub id is only tried "
+                                        "for the form owner/name when no local folder 'owner' exists)")
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    """``owner/name`` and nothing local about it: a missing relative path such as ``data/tofu`` (``data`` exists
+    here) or ``./tofu`` is a missing folder, not a hub id (no network retries for a typo)."""
+    parts = source.split("/")
+    return (len(parts) == 2 and all(parts) and not source.startswith((".", "~")) and not os.path.isabs(source)
+            and not os.path.exists(parts[0]) and not source.endswith(_DATA_EXTS + (".txt",)))
 
 
 def find_overlap(forget: datasets.Dataset | Sequence[dict], retain: datasets.Dataset | Sequence[dict],

@@ -53,12 +53,42 @@ def add_relearn_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+def _check_args(args) -> None:
+    """Command-line values that cannot run: a ConfigError (exit 2) naming the option, before any work."""
+    import math
+
+    from ..errors import ConfigError
+
+    for opt, v, lo in (("--batch-size", args.batch_size, 1), ("--max-new-tokens", args.max_new_tokens, 1),
+                       ("--max-length", args.max_length, 2), ("--max-examples", args.max_examples, 1),
+                       ("--n-examples", getattr(args, "n_examples", None), 1),
+                       ("--steps", getattr(args, "steps", None), 1),
+                       ("--relearn-batch-size", getattr(args, "relearn_batch_size", None), 1)):
+        if v is not None and v < lo:
+            raise ConfigError(f"{opt} must be >= {lo}, got {v}")
+    lr = getattr(args, "lr", None)
+    if lr is not None and not (math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"--lr must be a finite number > 0, got {lr}")
+
+
+def _require_folder(args) -> None:
+    """``--data`` and ``--model`` are local folders (never hub ids: nothing is downloaded)."""
+    from ..data import DataError
+    from ..errors import ModelError
+
+    if not os.path.isdir(args.data):
+        raise DataError(args.data, f"data folder not found (relative to {os.getcwd()}; local folders only)")
+    if not os.path.isdir(args.model):
+        raise ModelError(f"--model {args.model!r}: not a local model folder (relative to {os.getcwd()})")
+
+
 def _setup(args):
     import torch
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
     from ..data import load_tokenizer
+    from ..errors import ModelError
 
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
         cuda = torch.cuda.is_available() and args.device != "cpu"
@@ -68,7 +98,11 @@ def _setup(args):
     dev = args.device
     if dev == "auto":
         dev = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(args.model).to(dev)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - transformers / safetensors raise many types
+        raise ModelError(f"--model {args.model!r}: cannot load the model: {type(e).__name__}: {e}") from e
+    model = model.to(dev)
     model.eval()
     tok = load_tokenizer(args.tokenizer or args.model)
     return model, tok
@@ -91,6 +125,11 @@ def _rank0() -> bool:
 def run_eval(args) -> int:
     from .report import text_table, write_report
 
+    from ..errors import check_finite
+
+    _check_args(args)
+    if args.task == "tofu":
+        _require_folder(args)
     model, tok = _setup(args)
     progress = not args.no_progress
     if args.task == "tofu":
@@ -103,6 +142,7 @@ def run_eval(args) -> int:
 
         cfg = MuseEvalConfig(batch_size=args.batch_size, max_examples=args.max_examples)
         res = evaluate_muse(model, tok, args.data, cfg, retrain_auc=args.retrain_auc, progress=progress)
+    check_finite(res["summary"], f"{args.task} evaluation of {args.model}")
     res["model"] = os.path.abspath(args.model)
     out = args.out or os.path.join(args.model, "eval")
     if _rank0():
@@ -116,6 +156,10 @@ def run_relearn(args) -> int:
     from .relearn import RelearnConfig, relearn_attack
     from .report import save_json, text_table, write_report
 
+    from ..errors import check_finite
+
+    _check_args(args)
+    _require_folder(args)
     model, tok = _setup(args)
     rc = RelearnConfig(n_examples=args.n_examples, steps=args.steps, lr=args.lr,
                        batch_size=args.relearn_batch_size, seed=args.seed, max_length=args.max_length,
@@ -123,6 +167,8 @@ def run_relearn(args) -> int:
     res = relearn_attack(model, tok, args.data, rc, eval_cfg=_tofu_cfg(args, args.sets if hasattr(args, "sets")
                                                                           else ("forget",)),
                          reference=args.reference, in_place=True, progress=not args.no_progress)
+    check_finite(res["before"]["summary"], f"relearning of {args.model}: before")
+    check_finite(res["after"]["summary"], f"relearning of {args.model}: after")
     out = args.out or os.path.join(args.model, "relearn")
     if _rank0():
         paths = write_report({"before": res["before"], "after": res["after"]}, out,
