@@ -13,6 +13,10 @@ NPO keeps no live reference model: one pass over the forget set before training 
 forget example (stored in every checkpoint). A retain-KL term keeps a frozen, sharded reference model
 (``reshard_after_forward=True``) whose final hidden states feed the fused KL (``simnpo_fast.kl_loss``) together
 with one copy of its LM head (``[V, d]``, taken on first use): no ``[tokens, V]`` reference log-probabilities.
+
+The output folder belongs to one run (:mod:`simnpo_fast.run_folder`: lock, run id, fresh / resume / overwrite
+rules) and checkpoints are verified before use (:mod:`simnpo_fast.checkpoint`). Configs are checked strictly
+before any work: every bad key, type or value is a :class:`~simnpo_fast.errors.ConfigError` naming it.
 """
 from __future__ import annotations
 
