@@ -2,7 +2,7 @@
 
 The paper-style figure (``<name>.png``) plots, per setting, the KL to the retrained model on the forget data
 (pooled, forget1, forget2) against the KL on the retain data, one curve per method through the evaluation
-points, mean over seeds with a +-1 std band on the forget KL. ``<name>-weights.png`` shows the forget KLs over
+points, mean over seeds, shaded between the seeds' lowest and highest forget KL. ``<name>-weights.png`` shows the forget KLs over
 the iterations and the per-sequence gradient weights ``w`` on forget1 vs forget2 (see :mod:`.core`).
 """
 from __future__ import annotations
@@ -56,6 +56,8 @@ def summarize(study: dict) -> Dict[str, dict]:
             s["methods"][m] = {
                 "mean": {k: v.mean(0).tolist() for k, v in curves.items()},
                 "std": {k: v.std(0).tolist() for k, v in curves.items()},
+                "min": {k: v.min(0).tolist() for k, v in curves.items()},
+                "max": {k: v.max(0).tolist() for k, v in curves.items()},
                 "final": {k: _ms(v[:, -1]) for k, v in curves.items()},
                 "start": {k: _ms(v[:, 0]) for k, v in curves.items()},
                 "run_mean": {k: _ms(v.mean(1)) for k, v in curves.items() if k in WEIGHT_KEYS},
@@ -86,9 +88,9 @@ def plot_tradeoff(study: dict, path: str) -> str:
             for i, (m, d) in enumerate(s["methods"].items()):
                 color, ls = _style(m, i)
                 x, y = np.array(d["mean"]["kl_retrain/retain"]), np.array(d["mean"][f"kl_retrain/{c}"])
-                sd = np.array(d["std"][f"kl_retrain/{c}"])
+                lo, hi = np.array(d["min"][f"kl_retrain/{c}"]), np.array(d["max"][f"kl_retrain/{c}"])
                 ax.plot(x, y, ls, color=color, label=m, lw=1.5)
-                ax.fill(np.r_[x, x[::-1]], np.r_[y - sd, (y + sd)[::-1]], color=color, alpha=0.12, lw=0)
+                ax.fill(np.r_[x, x[::-1]], np.r_[lo, hi[::-1]], color=color, alpha=0.12, lw=0)
                 ax.plot(x[-1], y[-1], "x", color=color)
             ax.plot(x[0], y[0], "ko", ms=5, label="pretrained (start)")
             ax.set_xscale("log")
@@ -98,8 +100,8 @@ def plot_tradeoff(study: dict, path: str) -> str:
             ax.set_title(f"{study['config']['settings'][setting].get('title', setting)}", fontsize=8)
             ax.grid(alpha=0.3, which="both")
         axes[row, 0].legend(fontsize=7)
-    return _save(plt, fig, path, f"{study['name']}: mean over seeds {study['seeds']} (band: +-1 std of the "
-                                 f"forget KL; x = end of run)")
+    return _save(plt, fig, path, f"{study['name']}: mean over seeds {study['seeds']} (band: lowest to highest "
+                                 f"seed's forget KL; x = end of run)")
 
 
 def plot_weights(study: dict, path: str) -> str:
@@ -113,9 +115,8 @@ def plot_weights(study: dict, path: str) -> str:
         for i, (m, d) in enumerate(s["methods"].items()):
             color, ls = _style(m, i)
             for col, key in enumerate(("kl_retrain/forget1", "kl_retrain/forget2")):
-                y, sd = np.array(d["mean"][key]), np.array(d["std"][key])
-                axes[row, col].plot(it, y, ls, color=color, label=m)
-                axes[row, col].fill_between(it, y - sd, y + sd, color=color, alpha=0.12, lw=0)
+                axes[row, col].plot(it, d["mean"][key], ls, color=color, label=m)
+                axes[row, col].fill_between(it, d["min"][key], d["max"][key], color=color, alpha=0.12, lw=0)
             if study["config"]["methods"][m]["objective"] in ("npo", "simnpo"):
                 axes[row, 2].plot(it, d["mean"]["weight/forget1"], ls, color=color, label=f"{m} forget1")
                 axes[row, 2].plot(it, d["mean"]["weight/forget2"], ls, color=color, alpha=0.45, lw=2.5,
@@ -128,11 +129,11 @@ def plot_weights(study: dict, path: str) -> str:
             ax.set_title(f"{setting}: {t}", fontsize=8)
             ax.set_xlabel("unlearning iteration")
             ax.grid(alpha=0.3)
-            if col < 2:
+            if col < 3:  # weights too: NPO's start at 1, SimNPO's at ~2/n * sigmoid(mean log p)
                 ax.set_yscale("log")
         axes[row, 2].legend(fontsize=6)
         axes[row, 3].legend(fontsize=6)
-    return _save(plt, fig, path, f"{study['name']}: mean over seeds {study['seeds']}")
+    return _save(plt, fig, path, f"{study['name']}: mean over seeds {study['seeds']} (band: lowest to highest seed)")
 
 
 def _f(d: Optional[dict], digits: int = 3) -> str:
@@ -183,22 +184,35 @@ def _compare(study: dict, setting: str, a: str, b: str) -> List[str]:
     s = study["summary"][setting]["methods"]
     if a not in s or b not in s:
         return []
-    out, wins, total = [], 0, 0
+    pairs, wins = [], 0
     for budget, ma in s[a]["matched"].items():
         mb = s[b]["matched"][budget]
         if ma["mean"] is None or mb["mean"] is None:
             continue
-        total += 1
         wins += ma["mean"] < mb["mean"]
-    out.append(f"* {a} vs {b}: lower pooled forget KL at equal retain KL in **{wins} of {total}** budgets where both "
-               f"have points; at the end of the run forget KL {_f(s[a]['final']['kl_retrain/forget'])} vs "
-               f"{_f(s[b]['final']['kl_retrain/forget'])} with retain KL "
-               f"{_f(s[a]['final']['kl_retrain/retain'])} vs {_f(s[b]['final']['kl_retrain/retain'])}.")
-    sa, sb = s[a]["run_mean"]["push_share/forget1"]["mean"], s[b]["run_mean"]["push_share/forget1"]["mean"]
-    even = "more" if abs(sa - 0.5) < abs(sb - 0.5) else "less"
-    out.append(f"  Forget1's share of the push averaged over the run: {sa:.2f} ({a}) vs {sb:.2f} ({b}): "
-               f"{a} splits it **{even}** evenly between the two forget chains (0.5 = even per sequence).")
-    return out
+        pairs.append(f"{budget}x: {_f(ma)} vs {_f(mb)}")
+    fa, fb = s[a]["final"], s[b]["final"]
+    share = {m: (s[m]["start"]["push_share/forget1"]["mean"], s[m]["run_mean"]["push_share/forget1"]["mean"])
+             for m in (a, b)}
+    closer = a if abs(share[a][1] - 0.5) < abs(share[b][1] - 0.5) else b
+    return [f"* **{a} vs {b}**: lower pooled forget KL at equal retain KL in **{wins} of {len(pairs)}** budgets "
+            f"({'; '.join(pairs)}). End of the run: forget KL {_f(fa['kl_retrain/forget'])} vs "
+            f"{_f(fb['kl_retrain/forget'])}, retain KL {_f(fa['kl_retrain/retain'])} vs "
+            f"{_f(fb['kl_retrain/retain'])}. Forget1's share of the push at the start / averaged over the run: "
+            f"{share[a][0]:.2f} / {share[a][1]:.2f} vs {share[b][0]:.2f} / {share[b][1]:.2f} (0.5 = the same push "
+            f"per sequence on both chains; closer to it over the run: {closer})."]
+
+
+CAVEATS = [
+    "Scale, read with the tables: the two forget losses weight a *summed* log-likelihood, NPO with w = 1 at the "
+    "start, SimNPO with w ~ (2/n) sigmoid(mean log p), 1-2 orders of magnitude less. AdamW normalises the step "
+    "of a single loss, so without a retain term the scale does not matter, but with a retain NLL of weight 1 the "
+    "two methods sit at different points of the forget / retain balance; the matched-retain table compares them "
+    "at equal retain damage, which accounts for that only as far as the trajectories reach the same retain KL.",
+    "The runs are 50 iterations long (the reference's); every forget loss here eventually over-unlearns (the "
+    "forget KL to the retrained model falls, then grows again), so the lowest point of a trajectory within a "
+    "retain budget is an early-stopped result, and the end of the run is the reference protocol's result.",
+]
 
 
 def protocol_lines(cfg: dict) -> List[str]:
@@ -230,7 +244,10 @@ def write_markdown(study: dict, path: str, plots: Dict[str, str]) -> str:
     lines = [f"# {study['name']}: the SimNPO paper's mixture-of-Markov-chains study", "",
              f"Command: `{study['command'] or 'run_markov(...)'}`", "",
              f"Run {date}: wall time **{t['elapsed_s'] / 60:.1f} min** (models {t['models_s'] / 60:.1f} min, "
-             f"unlearning + evaluation {t['unlearn_s'] / 60:.1f} min), {t['workers']} worker process(es) x "
+             f"unlearning + evaluation {t['unlearn_s'] / 60:.1f} min); the jobs used "
+             f"{t.get('jobs_cpu_s', float('nan')) / 60:.1f} CPU-min, about "
+             f"{t.get('jobs_cpu_s', float('nan')) / 60 / max(1, t['workers']):.1f} min of wall time on {t['workers']} idle "
+             f"core(s). {t['workers']} worker process(es) x "
              f"{study['config'].get('threads', 1)} torch thread; {mach.get('cpu', '?')} ({', '.join(mach.get('flags', []))}), "
              f"{mach.get('cores')} cores, load average {t['loadavg_start']} at the start and {t['loadavg_end']} at "
              f"the end (the cores were shared with other jobs when the load exceeds the worker count).", "",
@@ -252,8 +269,9 @@ def write_markdown(study: dict, path: str, plots: Dict[str, str]) -> str:
         lines += ["", "Lowest pooled forget KL (to retrained) among the evaluation points whose retain KL is within "
                   "a multiple of the pretrained model's (seeds with such a point):", ""] + _matched_table(study, setting)
         lines += ["", "Per-sequence gradient weights on held-out forget sequences:", ""] + _weight_table(study, setting)
-        lines += ["", "Computed comparisons:", ""] + _compare(study, setting, "SimNPO", "NPO") + \
+        lines += ["", "Reading (computed from the tables above):", ""] + _compare(study, setting, "SimNPO", "NPO") + \
             _compare(study, setting, "SimNPO+RT", "NPO+RT")
+    lines += ["", "## Caveats", ""] + [f"* {c}" for c in CAVEATS]
     lines += ["", "## Plots", ""] + [f"![{k}]({os.path.basename(v)})" for k, v in plots.items()] + [""]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:

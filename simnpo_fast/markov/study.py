@@ -4,7 +4,9 @@ Stages: (1) per seed, the retrained (retain-only) model and one pretrained model
 kept in ``<out>/models`` under a name that hashes everything they depend on (a changed config trains new
 ones, nothing is overwritten); (2) per (seed, setting), every method unlearns a copy of the pretrained model
 on the same batch schedule, with the KLs and weights recorded along the way. Both stages are lists of
-independent jobs, run in ``workers`` spawned processes (1 torch thread each) or in this process.
+independent jobs, run in ``workers`` spawned processes (1 torch thread each) or in this process. The timing
+records the wall time, the load average and the CPU time of the jobs (on a shared machine the wall time grows
+with the load; the CPU time divided by the worker count estimates the wall time on idle cores).
 """
 from __future__ import annotations
 
@@ -64,13 +66,13 @@ def run_model_job(job: dict) -> dict:
     torch.set_num_threads(int(cfg.get("threads", 1)))
     if os.path.isfile(job["path"]):
         return {"path": job["path"], "reused": True, **torch.load(job["path"], weights_only=True)["stats"]}
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     seqs = [s for c, spec in job["chains"].items() for s in _chain(cfg, job["seed"], c, spec).train]
     model = build_model(cfg["model"], int(cfg["data"]["n_states"]), job["seed"])
     p = cfg["pretrain"]
     stats = pretrain(model, seqs, epochs=int(p["epochs"]), batch_size=int(p["batch_size"]), lr=float(p["lr"]),
                      seed=job["seed"])
-    stats["seconds"] = time.perf_counter() - t0
+    stats["seconds"], stats["cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
     os.makedirs(os.path.dirname(job["path"]), exist_ok=True)
     tmp = job["path"] + f".tmp{os.getpid()}"
     torch.save({"state": model.state_dict(), "stats": stats}, tmp)
@@ -99,7 +101,7 @@ def run_setting_job(job: dict) -> dict:
     """Every method of one (seed, setting): trajectories, references and checks."""
     cfg, seed, setting = job["cfg"], job["seed"], job["setting"]
     torch.set_num_threads(int(cfg.get("threads", 1)))
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     data = {c: _chain(cfg, seed, c, spec) for c, spec in chain_specs(cfg, setting).items()}
     pre, re = load_model(cfg, job["pretrained"], seed), load_model(cfg, job["retrained"], seed)
     n_eval = int(cfg["data"]["n_eval"])
@@ -120,7 +122,7 @@ def run_setting_job(job: dict) -> dict:
     ev_re = evaluate(re, sets)
     return {"seed": seed, "setting": setting, "methods": histories,
             "retrained_kl_true": {c: ev_re[c]["kl_true"] for c in CHAINS},
-            "checks": _checks(data, sets), "seconds": time.perf_counter() - t0}
+            "checks": _checks(data, sets), "seconds": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
 
 
 def pool_map(fn, jobs: List[dict], workers: int) -> List[dict]:
@@ -231,10 +233,11 @@ def run_markov(cfg: dict, out_dir: str, *, seeds: Optional[List[int]] = None, me
     t1 = time.perf_counter()
     runs = pool_map(run_setting_job, setting_jobs, workers)
     elapsed = time.perf_counter() - t0
+    cpu = sum(m["cpu_s"] for m in model_stats if not m["reused"]) + sum(r["cpu_s"] for r in runs)
     study = {"name": cfg.get("name", "markov"), "command": command, "seeds": seeds, "methods": methods,
              "config": cfg, "runs": runs, "models": model_stats,
              "timing": {"elapsed_s": elapsed, "models_s": t1 - t0, "unlearn_s": elapsed - (t1 - t0),
-                        "workers": workers, "loadavg_start": load0, "loadavg_end": _loadavg()},
+                        "jobs_cpu_s": cpu, "workers": workers, "loadavg_start": load0, "loadavg_end": _loadavg()},
              "machine": machine()}
     study["summary"] = report.summarize(study)
     report.save_json(study, os.path.join(out_dir, "study.json"))

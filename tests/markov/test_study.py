@@ -31,7 +31,7 @@ def test_files_and_checks(quick):
             assert abs(c["true_chain_kl"]) < 1e-6  # the true chain through the evaluation path
     md = open(os.path.join(quick["res"], "markov-quick.md")).read()
     assert "simnpo-fast study markov --quick" in md or "run_markov" in md
-    assert "load average" in md and "Computed comparisons" in md
+    assert "load average" in md and "CPU-min" in md and "Reading (computed" in md
 
 
 def test_trajectories(quick):
