@@ -269,6 +269,19 @@ def nll_task():
     return _nll
 
 
+def _hf_nll(weight, bias, hidden, *, labels, normalizer=None):
+    """:func:`_nll` at the precision HF's own head would have: under ``torch.autocast`` (HF ``Trainer(fp16=True)``
+    / accelerate) ``F.linear`` runs in the autocast dtype, so hidden, weight and bias are cast to it (gradients
+    flow back through the casts to the fp32 master weights); the fused op itself then runs with autocast off."""
+    dev = hidden.device.type
+    if not torch.is_autocast_enabled(dev):
+        return _nll(weight, bias, hidden, labels=labels, normalizer=normalizer)
+    dt = torch.get_autocast_dtype(dev)
+    with torch.autocast(dev, enabled=False):
+        return _nll(weight.to(dt), None if bias is None else bias.to(dt), hidden.to(dt), labels=labels,
+                    normalizer=normalizer)
+
+
 def _ref_hidden(weight, bias, hidden, *, cache: dict):
     if "weight" not in cache:
         # a frozen reference: its LM head is copied once (an FSDP unit frees its unsharded weight after forward)
@@ -295,7 +308,9 @@ def patch(model, *, ignore_index: int = -100, backend=None):
     * ``model(input_ids, attention_mask)`` (no labels) is unchanged: logits as before (generation works);
     * ``model(input_ids, attention_mask, labels=labels)`` returns ``CausalLMOutputWithPast(loss=..., logits=None,
       hidden_states=(last_hidden,))`` where ``loss`` is the token-mean NLL over ``labels != -100`` (HF's shifted
-      cross-entropy, same value) computed inside the LM head's forward (FSDP / DeepSpeed / accelerate safe);
+      cross-entropy, same value) computed inside the LM head's forward (FSDP / DeepSpeed / accelerate safe), in
+      the autocast dtype under ``torch.autocast`` like HF's head (fp16 + ``GradScaler`` works: the loss scale is
+      applied in fp32 before the gradients are rounded to fp16, see ``simnpo_fast/ops.py``);
     * ``model(input_ids, attention_mask, head_task=task, **task_kw)`` returns whatever ``task(weight, bias,
       hidden, **task_kw)`` returns (e.g. :func:`unlearn_task`), used by :class:`simnpo_fast.hf.UnlearningTrainer`.
 
@@ -321,7 +336,7 @@ def patch(model, *, ignore_index: int = -100, backend=None):
         if head_task is not None:
             return head(hidden, task=head_task, **task_kw)
         norm = None if num_items_in_batch is None else float(num_items_in_batch)
-        loss, _, _ = head(hidden, task=_nll, labels=labels, normalizer=norm)
+        loss, _, _ = head(hidden, task=_hf_nll, labels=labels, normalizer=norm)
         return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=(hidden,))
 
     model.forward = types.MethodType(forward, model)

@@ -17,13 +17,20 @@ from .objectives.base import check_reduction
 BackendArg = Union[None, str, Backend]
 
 
+def _no_autocast(x: torch.Tensor):
+    """The backends run at their inputs' dtypes: an enclosing ``torch.autocast`` must not recast their GEMMs
+    (the caller casts the inputs if it wants the autocast dtype, as ``model.patch`` does)."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 class _SeqLogprob(torch.autograd.Function):
     """logp_sum [S] with a recomputing backward: any loss may be built on top of it."""
 
     @staticmethod
     def forward(ctx, x, w, b, targets, seq_ids, num_seqs, backend, rows):
         kw = {} if rows is None else {"rows": rows}
-        lp, lse = backend.token_logprob(x, w, b, targets, **kw)
+        with _no_autocast(x):
+            lp, lse = backend.token_logprob(x, w, b, targets, **kw)
         out = torch.zeros(num_seqs, dtype=lp.dtype, device=x.device).index_add_(0, seq_ids, lp)
         ctx.save_for_backward(x, w, b, targets, seq_ids, lse, lp, rows)
         ctx.backend = backend
@@ -36,9 +43,10 @@ class _SeqLogprob(torch.autograd.Function):
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         g = grad_out.to(lp.dtype).index_select(0, seq_ids)  # the upstream gradient stays fp32 (fp64)
         kw = {} if rows is None else {"rows": rows}
-        dx, dw, db = ctx.backend.token_logprob_backward(
-            x, w, b, targets, lse, g, need_dx, need_dw, need_db and b is not None, lp=lp, **kw
-        )
+        with _no_autocast(x):
+            dx, dw, db = ctx.backend.token_logprob_backward(
+                x, w, b, targets, lse, g, need_dx, need_dw, need_db and b is not None, lp=lp, **kw
+            )
         return (
             None if dx is None else dx.to(x.dtype),
             None if dw is None else dw.to(w.dtype),
@@ -57,9 +65,10 @@ class _FusedSeqLoss(torch.autograd.Function):
         need = [want_grad and n for n in ctx.needs_input_grad[:3]]
         need[2] = need[2] and b is not None
         kw = {} if rows is None else {"rows": rows}
-        loss_sum, logp_sum, dx, dw, db = backend.fused_seq_loss(
-            x, w, b, targets, seq_ids, offsets, num_seqs, head, *need, **kw
-        )
+        with _no_autocast(x):
+            loss_sum, logp_sum, dx, dw, db = backend.fused_seq_loss(
+                x, w, b, targets, seq_ids, offsets, num_seqs, head, *need, **kw
+            )
         ctx.grads = _hold_grads((dx, dw, db), (x, w, b))
         ctx.mark_non_differentiable(logp_sum)
         return loss_sum * scale, logp_sum
@@ -140,7 +149,8 @@ class _FusedKL(torch.autograd.Function):
 
         need = [want_grad and n for n in ctx.needs_input_grad[:3]]
         need[2] = need[2] and b is not None
-        loss, dx, dw, db = fused_kl(x, w, b, xr, wr, br, rows, scale, *need, chunk_rows_override=chunk_rows)
+        with _no_autocast(x):
+            loss, dx, dw, db = fused_kl(x, w, b, xr, wr, br, rows, scale, *need, chunk_rows_override=chunk_rows)
         ctx.grads = _hold_grads((dx, dw, db), (x, w, b))
         return loss
 

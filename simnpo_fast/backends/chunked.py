@@ -29,12 +29,13 @@ close ``p_t`` is to 1 (a memorised forget set):
 - fp32 / fp64 tiles: ``m = max z``; ``z <- exp(z - m)``; ``z_t <- 0``; ``so = sum z`` (the other entries; torch's
   cascade sum, good to ~1 ulp at any V) and ``s = so + exp(z_t - m)``; ``lp_t = -log1p(so / exp(z_t - m))`` when
   ``p_t >= 1/2``, else ``(z_t - m) - log s``; ``z_t <- -so`` (= ``s (p_t - 1)``); ``row_scale = -g / s``.
-- bf16 tiles: ``z <- softmax(z)`` (ATen's fused row kernel, fp32 inside, one pass, no max pass); ``z_t <- 0``;
-  ``so = sum z`` (one read pass, fp32 accumulation: ``1 - p_t`` to the 2^-9 relative rounding of the entries
-  themselves); ``lp_t = log1p(-so)`` when ``p_t > 1/2``, else ``log p_t``; ``z_t <- p_t - 1``; ``row_scale = -g``.
-  On CPU, where every 16-bit elementwise pass converts to fp32 and back, the fused softmax took a bf16 step
-  (N=2048, d=512, V=32000, 2-core Xeon) from 335-365 to ~262 ms (``python -m bench.chunk_rows --dtype bf16``);
-  the ``so`` pass costs one read of the tile.
+- bf16 tiles: ``z <- softmax(z)`` (ATen's fused row kernel, fp32 inside, one pass, no max pass); rows with
+  ``p_t > 1/2``: ``z_t <- 0``, ``so = sum z`` (fp32 accumulation: ``1 - p_t`` to the 2^-9 relative rounding of
+  the entries themselves), ``lp_t = log1p(-so)``; other rows: ``lp_t = log p_t`` (``p_t`` rounded once to bf16:
+  2^-9 relative on ``p_t``, i.e. <= 0.002 on ``lp_t``); ``z_t <- p_t - 1``; ``row_scale = -g``. On CPU, where
+  every 16-bit elementwise pass converts to fp32 and back, the fused softmax took a bf16 step (N=2048, d=512,
+  V=32000, 2-core Xeon) from 335-365 to ~262 ms (``python -m bench.chunk_rows --dtype bf16``); the ``so`` sum
+  reads the rows with ``p_t > 1/2`` once more (all of them on a memorised forget set, none on random logits).
 - fp16 tiles: ``z_t <- -inf``; ``mo = max z``; ``z <- softmax(z)`` = ``q``, the distribution of the *other*
   tokens (``q_v = p_v / (1 - p_t)``); ``lo = mo - log max q``; ``z_t <- -1``; ``row_scale = -g (1 - p_t)``. An
   fp16 softmax of the whole row would flush every ``p_v`` of a peaked row to zero (below 6e-8); ``q`` keeps them
@@ -324,9 +325,16 @@ def _forward_softmax_(z, tgt, relogits):
     zt = _gather(z, tgt, torch.float32)
     _softmax_(z)
     pt = _gather(z, tgt, torch.float32)
-    _put_targets_(z, tgt, 0.0)
-    so = z.sum(dim=1).float()             # = 1 - p_t from the other entries (fp32 accumulation inside)
     near1 = pt > 0.5
+    so = 1.0 - pt
+    n1 = int(near1.sum())
+    if n1:  # 1 - p_t from the other entries of these rows (fp32 accumulation inside the sum)
+        _put_targets_(z, tgt, 0.0)
+        if 3 * n1 >= z.shape[0]:
+            so = torch.where(near1, z.sum(dim=1).float(), so)
+        else:  # a few rows: gather them (a copy of n1 rows beats a read of all R)
+            idx = near1.nonzero().squeeze(1)
+            so = so.index_copy(0, idx, z.index_select(0, idx).sum(dim=1).float())
     lp = torch.where(near1, torch.log1p(-so), torch.log(pt))
     small = (lp < _BF16_LOG_TINY).nonzero().squeeze(1)
     if small.numel():  # p_t below the smallest normal bf16: recompute the row, its lse in fp32
