@@ -221,6 +221,11 @@ for tdt, name, dt in ((tl.bfloat16, "bf16", torch.bfloat16), (tl.float32, "fp32"
     build(K._bwd_dw_kernel, ptr, dict(base, ATOMIC=True, NEED_DW=True, NEED_DB=True), nw, ns)
 build(K._combine_kernel, {"tgt_ptr": "*i64"}, {"N_SPLIT": 2, "BLOCK": 1024}, 4, 1)
 build(K._seq_sum_kernel, {"tgt_ptr": "*i64", "off_ptr": "*i64", "cnt_ptr": "*i64"}, {"BLOCK": 256}, 4, 1)
+from simnpo_fast.kernels import epilogue as E
+for name in ("bf16", "fp16", "fp32"):
+    bv = 2048 if name == "fp32" else 4096
+    build(E._other_lse_kernel, {"z_ptr": "*" + name, "tgt_ptr": "*i64"}, {"BLOCK_V": bv}, 8, 1)
+    build(E._qtile_kernel, {"z_ptr": "*" + name, "out_ptr": "*" + name, "tgt_ptr": "*i64"}, {"BLOCK_V": bv}, 8, 1)
 print("AOT-OK")
 """
 
@@ -235,8 +240,8 @@ def _nvidia_backend():
 
 @pytest.mark.skipif(not _nvidia_backend(), reason="triton without its NVIDIA backend")
 def test_kernels_compile_for_sm90():
-    """Ahead-of-time compile (TTIR -> TTGIR -> PTX -> cubin with ptxas) of every kernel at the GPU tile
-    sizes, no GPU needed: what passes in the interpreter must also build for an H100 (tl.dot shapes, layouts,
+    """Ahead-of-time compile (TTIR -> TTGIR -> PTX -> cubin with ptxas) of every kernel (seq_logprob and the
+    tile epilogue) at the GPU tile sizes, no GPU needed: what passes in the interpreter must also build for an H100 (tl.dot shapes, layouts,
     shared memory). Runs in a subprocess because the jit functions are bound to the interpreter here."""
     import subprocess
     import sys
