@@ -80,7 +80,8 @@ def finetune_nll(model, examples, cfg: RelearnConfig, pad_id: int, *, progress: 
         if not torch.isfinite(loss.detach()):
             from ..errors import NonFiniteError
 
-            raise NonFiniteError(f"relearning step {len(losses) + 1}: non-finite loss ({float(loss)}) at lr {cfg.lr}")
+            raise NonFiniteError(f"relearning step {len(losses) + 1}: non-finite loss ({float(loss.detach())}) "
+                                 f"at lr {cfg.lr}")
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
