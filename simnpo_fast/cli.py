@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     _add_bench_parser(sub)
     args = parser.parse_args(argv)
     if args.cmd in ("plan", "bench"):
-        return run_command(lambda: args.func(args), debug=debug)
+        return run_command(lambda: _plan_or_bench(args), debug=debug)
     from .distributed import owned_process_group
 
     def command() -> int:
@@ -53,6 +53,18 @@ def main(argv=None) -> int:
             return args.func(args)
 
     return run_command(command, debug=debug)
+
+
+def _plan_or_bench(args) -> int:
+    """``plan`` reads nothing but its options: a ValueError there is a bad option (exit 2)."""
+    from .errors import ConfigError, SimnpoError
+
+    try:
+        return args.func(args)
+    except ValueError as e:
+        if args.cmd != "plan" or isinstance(e, SimnpoError):
+            raise
+        raise ConfigError(str(e)) from e
 
 
 def _add_bench_parser(sub) -> None:

@@ -253,3 +253,9 @@ def test_library_relearn_on_no_examples_raises(world):
     with pytest.raises(ValueError, match="asked for 5 relearning examples but the forget split has 3"):
         relearn_subset(3, 5, 0)
     assert json.dumps(relearn_subset(3, 0, 0)) == "[]"
+
+
+def test_plan_with_an_unknown_model_is_an_option_error(capsys):
+    code, lines, err = _run(["plan", "--model", "no-such-model", "--gpus", "8"], capsys)
+    line = _one_line(err, lines)
+    assert code == 2 and line.startswith("simnpo-fast: config error: unknown model 'no-such-model'"), line
