@@ -2,11 +2,18 @@
 
     simnpo-fast eval --model runs/x/hf --data ../shared/data/tofu --reference runs/retain/eval/eval.json
     torchrun --nproc_per_node 2 -m simnpo_fast.cli eval --model ... --data ...     # sharded, same numbers
-    simnpo-fast eval --task muse --model ... --data muse/news --retrain-auc runs/retrain/eval/eval.json
+    simnpo-fast eval --task muse --model ... --data muse_bench/data/bbc --corpus news [--sets privleak]
+    simnpo-fast eval --task muse --model ... --data ... --retrain-auc 0.4772 | runs/retrain/eval/eval.json
     simnpo-fast relearn --model runs/x/hf --data ... --n-examples 20 --steps 10 --reference ...
 
 Each writes ``<out>/eval.json`` (or ``relearn.json``), ``summary.md`` and ``metrics.png`` (rank 0) and prints
 the table. The tokenizer is read from the model folder unless ``--tokenizer`` is given.
+
+TOFU protocols (``--protocol``, recorded in the JSON): ``tofu`` (default; locuslab/tofu: first 300 questions of
+each set, candidates cut at 200 tokens, greedy generation up to 200 tokens in total) or ``open-unlearning`` (all
+questions, 512 tokens, 200 new tokens). ``--max-new-tokens`` / ``--max-length`` / ``--max-examples`` override
+the protocol. MUSE: the files of the selected ``--sets`` are checked before the model is loaded;
+``--max-new-tokens`` sets the VerbMem and KnowMem budgets (default 128 / 32, MUSE's).
 """
 from __future__ import annotations
 
@@ -21,10 +28,19 @@ def _common(p):
     p.add_argument("--out", default=None, help="report folder (default <model>/eval)")
     p.add_argument("--forget-split", default="forget10")
     p.add_argument("--template", default=None, help="prompt template (plain, llama2, phi, zephyr, chat)")
+    p.add_argument("--protocol", choices=("tofu", "open-unlearning"), default="tofu",
+                   help="TOFU protocol: tofu (300 questions per set, 200 tokens in total) or open-unlearning "
+                        "(all questions, 200 new tokens)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--max-examples", type=int, default=None, help="first N questions of each set")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="generation budget (default: the protocol's; MUSE: VerbMem 128 and KnowMem 32)")
+    p.add_argument("--max-length", type=int, default=None, help="TOFU candidate length cap (default: the protocol's)")
+    p.add_argument("--max-examples", type=int, default=None,
+                   help="first N questions of each set (default: the protocol's; TOFU 300)")
+    p.add_argument("--no-generation", action="store_true", help="TOFU: skip generation (no ROUGE)")
+    p.add_argument("--truth-ratio-mean", choices=("geometric", "arithmetic"), default="geometric",
+                   help="TOFU truth ratio: geometric mean of the perturbed probabilities (reference code) or the "
+                        "paper's arithmetic mean")
     p.add_argument("--reference", default=None, help="retain-only model's eval JSON (forget quality)")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
@@ -35,8 +51,20 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(p)
     p.add_argument("--task", choices=("tofu", "muse"), default="tofu")
-    p.add_argument("--sets", nargs="*", default=None, help="TOFU sets (forget retain real_authors world_facts)")
-    p.add_argument("--retrain-auc", default=None, help="MUSE: retrained model's Min-K%% AUC (number or eval JSON)")
+    p.add_argument("--sets", "--subsets", nargs="*", default=None,
+                   help="TOFU sets (forget retain real_authors world_facts) or MUSE subsets (verbmem_forget "
+                        "knowmem_forget knowmem_retain privleak)")
+    p.add_argument("--corpus", choices=("news", "books"), default=None,
+                   help="MUSE corpus: picks AUC_retrain of MUSE's constants.py (0.4772 / 0.5393); default: from "
+                        "the folder name")
+    p.add_argument("--retrain-auc", default=None,
+                   help="MUSE: the retrained model's Min-40%% AUC (a number, news, books, or its eval JSON)")
+    p.add_argument("--muse-file", action="append", default=[], metavar="ROLE=PATH",
+                   help="MUSE: take a file from PATH (roles: verbmem_forget, knowmem_forget, knowmem_forget_icl, "
+                        "knowmem_retain, knowmem_retain_icl, privleak_forget, privleak_holdout)")
+    p.add_argument("--max-text-tokens", type=int, default=None,
+                   help="MUSE, memory only: cut VerbMem prompts to their last N tokens and PrivLeak texts to their "
+                        "first N (MUSE uses the whole texts; the numbers then differ from MUSE's)")
     p.set_defaults(func=run_eval)
     return p
 
@@ -111,9 +139,45 @@ def _setup(args):
 def _tofu_cfg(args, sets=None):
     from .tofu import SETS, TofuEvalConfig
 
-    return TofuEvalConfig(forget_split=args.forget_split, sets=tuple(sets or SETS), batch_size=args.batch_size,
-                          gen_batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                          max_length=args.max_length, template=args.template, max_examples=args.max_examples)
+    return TofuEvalConfig(forget_split=args.forget_split, sets=tuple(sets or SETS), protocol=args.protocol,
+                          batch_size=args.batch_size, gen_batch_size=args.batch_size,
+                          max_new_tokens=args.max_new_tokens, max_length=args.max_length, template=args.template,
+                          max_examples=args.max_examples, truth_ratio_mean=args.truth_ratio_mean,
+                          generation=not args.no_generation)
+
+
+def _muse_cfg(args):
+    from ..errors import ConfigError
+    from .muse import FILE_CANDIDATES, MUSE_SUBSETS, MuseEvalConfig
+
+    files = {}
+    for spec in args.muse_file:
+        role, sep, path = spec.partition("=")
+        if not sep or role.strip() not in FILE_CANDIDATES:
+            raise ConfigError(f"--muse-file {spec!r}: expected ROLE=PATH with ROLE in {sorted(FILE_CANDIDATES)}")
+        files[role.strip()] = path
+    if args.max_text_tokens is not None and args.max_text_tokens < 2:
+        raise ConfigError(f"--max-text-tokens must be >= 2, got {args.max_text_tokens}")
+    cfg = MuseEvalConfig(subsets=tuple(args.sets or MUSE_SUBSETS), batch_size=args.batch_size,
+                         max_examples=args.max_examples, corpus=args.corpus, files=files,
+                         max_prompt_tokens=args.max_text_tokens, privleak_max_tokens=args.max_text_tokens)
+    if args.max_new_tokens is not None:
+        cfg.verbmem_max_new_tokens = cfg.knowmem_max_new_tokens = int(args.max_new_tokens)
+    return cfg
+
+
+def _notes(res: dict) -> str:
+    """How to read the numbers (printed and written under the table)."""
+    if res.get("task") == "muse":
+        pl = res.get("privleak", {})
+        return ("MUSE metrics as swj0419/muse_bench computes them: VerbMem / KnowMem = mean ROUGE-L F1 (MUSE's tables "
+                "show x100). PrivLeak = (AUC - AUC_retrain) / AUC_retrain * 100 with AUC_retrain = "
+                f"{pl.get('retrain_auc', 'n/a')}: close to 0 is good; about -100 = the forget texts still look "
+                "memorised (under-unlearned); large positive = over-unlearned.")
+    return (f"TOFU metrics as locuslab/tofu computes them, protocol {res.get('protocol')!r} "
+            f"({res['config']['resolved']['source']}): truth ratio R = geometric mean of the perturbed answers' "
+            "probabilities over the paraphrased one's; forget TR min(R,1/R) is TOFU's forget statistic (1 = "
+            "forgotten); forget quality = KS p-value vs the retain model (high is good).")
 
 
 def _rank0() -> bool:
@@ -128,27 +192,31 @@ def run_eval(args) -> int:
     from ..errors import check_finite
 
     _check_args(args)
-    if args.task == "tofu":
-        _require_folder(args)
-    model, tok = _setup(args)
     progress = not args.no_progress
     if args.task == "tofu":
         from .tofu import evaluate_tofu
 
-        res = evaluate_tofu(model, tok, args.data, _tofu_cfg(args, args.sets), reference=args.reference,
-                            progress=progress)
+        _require_folder(args)
+        cfg = _tofu_cfg(args, args.sets)
+        cfg.resolved()  # a bad protocol / option fails here, before the model is loaded
+        model, tok = _setup(args)
+        res = evaluate_tofu(model, tok, args.data, cfg, reference=args.reference, progress=progress)
     else:
-        from .muse import MuseEvalConfig, evaluate_muse
+        from .muse import evaluate_muse, load_muse_files, read_retrain_auc
 
-        cfg = MuseEvalConfig(batch_size=args.batch_size, max_examples=args.max_examples)
-        res = evaluate_muse(model, tok, args.data, cfg, retrain_auc=args.retrain_auc, progress=progress)
+        cfg = _muse_cfg(args)
+        data = load_muse_files(args.data, cfg)  # every file checked before any model work
+        read_retrain_auc(args.retrain_auc)
+        model, tok = _setup(args)
+        res = evaluate_muse(model, tok, args.data, cfg, retrain_auc=args.retrain_auc, data=data, progress=progress)
     check_finite(res["summary"], f"{args.task} evaluation of {args.model}")
     res["model"] = os.path.abspath(args.model)
     out = args.out or os.path.join(args.model, "eval")
     if _rank0():
-        paths = write_report({"eval": res}, out, title=f"{args.task} evaluation of {args.model}")
+        notes = _notes(res)
+        paths = write_report({"eval": res}, out, title=f"{args.task} evaluation of {args.model}", notes=notes)
         print(text_table({os.path.basename(os.path.normpath(args.model)): res["summary"]}))
-        print(f"\nwritten: {paths['eval']}, {paths['markdown']}, {paths['plot']}")
+        print(f"\n{notes}\nwritten: {paths['eval']}, {paths['markdown']}, {paths['plot']}")
     return 0
 
 
@@ -162,7 +230,8 @@ def run_relearn(args) -> int:
     _require_folder(args)
     model, tok = _setup(args)
     rc = RelearnConfig(n_examples=args.n_examples, steps=args.steps, lr=args.lr,
-                       batch_size=args.relearn_batch_size, seed=args.seed, max_length=args.max_length,
+                       batch_size=args.relearn_batch_size, seed=args.seed,
+                       max_length=args.max_length if args.max_length is not None else RelearnConfig.max_length,
                        template=args.template)
     res = relearn_attack(model, tok, args.data, rc, eval_cfg=_tofu_cfg(args, args.sets if hasattr(args, "sets")
                                                                           else ("forget",)),
