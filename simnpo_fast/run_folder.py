@@ -13,9 +13,10 @@ Rules (:func:`open_run`):
   process with its pid and start time) is stale and taken over with a warning; a lock from another host cannot
   be checked and is never taken over (the message says which file to delete if that run is dead).
 * **Fresh run** (no resume): refused when the folder holds complete checkpoints (of another run, by
-  construction); ``overwrite=True`` moves that run's files into ``replaced/`` first. A folder without
-  checkpoints (a run killed before its first checkpoint, or one that keeps none) is reused: its log, config and
-  exported model are replaced by the new run's.
+  construction); ``overwrite=True`` moves that run's files into ``replaced/`` first. When there is nothing to
+  resume (a run killed before its first checkpoint, or one that keeps none), the earlier run's files are moved
+  into ``replaced/`` as well (all but :data:`KEPT_FOR_A_FRESH_RUN`), so an old exported model or log never
+  passes for the new run's, even when the new run is killed before it exports.
 * **Resume** (``resume=True``): needs a checkpoint; the requested config must equal the run's except for the
   keys of :data:`RESUME_MAY_CHANGE` (the message lists the keys that differ). Candidates are verified newest
   first (:func:`simnpo_fast.checkpoint.verify_checkpoint`); one that fails is reported by name, moved aside to
@@ -41,6 +42,10 @@ LOCK_FILE = "run.lock"
 RUN_FILE = "run.json"
 REPLACED_DIR = "replaced"
 CHECKPOINT_DIR = "checkpoints"
+#: Left in place when a fresh run moves an earlier run's files aside without --overwrite: the generated synthetic
+#: corpus (reused only when its recorded parameters match) and a finished finetune stage (reused only when made
+#: with the same finetune config).
+KEPT_FOR_A_FRESH_RUN = ("data", "finetune")
 
 #: Config keys (dotted; a key also covers its sub-keys) that may differ between a run and its resumption:
 #: the step budget (a longer or shorter run; a cosine / linear schedule follows the new total), logging,
@@ -339,22 +344,24 @@ def _plan(folder: str, config: dict, resume, overwrite: bool, artifacts: Sequenc
 
     cks = list_checkpoints(os.path.join(folder, CHECKPOINT_DIR))
     run = read_run_file(folder)
-    if resume is False:
-        moved = None
+    if resume is False or (resume == "auto" and not cks):
         if cks and not overwrite:
             owner = f" of run {run['run_id']}" if run else ""
             raise RunFolderError(
                 f"{folder} holds {len(cks)} checkpoint(s){owner} (newest: {os.path.basename(cks[-1][1])}); a fresh "
                 "run would mix with them. Pass --resume to continue that run, --overwrite to move it aside into "
                 f"{os.path.join(folder, REPLACED_DIR)}/, or choose another output_dir")
+        old_id = run["run_id"] if run else None
         if overwrite:
-            moved = _move_previous_run(folder, artifacts, run["run_id"] if run else None)
+            moved = _move_previous_run(folder, artifacts, old_id)
             if moved:
                 _warn(f"--overwrite: the previous run's files were moved to {moved}")
+        else:  # nothing to resume: an earlier run's files (a model it exported, its log) must not pass for ours
+            moved = _move_previous_run(folder, [a for a in artifacts if a not in KEPT_FOR_A_FRESH_RUN], old_id)
+            if moved:
+                _warn(f"{folder} held files of an earlier run with no checkpoint; moved to {moved}")
         return {"mode": "fresh", "run_id": uuid.uuid4().hex, "moved_to": moved, "config": config}
     if not cks:
-        if resume == "auto":
-            return {"mode": "fresh", "run_id": uuid.uuid4().hex, "moved_to": None, "config": config}
         raise RunFolderError(
             f"--resume: nothing to resume in {os.path.join(folder, CHECKPOINT_DIR)} (no complete checkpoint). Run "
             "without --resume to start fresh, or with --resume=auto to resume when there is something to resume")

@@ -132,6 +132,32 @@ def test_resume_with_nothing_to_resume_says_so_and_auto_starts_fresh(corpus, tmp
     assert (out / "log.jsonl").read_text() == '{"step": 1, "loss": 0.5}\n'  # untouched
     res = train(_cfg(corpus, out, **{"checkpoint.resume": "auto", "max_steps": 2}))
     assert [r["step"] for r in res.records] == [1, 2]
+    (old,) = os.listdir(out / "replaced")  # the killed run's log was moved aside, not overwritten
+    assert (out / "replaced" / old / "log.jsonl").read_text() == '{"step": 1, "loss": 0.5}\n'
+    assert [json.loads(x)["step"] for x in open(out / "log.jsonl")] == [1, 2]
+
+
+def test_a_fresh_run_never_leaves_an_earlier_runs_model_next_to_its_own_config(corpus, tmp_path):
+    """A run that keeps no checkpoint, rerun with another lr and killed before its export: the folder must not
+    hold the first run's model next to the second run's config (it is in replaced/)."""
+    from simnpo_fast.trainer import train
+
+    out = tmp_path / "run"
+    nock = {"checkpoint.every": 0, "checkpoint.final": False}
+    first = train(_cfg(corpus, out, **nock))
+    w1 = _weights(out)
+
+    def crash(run, step):
+        raise KeyboardInterrupt  # stands for a kill after step 1
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(corpus, out, **nock, **{"optim.lr": 5e-3}), hooks={"after_step": crash})
+    assert not (out / "hf").exists()
+    assert json.load(open(out / "run.json"))["config"]["optim"]["lr"] == 5e-3
+    (old,) = os.listdir(out / "replaced")
+    assert old.endswith(first.run_id[:12])
+    _assert_same_weights(load_file(str(out / "replaced" / old / "hf" / "model.safetensors")), w1)
+    assert not os.path.exists(out / "run.lock")  # released on the way out
 
 
 def test_resume_refuses_a_changed_config_and_names_the_keys(corpus, straight, tmp_path):
@@ -414,3 +440,18 @@ def test_cli_refusal_and_nothing_to_resume_exit_7_one_line(corpus, straight, tmp
             assert code == 2 and "cannot be combined with --resume" in lines[0], lines
         else:
             assert code == 7 and lines[0].startswith("simnpo-fast: run folder: ") and what in lines[0], lines
+
+
+def test_two_ranks_refuse_together_and_resume_from_a_verified_checkpoint(corpus, tmp_path):
+    """The lock, the decision and its errors live on rank 0 and reach every rank; the checkpoint hashes are split
+    over the ranks (the damaged shard is rank 1's share)."""
+    from .conftest import torchrun
+
+    torchrun(2, os.path.join(ROOT, "tests", "trainer", "resume_worker.py"), str(tmp_path),
+             json.dumps([o for o in _ov(corpus, "unused", micro_batch_size=2) if not o.startswith("output_dir=")]))
+    r0 = json.load(open(tmp_path / "report.json"))
+    r1 = json.load(open(tmp_path / "report_rank1.json"))
+    for r in (r0, r1):
+        assert r["first"] == [1, 2, 3, 4] and r["resumed"] == [3, 4]
+        assert r["refused"] and "holds 2 checkpoint(s)" in r["refused"]
+    assert r0["equal"] and r0["rejected"]
