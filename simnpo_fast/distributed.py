@@ -117,7 +117,7 @@ def on_rank0(fn, is_main: Optional[bool] = None):
     """Run ``fn`` on rank 0 only and hand its result to every rank; when it raises, rank 0 re-raises the error
     and every other rank raises a :class:`~simnpo_fast.errors.RankZeroError` with the same message and exit code
     (so no rank waits forever at the next collective)."""
-    from .errors import RankZeroError, classify
+    from . import errors as E
 
     if is_main is None:
         is_main = not dist.is_initialized() or dist.get_rank() == 0
@@ -127,13 +127,17 @@ def on_rank0(fn, is_main: Optional[bool] = None):
             box = ("ok", fn())
         except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks have been told
             err = e
-            code, kind = classify(e)
-            box = ("err", f"{e}", code, kind)
+            code, kind = E.classify(e)
+            box = ("err", f"{e}", code, kind, type(e).__module__, type(e).__name__)
     box = broadcast_object(box)
     if err is not None:
         raise err
     if box[0] == "err":
-        raise RankZeroError(box[1], box[2], box[3])
+        _, msg, code, kind, module, name = box
+        cls = getattr(E, name, None) if module == E.__name__ else None
+        if isinstance(cls, type) and issubclass(cls, E.SimnpoError) and cls is not E.RankZeroError:
+            raise cls(msg)  # the same class as on rank 0
+        raise E.RankZeroError(msg, code, kind)
     return box[1]
 
 
