@@ -115,8 +115,9 @@ def broadcast_object(obj, src: int = 0):
 
 def on_rank0(fn, is_main: Optional[bool] = None):
     """Run ``fn`` on rank 0 only and hand its result to every rank; when it raises, rank 0 re-raises the error
-    and every other rank raises a :class:`~simnpo_fast.errors.RankZeroError` with the same message and exit code
-    (so no rank waits forever at the next collective)."""
+    and every other rank raises the same :mod:`simnpo_fast.errors` class with the same message (any other type
+    as a :class:`~simnpo_fast.errors.RankZeroError` with its exit code), so no rank waits forever at the next
+    collective."""
     from . import errors as E
 
     if is_main is None:
