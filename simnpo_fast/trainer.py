@@ -38,7 +38,7 @@ from .distributed import (DistInfo, all_reduce_sum, apply_ac, apply_compile, app
                           init_distributed, mixed_precision_policy)
 from .model import (ModelConfig, UnlearnModel, build_hf_model, logprob_task, nll_task, shifted_targets,
                     ref_hidden_task, unlearn_task)
-from .errors import ConfigError, ConfigPathError, ModelError, NonFiniteError, TokenizerError
+from .errors import ConfigError, ConfigPathError, ModelError, NonFiniteError
 from .modules import UnlearningLoss
 
 OBJECTIVES = ("simnpo", "npo", "ga", "graddiff", "finetune")

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .conftest import ROOT, base_overrides, child_env
+from .conftest import ROOT, base_overrides
 
 STEPS = 4
 
