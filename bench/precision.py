@@ -9,7 +9,9 @@ Inputs are built in the dtype (bf16, fp16, fp32) and every error is measured aga
   solved (float64 bisection) so that ``1 - p_t`` is log-uniform in [1e-6, 1e-2], i.e. target probabilities
   between 0.99 and 1 - 1e-6, as on a forget set the model has memorised;
 * ``flat``: random hidden states and weights (logit std ~ 3, target probabilities ~ 1e-3): a model that has
-  not seen the answers (or has unlearned them: SimNPO's weights are then saturated).
+  not seen the answers (or has unlearned them: SimNPO's weights are then saturated);
+* ``saturated`` (SimNPO only): the flat inputs with ``gamma`` set so that SimNPO's weights are ~1e-7, where an
+  unscaled fp16 gradient underflows and a loss scale must rescue it.
 
 For each objective (SimNPO beta 2.5; NPO beta 0.1 with reference log-likelihoods 1 nat above the model's; retain
 NLL; retain KL against a reference head 0.05 away) it reports the relative error of the loss, the RMS of the per-token
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import functools
 import json
 import math
 import sys
@@ -39,6 +42,17 @@ import torch
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 OBJECTIVES = ("simnpo", "npo", "nll", "kl")
 IGN = -100
+
+
+def code_version() -> str:
+    """``git describe`` of the measured code (with ``-dirty`` if it has uncommitted changes), or '' outside git."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).resolve().parent,
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+    except Exception:
+        return ""
 
 
 def cpu_flags() -> str:
@@ -111,12 +125,12 @@ def _kl_by_hand(h, W, labels, Wr, wide):
     return (kl * mask).sum() / mask.sum()
 
 
-def loss_fn(objective, backend, ref_logp=None, Wr=None):
+def loss_fn(objective, backend, ref_logp=None, Wr=None, gamma=0.0):
     import simnpo_fast as sf
 
     def f(h, W, labels):
         if objective == "simnpo":
-            return sf.simnpo_loss(h, W, labels, beta=2.5, backend=backend)
+            return sf.simnpo_loss(h, W, labels, beta=2.5, gamma=gamma, backend=backend)
         if objective == "npo":
             return sf.npo_loss(h, W, labels, ref_logp, beta=0.1, backend=backend)
         if objective == "nll":
@@ -172,18 +186,22 @@ def measure(objective, regime, dtype, backend, shape, upstream=1.0):
     h, W, labels = make(B, n, d, V, dtype)
     oracle_be = ReferenceBackend(torch.float64)
     ref_logp = Wr = None
-    if objective == "npo":
+    gamma = 0.0
+    if objective == "npo" or regime == "saturated":
         with torch.no_grad():
-            ref_logp = sf.sequence_logprob(h, W, labels, backend=oracle_be)[0].float() + 1.0
+            logp = sf.sequence_logprob(h, W, labels, backend=oracle_be)[0].float()
+        ref_logp = logp + 1.0
+        if regime == "saturated":  # SimNPO weights sigmoid(beta/n logp + gamma) ~ e^-14: g ~ 1e-7
+            gamma = float(-(2.5 / n) * logp.mean() - 14.0)
     if objective == "kl":
         Wr = ref_weight(W)
-    want = grads(loss_fn(objective, "oracle" if objective == "kl" else oracle_be, ref_logp, Wr), h, W, labels,
-                 leaf_dtype=torch.float64)
+    lf = functools.partial(loss_fn, objective, ref_logp=ref_logp, Wr=Wr, gamma=gamma)
+    want = grads(lf("oracle" if objective == "kl" else oracle_be), h, W, labels, leaf_dtype=torch.float64)
     want_lp = token_lp(h.double(), W.double(), labels, oracle_be) if objective != "kl" else None
     out = {}
     for name, be in (("fused", backend), ("naive", "reference")):
         t0 = time.perf_counter()
-        got = grads(loss_fn(objective, be, ref_logp, Wr), h, W, labels, upstream)
+        got = grads(lf(be), h, W, labels, upstream)
         out[name] = {"loss": rel(got[0], want[0]), "dW": rel(got[1], want[1]), "dH": rel(got[2], want[2]),
                      "seconds": round(time.perf_counter() - t0, 2)}
         if want_lp is not None:
@@ -215,20 +233,24 @@ def main(argv=None) -> int:
     rows = []
     t0 = time.perf_counter()
     for dname in a.dtypes.split(","):
-        for regime in ("peaked", "flat"):
+        for regime in ("peaked", "flat", "saturated"):
             for obj in a.objectives.split(","):
+                if regime == "saturated" and obj != "simnpo":
+                    continue
                 ups = [1.0] + ([2.0 ** 16] if dname == "fp16" else [])
                 for up in ups:
                     r = measure(obj, regime, DTYPES[dname], a.backend, shape, up)
                     rows.append({"dtype": dname, "regime": regime, "objective": obj, "upstream": up, **r})
                     f, nv = r["fused"], r["naive"]
-                    print(f"{dname:5s} {regime:6s} {obj:6s} x{up:<7g} fused loss {f['loss']:.1e} dW {f['dW']:.1e} "
-                          f"dH {f['dH']:.1e} | naive loss {nv['loss']:.1e} dW {nv['dW']:.1e} dH {nv['dH']:.1e}",
-                          flush=True)
+                    lps = (f" lp {f['lp_rms']:.1e}", f" lp {nv['lp_rms']:.1e}") if "lp_rms" in f else ("", "")
+                    print(f"{dname:5s} {regime:9s} {obj:6s} x{up:<7g} fused loss {f['loss']:.1e}{lps[0]} dW "
+                          f"{f['dW']:.1e} dH {f['dH']:.1e} | naive loss {nv['loss']:.1e}{lps[1]} dW {nv['dW']:.1e} "
+                          f"dH {nv['dH']:.1e}", flush=True)
     payload = {
         "benchmark": "precision",
         "command": "python -m bench.precision " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": {**machine_info(), "cpu_flags": cpu_flags()},
+        "code": code_version(),
         "config": {"backend": a.backend, "B": a.B, "n": a.n, "d": a.d, "V": a.V,
                    "metric": "relative error vs float64 on the same rounded inputs: |loss|, Frobenius norm "
                              "for dW and dH; upstream = the gradient fed to backward (errors of grad/upstream)"},
