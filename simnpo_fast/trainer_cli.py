@@ -54,16 +54,28 @@ def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def normalize_argv(argv):
-    """``--resume=MODE`` -> ``--resume-mode MODE`` (a bare ``--resume`` must not swallow the next override)."""
+    """Command-line tokens as argparse needs them: ``--resume=MODE`` -> ``--resume-mode MODE`` (a bare
+    ``--resume`` must not swallow the next override), and for ``unlearn`` / ``finetune`` every ``key=value``
+    override moved after the options, so options and overrides may be mixed in any order."""
     out = []
-    stop = False
-    for a in argv:
-        if not stop and a.startswith("--resume="):
+    for i, a in enumerate(argv):
+        if a.startswith("--resume=") and "--" not in argv[:i]:
             out += ["--resume-mode", a.split("=", 1)[1]]
         else:
             out.append(a)
-        stop = stop or a == "--"
-    return out
+    sub = next((k for k, a in enumerate(out) if not a.startswith("-")), None)
+    if sub is None or out[sub] not in ("unlearn", "finetune") or "--" in out:
+        return out
+    opts, overrides, rest, k = [], [], out[sub + 1:], 0
+    while k < len(rest):
+        a = rest[k]
+        if a in ("--config", "--resume-mode") and k + 1 < len(rest):
+            opts += rest[k:k + 2]
+            k += 2
+            continue
+        (overrides if "=" in a and not a.startswith("-") else opts).append(a)
+        k += 1
+    return out[:sub + 1] + opts + overrides
 
 
 def _load(args):

@@ -259,3 +259,17 @@ def test_plan_with_an_unknown_model_is_an_option_error(capsys):
     code, lines, err = _run(["plan", "--model", "no-such-model", "--gpus", "8"], capsys)
     line = _one_line(err, lines)
     assert code == 2 and line.startswith("simnpo-fast: config error: unknown model 'no-such-model'"), line
+
+
+def test_options_and_overrides_mix_in_any_order():
+    from simnpo_fast.trainer_cli import normalize_argv
+
+    assert normalize_argv(["unlearn", "a=1", "--resume", "b=2", "--config", "x=y.yaml", "--overwrite"]) == \
+        ["unlearn", "--resume", "--config", "x=y.yaml", "--overwrite", "a=1", "b=2"]
+    assert normalize_argv(["unlearn", "--resume=auto", "a=1"]) == ["unlearn", "--resume-mode", "auto", "a=1"]
+    assert normalize_argv(["eval", "--model", "m=1"]) == ["eval", "--model", "m=1"]  # other commands untouched
+
+
+def test_resume_flag_before_an_override_does_not_swallow_it(tmp_path, capsys):
+    code, lines, err = _run(["unlearn", f"output_dir={tmp_path / 'o'}", "--resume", "optim.lr=.inf"], capsys)
+    assert code == 2 and "optim.lr must be a finite number, got inf" in _one_line(err, lines)
