@@ -200,7 +200,12 @@ def _compare(study: dict, setting: str, a: str, b: str) -> List[str]:
             f"{_f(fb['kl_retrain/forget'])}, retain KL {_f(fa['kl_retrain/retain'])} vs "
             f"{_f(fb['kl_retrain/retain'])}. Forget1's share of the push at the start / averaged over the run: "
             f"{share[a][0]:.2f} / {share[a][1]:.2f} vs {share[b][0]:.2f} / {share[b][1]:.2f} (0.5 = the same push "
-            f"per sequence on both chains; closer to it over the run: {closer})."]
+            f"per sequence on both chains; closer to it over the run: {closer}). Weight left at the end of the run "
+            f"(w end / w start), forget1 / forget2: {_kept(s[a])} ({a}) vs {_kept(s[b])} ({b})."]
+
+
+def _kept(d: dict) -> str:
+    return " / ".join(f"{d['final'][k]['mean'] / d['start'][k]['mean']:.2g}" for k in ("weight/forget1", "weight/forget2"))
 
 
 CAVEATS = [
@@ -227,7 +232,8 @@ def protocol_lines(cfg: dict) -> List[str]:
             f"MLP {mdl['intermediate_size']}, one token per state. Pretraining and retraining (retain only): "
             f"{p['epochs']} epochs, batch {p['batch_size']}, AdamW lr {p['lr']}. Unlearning: {u['iterations']} "
             f"iterations, batch {u['batch_size']} forget (+ {u['batch_size']} retain for +RT / GradDiff), AdamW "
-            f"lr {u['lr']}, evaluated every {u['eval_every']}. Methods: {meth}."]
+            f"lr {u['lr']}, evaluated at iterations 0-{u.get('eval_dense', 0)} and every {u['eval_every']}th after. "
+            f"Methods: {meth}."]
 
 
 def _checks_lines(study: dict) -> List[str]:
