@@ -162,7 +162,8 @@ class UnlearnData:
 
 
 @torch.no_grad()
-def cache_ref_logp(model: UnlearnModel, forget: List[np.ndarray], idx: Sequence[int], bs: int = 256) -> Dict[int, float]:
+def cache_ref_logp(model: UnlearnModel, forget: List[np.ndarray], idx: Sequence[int],
+                   bs: int = 256) -> Dict[int, float]:
     """Summed target log-likelihood of the forget sequences ``idx`` under ``model`` (NPO's reference)."""
     idx = sorted(set(int(i) for i in idx))
     out = {}

@@ -2,8 +2,9 @@
 
 The paper-style figure (``<name>.png``) plots, per setting, the KL to the retrained model on the forget data
 (pooled, forget1, forget2) against the KL on the retain data, one curve per method through the evaluation
-points, mean over seeds, shaded between the seeds' lowest and highest forget KL. ``<name>-weights.png`` shows the forget KLs over
-the iterations and the per-sequence gradient weights ``w`` on forget1 vs forget2 (see :mod:`.core`).
+points, mean over seeds, shaded between the seeds' lowest and highest forget KL. ``<name>-weights.png`` shows
+the forget KLs over the iterations and the per-sequence gradient weights ``w`` on forget1 vs forget2 (see
+:mod:`.core`).
 """
 from __future__ import annotations
 
@@ -205,7 +206,8 @@ def _compare(study: dict, setting: str, a: str, b: str) -> List[str]:
 
 
 def _kept(d: dict) -> str:
-    return " / ".join(f"{d['final'][k]['mean'] / d['start'][k]['mean']:.2g}" for k in ("weight/forget1", "weight/forget2"))
+    keys = ("weight/forget1", "weight/forget2")
+    return " / ".join(f"{d['final'][k]['mean'] / d['start'][k]['mean']:.2g}" for k in keys)
 
 
 CAVEATS = [
@@ -244,39 +246,50 @@ def _checks_lines(study: dict) -> List[str]:
             f"* Metric: KL of each true chain to itself through the evaluation path: at most {max(kls):.2g} nats."]
 
 
-def write_markdown(study: dict, path: str, plots: Dict[str, str]) -> str:
+def _header_lines(study: dict) -> List[str]:
     t, mach = study["timing"], study["machine"]
-    date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
-    lines = [f"# {study['name']}: the SimNPO paper's mixture-of-Markov-chains study", "",
-             f"Command: `{study['command'] or 'run_markov(...)'}`", "",
-             f"Run {date}: wall time **{t['elapsed_s'] / 60:.1f} min** (models {t['models_s'] / 60:.1f} min, "
-             f"unlearning + evaluation {t['unlearn_s'] / 60:.1f} min); the jobs used "
-             f"{t.get('jobs_cpu_s', float('nan')) / 60:.1f} CPU-min, about "
-             f"{t.get('jobs_cpu_s', float('nan')) / 60 / max(1, t['workers']):.1f} min of wall time on {t['workers']} idle "
-             f"core(s). {t['workers']} worker process(es) x "
-             f"{study['config'].get('threads', 1)} torch thread; {mach.get('cpu', '?')} ({', '.join(mach.get('flags', []))}), "
-             f"{mach.get('cores')} cores, load average {t['loadavg_start']} at the start and {t['loadavg_end']} at "
-             f"the end (the cores were shared with other jobs when the load exceeds the worker count).", "",
-             "Reference protocol: OPTML-Group/Unlearn-Simple, `synthetic/` (`run_synthetic.sh`, "
-             "`data_generation.py`, `unlearn_utils.py`, `evaluate_utils.py`), re-implemented in "
-             "`simnpo_fast/markov/`; every loss and KL goes through the project's fused LM-head path.", "",
-             "## Protocol", ""] + protocol_lines(study["config"]) + [
-             "", "KL = token mean of KL(q || model) over held-out targets; q = the retrained (retain-only) model "
-             "(\"to retrained\", lower is better on every chain) or the true transition row of the sequence's chain "
-             "(\"true\"; on the forget chains the retrained model's value is the target, the pretrained one's is "
-             "what unlearning should leave). w = the weight of grad log p(y_i) per sequence (SimNPO: "
-             "(2/n) sigmoid((beta/n) log p + gamma); NPO: 2 sigmoid(beta (log p - log p_ref)); GA / GradDiff: "
-             "1 / mean length), measured on the held-out forget1 / forget2 sequences; push share = forget1's "
-             "part of sum_i w_i n_i.", "", "## Checks", ""] + _checks_lines(study)
+    date = t.get("date") or _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
+    cpu_min = t.get("jobs_cpu_s", float("nan")) / 60
+    w = max(1, int(t["workers"]))
+    return [f"# {study['name']}: the SimNPO paper's mixture-of-Markov-chains study", "",
+            f"Command: `{study['command'] or 'run_markov(...)'}`", "",
+            f"Run {date}: wall time **{t['elapsed_s'] / 60:.1f} min** (models {t['models_s'] / 60:.1f} min, "
+            f"unlearning + evaluation {t['unlearn_s'] / 60:.1f} min); the jobs used {cpu_min:.1f} CPU-min, about "
+            f"{cpu_min / w:.1f} min of wall time on {w} idle core(s). {w} worker process(es) x "
+            f"{study['config'].get('threads', 1)} torch thread; {mach.get('cpu', '?')} "
+            f"({', '.join(mach.get('flags', []))}), {mach.get('cores')} cores, load average {t['loadavg_start']} at "
+            f"the start and {t['loadavg_end']} at the end (the cores were shared with other jobs when the load "
+            f"exceeds the worker count).", "",
+            "Reference protocol: OPTML-Group/Unlearn-Simple, `synthetic/` (`run_synthetic.sh`, "
+            "`data_generation.py`, `unlearn_utils.py`, `evaluate_utils.py`), re-implemented in "
+            "`simnpo_fast/markov/`; every loss and KL goes through the project's fused LM-head path.", "",
+            "## Protocol", ""] + protocol_lines(study["config"]) + [
+            "", "KL = token mean of KL(q || model) over held-out targets; q = the retrained (retain-only) model "
+            "(\"to retrained\", lower is better on every chain) or the true transition row of the sequence's chain "
+            "(\"true\"; on the forget chains the retrained model's value is the target, the pretrained one's is "
+            "what unlearning should leave). w = the weight of grad log p(y_i) per sequence (SimNPO: "
+            "(2/n) sigmoid((beta/n) log p + gamma); NPO: 2 sigmoid(beta (log p - log p_ref)); GA / GradDiff: "
+            "1 / mean length), measured on the held-out forget1 / forget2 sequences; push share = forget1's "
+            "part of sum_i w_i n_i.", "", "## Checks", ""] + _checks_lines(study)
+
+
+def _setting_lines(study: dict, setting: str) -> List[str]:
+    title = study["config"]["settings"][setting].get("title", setting)
+    last = study["summary"][setting]["iterations"][-1]
+    return (["", f"## {setting}: {title}", "",
+             f"End of unlearning (iteration {last}), KL in nats/token, mean ± std over seeds:", ""]
+            + _kl_table(study, setting)
+            + ["", "Lowest pooled forget KL (to retrained) among the evaluation points whose retain KL is within a "
+               "multiple of the pretrained model's (seeds with such a point):", ""] + _matched_table(study, setting)
+            + ["", "Per-sequence gradient weights on held-out forget sequences:", ""] + _weight_table(study, setting)
+            + ["", "Reading (computed from the tables above):", ""] + _compare(study, setting, "SimNPO", "NPO")
+            + _compare(study, setting, "SimNPO+RT", "NPO+RT"))
+
+
+def write_markdown(study: dict, path: str, plots: Dict[str, str]) -> str:
+    lines = _header_lines(study)
     for setting in study["summary"]:
-        title = study["config"]["settings"][setting].get("title", setting)
-        lines += ["", f"## {setting}: {title}", "", f"End of unlearning (iteration {study['summary'][setting]['iterations'][-1]}), "
-                  "KL in nats/token, mean ± std over seeds:", ""] + _kl_table(study, setting)
-        lines += ["", "Lowest pooled forget KL (to retrained) among the evaluation points whose retain KL is within "
-                  "a multiple of the pretrained model's (seeds with such a point):", ""] + _matched_table(study, setting)
-        lines += ["", "Per-sequence gradient weights on held-out forget sequences:", ""] + _weight_table(study, setting)
-        lines += ["", "Reading (computed from the tables above):", ""] + _compare(study, setting, "SimNPO", "NPO") + \
-            _compare(study, setting, "SimNPO+RT", "NPO+RT")
+        lines += _setting_lines(study, setting)
     lines += ["", "## Caveats", ""] + [f"* {c}" for c in CAVEATS]
     lines += ["", "## Plots", ""] + [f"![{k}]({os.path.basename(v)})" for k, v in plots.items()] + [""]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

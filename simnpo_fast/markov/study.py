@@ -211,6 +211,7 @@ def run_markov(cfg: dict, out_dir: str, *, seeds: Optional[List[int]] = None, me
     from . import report
 
     t0, load0 = time.perf_counter(), _loadavg()
+    date = time.strftime("%Y-%m-%d", time.gmtime())
     seeds = [int(s) for s in (seeds if seeds is not None else cfg["seeds"])]
     methods = list(methods or cfg["methods"])
     unknown = [m for m in methods if m not in cfg["methods"]]
@@ -236,7 +237,7 @@ def run_markov(cfg: dict, out_dir: str, *, seeds: Optional[List[int]] = None, me
     cpu = sum(m["cpu_s"] for m in model_stats if not m["reused"]) + sum(r["cpu_s"] for r in runs)
     study = {"name": cfg.get("name", "markov"), "command": command, "seeds": seeds, "methods": methods,
              "config": cfg, "runs": runs, "models": model_stats,
-             "timing": {"elapsed_s": elapsed, "models_s": t1 - t0, "unlearn_s": elapsed - (t1 - t0),
+             "timing": {"date": date, "elapsed_s": elapsed, "models_s": t1 - t0, "unlearn_s": elapsed - (t1 - t0),
                         "jobs_cpu_s": cpu, "workers": workers, "loadavg_start": load0, "loadavg_end": _loadavg()},
              "machine": machine()}
     study["summary"] = report.summarize(study)
