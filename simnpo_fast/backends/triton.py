@@ -3,8 +3,9 @@
 The generic path (``token_logprob`` / ``token_logprob_backward``) runs the tiled kernels of
 ``simnpo_fast.kernels.seq_logprob``: one tiled forward pass keeps only ``lp`` and ``lse`` per token (O(M)
 floats); the backward recomputes the logits tiles in two race-free kernels (dx: a program owns a block of
-token rows; dw/db: a program owns a block of vocabulary rows), with the per-token scale ``g_t`` folded in
-before the two products. Flops: 2 MdV forward + 8 MdV backward (see the kernel module docstring).
+token rows; dw/db: a program owns a block of vocabulary rows), as ``q - onehot`` with the per-token factor
+``-g_t (1 - p_t)`` applied in fp32 after the dx product and, over one power of two, before the dw one (so a 16-bit
+dot operand never underflows). Flops: 2 MdV forward + 8 MdV backward (see the kernel module docstring).
 
 ``fused_seq_loss`` is the base-class composition (forward, O(S) head, backward). No GPU measurement has been
 made yet that would justify overriding it with a 6 MdV GEMM + epilogue schedule; ``bench/gpu.py`` times
