@@ -82,10 +82,12 @@ def test_low_precision_agrees_with_chunked():
                    2 * eps, 2 * eps, 3)
 
 
-def test_fp32_result_gemm_path(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp32_result_gemm_path(monkeypatch, dtype):
     """The CUDA path (torch.mm/addmm(out_dtype=float32), absent from CPU torch) with the two native calls
-    replaced by fp32 emulations: checks the plumbing (dx row slices, dW first write then accumulation) and
-    that it is at least as accurate as the 16-bit-product fallback."""
+    replaced by fp32 emulations: checks the plumbing (dx row slices, the fp32 row scale, dW first write then
+    accumulation, fp16's power-of-two ``alpha``) and that it is at least as accurate as the 16-bit-product
+    fallback."""
     calls = {"mm": 0, "addmm": 0}
 
     def mm(a, b, out=None):
@@ -97,16 +99,16 @@ def test_fp32_result_gemm_path(monkeypatch):
         calls["addmm"] += 1
         return acc.add_(a.float() @ b.float(), alpha=alpha)
 
-    h, w, b, lab = batch(dtype=torch.bfloat16, seed=4, B=4)
+    h, w, b, lab = batch(dtype=dtype, seed=4, B=4)
     ref = run("simnpo", h, w, b, lab, ORACLE)
     fallback = run("simnpo", h, w, b, lab, SMALL_TILES)
     assert calls == {"mm": 0, "addmm": 0}
     monkeypatch.setattr(TB, "_mm_f32_native", mm)
     monkeypatch.setattr(TB, "_addmm_f32_native", addmm)
-    monkeypatch.setitem(TB._F32_GEMM_OK, ("cpu", torch.bfloat16), True)
+    monkeypatch.setitem(TB._F32_GEMM_OK, ("cpu", dtype), True)
     native = run("simnpo", h, w, b, lab, SMALL_TILES)
     assert calls["mm"] >= 3 and calls["addmm"] >= 2, calls  # several tiles: dx per tile, dW first + adds
-    eps = torch.finfo(torch.bfloat16).eps
+    eps = torch.finfo(dtype).eps
     assert_matches(native, ref, 2 * eps, 2 * eps, 3)
     assert rel_err(native[1][1], ref[1][1]) <= rel_err(fallback[1][1], ref[1][1]) + eps / 4
 
