@@ -7,6 +7,7 @@ the split-V (online-lse partials + combine) path and the atomic split paths of b
 oracle evaluated on the *same* rounded inputs, at fp32 tolerance.
 """
 import importlib
+import math
 import os
 import time
 
@@ -112,6 +113,39 @@ def test_large_logits_are_stable():
     close(dx, dx_r, 1e-4, "dx")
     close(dw, dw_r, 1e-4, "dw")
     close(db, db_r, 1e-4, "db")
+
+
+def test_memorised_rows_keep_relative_accuracy():
+    """Rows whose target probability is 1 - 1e-2 ... 1 - 1e-7 (a memorised forget set): lp and 1 - p_t to fp32
+    *relative* accuracy (the forward's log-sum-exp runs over the other columns; ``z_t - lse`` in fp32 would lose
+    1 - p_t ~ 1e-7 to the rounding of lse ~ 20), and dx / dw to fp32 accuracy relative to their own size (the
+    backward's q - onehot tile with the fp32 row factor -g (1 - p_t))."""
+    M, V, D = 24, 96, 24
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(V, D, generator=gen, dtype=torch.float64) / D ** 0.5
+    t = torch.randint(0, V, (M,), generator=gen)
+    margin = torch.linspace(8.0, 40.0, M, dtype=torch.float64)  # 1 - p_t from ~1e-1 down to ~1e-9
+    u = w[t] / (w[t] ** 2).sum(1, keepdim=True)
+    x = margin[:, None] * u + torch.randn(M, D, generator=gen, dtype=torch.float64) * 0.05
+    g = torch.randn(M, generator=gen, dtype=torch.float64)
+    dev = _device()
+    x, w, t, g = x.float().to(dev), w.float().to(dev), t.to(dev), g.float().to(dev)
+    lp, lse = K.lse_target_fwd(x, w, None, t, IGN, split_v=2)
+    z = x.double().cpu() @ w.double().cpu().T
+    tc = t.cpu()
+    lo = torch.logsumexp(z.scatter(1, tc[:, None], float("-inf")), 1)
+    zt = z.gather(1, tc[:, None])[:, 0]
+    omp = torch.sigmoid(lo - zt)
+    assert omp.min() < 1e-6 and omp.max() > 1e-3
+    assert ((-torch.expm1(lp.double().cpu()) - omp) / omp).abs().max() <= 1e-4
+    dx, dw, _ = K.logits_grad_bwd(x, w, None, t, lse, g, IGN, lp=lp)
+    p = torch.softmax(z, 1)
+    dz = -g.double().cpu()[:, None] * p
+    dz[torch.arange(M), tc] = g.double().cpu() * omp
+    dx_r, dw_r = dz @ w.double().cpu(), dz.T @ x.double().cpu()
+    err = (dx.double().cpu() - dx_r).norm(dim=1) / dx_r.norm(dim=1)  # every row to its own size
+    assert err.max() <= 1e-4, err
+    assert (dw.double().cpu() - dw_r).norm() / dw_r.norm() <= 1e-4
 
 
 @pytest.mark.parametrize("need", [(True, False, False), (False, True, False), (False, False, True),
