@@ -46,8 +46,8 @@ Precision. fp32 inputs: everything in fp32 (fp64 inputs: fp64). bf16/fp16 inputs
 input dtype like the naive path's logits (halving the memory traffic of the epilogue), every reduction is
 fp32 (row sums, ``lse``, per-sequence sums) and each 16-bit number is rounded once. Beyond the rounding of the
 logits themselves (``~|z| 2^-9`` each in bf16, as in the naive path, whose GEMM output they are), ``lp_t`` and
-``1 - p_t`` carry the relative rounding of the tile's entries (2^-9 bf16, 2^-11 fp16). Where a bf16 ``p_t`` is below the smallest normal bf16
-(``lp_t < -87``) it is ``z_t - lse`` with the row's logits recomputed (the same GEMM, a few rows at a time) and
+``1 - p_t`` carry the relative rounding of the tile's entries (2^-9 bf16, 2^-11 fp16). Where a bf16 ``p_t`` is
+below the smallest normal bf16 (``lp_t < -87``) it is ``z_t - lse`` with the row's logits recomputed (the same GEMM, a few rows at a time) and
 their ``lse`` taken in fp32: no pass over the tile is spent on a case that normal tiles never meet.
 The three GEMMs run in the input dtype (fp32 accumulation inside); each tile's dW product is added into an
 fp32 ``[V, d]`` accumulator. fp16 row scales are split into a power of two per tile (applied in fp32) and a

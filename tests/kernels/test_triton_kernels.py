@@ -275,8 +275,9 @@ def _nvidia_backend():
 @pytest.mark.skipif(not _nvidia_backend(), reason="triton without its NVIDIA backend")
 def test_kernels_compile_for_sm90():
     """Ahead-of-time compile (TTIR -> TTGIR -> PTX -> cubin with ptxas) of every kernel (seq_logprob and the
-    tile epilogue) at the GPU tile sizes, no GPU needed: what passes in the interpreter must also build for an H100 (tl.dot shapes, layouts,
-    shared memory). Runs in a subprocess because the jit functions are bound to the interpreter here."""
+    tile epilogue) at the GPU tile sizes, no GPU needed: what passes in the interpreter must also build for an
+    H100 (tl.dot shapes, layouts, shared memory). Runs in a subprocess because the jit functions are bound to
+    the interpreter here."""
     import subprocess
     import sys
 
