@@ -151,20 +151,30 @@ def test_fp16_gradscaler_first_step_through_the_hf_dropin():
         assert err < 1e-2, (name, err.item())
 
 
-def test_autocast_fp16_gradscaler_step_through_the_hf_dropin():
+def test_autocast_fp16_gradscaler_step_through_the_hf_dropin(monkeypatch):
     """HF ``Trainer(fp16=True)``'s recipe: fp32 master weights, autocast(fp16), ``GradScaler``. The patched head
     computes in fp16 like HF's own head under autocast (same loss), the first step finds no inf (the scale stays
     2^16) and moves the weights as the float64 gradient says."""
+    import simnpo_fast.model as M
+
     model, ids, labels = _tiny_llama()
     hf = copy.deepcopy(model)
     ref = copy.deepcopy(model).double()
     sf.patch(model)
+    seen, nll = [], M._nll
+
+    def spy(weight, bias, hidden, **kw):
+        seen.append((weight.dtype, hidden.dtype))
+        return nll(weight, bias, hidden, **kw)
+
+    monkeypatch.setattr(M, "_nll", spy)
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
     scaler = torch.amp.GradScaler("cpu")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with torch.autocast("cpu", dtype=torch.float16):
         loss = model(input_ids=ids, labels=labels).loss
         hf_loss = hf(input_ids=ids, labels=labels).loss
+    assert seen == [(torch.float16, torch.float16)]  # the fused head ran in the autocast dtype
     assert abs(loss.item() - hf_loss.item()) < 5e-3  # the same fp16 head precision as HF's own
     scaler.scale(loss).backward()
     assert model.lm_head.weight.grad.dtype == torch.float32
