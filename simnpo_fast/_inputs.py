@@ -41,6 +41,13 @@ class Packed:
         return self.offsets[-1]
 
 
+def answer_tokens(labels: torch.Tensor, ignore_index: int = -100, *, shift: bool = True) -> torch.Tensor:
+    """``[B]`` int64: answer tokens per row of ``labels [B, T]`` (targets after the causal shift when ``shift``:
+    position ``t`` predicts ``labels[:, t + 1]``)."""
+    tgt = labels[:, 1:] if shift else labels
+    return (tgt != ignore_index).sum(dim=1, dtype=torch.int64)
+
+
 def _fmt(t: torch.Tensor) -> str:
     return f"{tuple(t.shape)} {t.dtype} on {t.device}"
 

@@ -7,9 +7,11 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from .objectives import GA, NLL, NPO, OBJECTIVES, SimNPO
+from ._inputs import answer_tokens
+from .methods import get_method
+from .objectives import GA, NLL, NPO, SimNPO
 from .objectives.base import check_reduction
-from .ops import fused_sequence_loss
+from .ops import fused_sequence_loss, kl_loss
 
 
 class _FusedLossBase(nn.Module):
@@ -64,50 +66,63 @@ class LossOutput:
         return iter((self.loss, self.terms))
 
 
+@dataclass
+class ReferenceHead:
+    """A frozen reference model as the fused retain KL needs it: its final hidden states of the retain rows
+    ``[R, T, d_ref]`` and its LM head ``weight [V, d_ref]`` / ``bias [V]`` (no gradient flows to them)."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor] = None
+
+
 class UnlearningLoss(nn.Module):
     """``forget_weight * L_forget + retain_weight * L_retain`` on a forget and a retain batch.
 
-    objective: ``simnpo`` (default), ``npo``, ``ga`` (forget term only, unless retain_weight > 0) or
-    ``graddiff`` (GA on the forget set + retain NLL). The retain term is the token-mean NLL of the
-    retain answers; a KL retain term needs a frozen reference model (:func:`simnpo_fast.kl_loss`, which the
-    trainer adds when ``loss.retain_loss: kl``).
+    ``objective`` names a registered method (:func:`simnpo_fast.methods.get_method`: ``simnpo`` (default),
+    ``npo``, ``ga``, ``graddiff``, ``finetune``, ...): it gives the forget objective, whether a reference
+    log-likelihood is needed and the default retain term. ``retain_loss="nll"`` (token-mean NLL of the retain
+    answers) or ``"kl"`` (token-mean ``KL(p_ref || p)`` against a frozen reference, :func:`simnpo_fast.kl_loss`)
+    overrides that default for methods that have a retain term; methods without one (``ga``, ``finetune``)
+    ignore ``retain_weight`` and ``retain_loss``.
 
     Each batch is ``(hidden, labels)``; the LM-head ``weight`` (and ``bias``) are shared.
     ``forget_normalizer`` / ``retain_normalizer`` switch the terms to ``sum / normalizer`` for exact
-    gradient accumulation across micro-batches and ranks.
+    gradient accumulation across micro-batches and ranks; :meth:`batch_loss` takes them from a
+    :class:`~simnpo_fast.batch.StepCounts`.
     """
 
     def __init__(self, objective: str = "simnpo", *, forget_weight: float = 1.0, retain_weight: float = 1.0,
                  beta: Optional[float] = None, gamma: float = 0.0, ignore_index: int = -100, shift: bool = True,
-                 backend=None):
+                 backend=None, retain_loss: Optional[str] = None):
         super().__init__()
-        objective = objective.lower()
-        if objective == "simnpo":
-            self.forget_objective = SimNPO(2.5 if beta is None else beta, gamma)
-        elif objective == "npo":
-            self.forget_objective = NPO(0.1 if beta is None else beta)
-        elif objective in ("ga", "graddiff"):
-            self.forget_objective = GA()
-        else:
-            raise ValueError(f"unknown objective {objective!r}; choose simnpo, npo, ga or graddiff "
-                             f"(per-sequence objectives available: {sorted(OBJECTIVES)})")
-        if objective == "ga" and retain_weight and retain_weight != 0:
-            # plain GA has no retain term by definition; graddiff is GA + retain NLL
-            retain_weight = 0.0
+        self.method = get_method(objective)
+        self.forget_objective = self.method.forget_objective(beta=beta, gamma=gamma)
+        if retain_loss is not None and retain_loss not in ("nll", "kl"):
+            raise ValueError(f"retain_loss must be 'nll' or 'kl', got {retain_loss!r}")
+        self.retain_loss = "none" if self.method.retain == "none" else (retain_loss or self.method.retain)
+        if self.retain_loss == "none":
+            retain_weight = 0.0  # e.g. plain GA: no retain term by definition (graddiff is GA + retain NLL)
         if forget_weight < 0 or retain_weight < 0:
             raise ValueError(f"weights must be >= 0, got forget {forget_weight}, retain {retain_weight}")
-        self.objective = objective
+        self.objective = self.method.name
         self.forget_weight = float(forget_weight)
         self.retain_weight = float(retain_weight)
         self.retain_objective = NLL()
         self.kw = dict(ignore_index=ignore_index, shift=shift, backend=backend)
 
+    @property
+    def uses_retain(self) -> bool:
+        """Whether the loss has a retain term (a retain batch is then required)."""
+        return self.retain_weight > 0
+
     def forward(self, weight, forget_hidden, forget_labels, retain_hidden=None, retain_labels=None, *,
-                bias=None, ref_logp_sum=None, forget_normalizer=None, retain_normalizer=None) -> LossOutput:
+                bias=None, ref_logp_sum=None, forget_normalizer=None, retain_normalizer=None,
+                reference: Optional[ReferenceHead] = None) -> LossOutput:
         extras = {}
-        if self.objective == "npo":
+        if self.method.reference == "logp":
             if ref_logp_sum is None:
-                raise ValueError("objective 'npo' needs ref_logp_sum for the forget batch")
+                raise ValueError(f"objective {self.objective!r} needs ref_logp_sum for the forget batch")
             extras["ref_logp_sum"] = ref_logp_sum
         red = "sum" if forget_normalizer is not None else "mean"
         lf, logp, n = fused_sequence_loss(forget_hidden, weight, forget_labels, self.forget_objective, bias=bias,
@@ -115,18 +130,45 @@ class UnlearningLoss(nn.Module):
                                           **self.kw, **extras)
         loss = self.forget_weight * lf
         terms = {"forget_loss": lf.detach(), "forget_logp_sum": logp, "forget_n_tokens": n}
-        if self.retain_weight > 0:
+        if self.uses_retain:
             if retain_hidden is None or retain_labels is None:
                 raise ValueError(f"objective {self.objective!r} with retain_weight > 0 needs a retain batch")
-            red = "sum" if retain_normalizer is not None else "mean"
-            lr, rlogp, rn = fused_sequence_loss(retain_hidden, weight, retain_labels, self.retain_objective,
-                                                bias=bias, reduction=red, normalizer=retain_normalizer,
-                                                return_logp=True, **self.kw)
+            lr, rterms = self._retain(weight, bias, retain_hidden, retain_labels, retain_normalizer, reference)
             loss = loss + self.retain_weight * lr
-            terms.update(retain_loss=lr.detach(), retain_logp_sum=rlogp, retain_n_tokens=rn)
+            terms.update(rterms)
         terms["loss"] = loss.detach()
         return LossOutput(loss, terms)
 
+    def _retain(self, weight, bias, hidden, labels, normalizer, reference):
+        """The retain term and its logged terms: token-mean (or sum / normalizer) NLL or KL."""
+        red = "sum" if normalizer is not None else "mean"
+        if self.retain_loss == "nll":
+            lr, rlogp, rn = fused_sequence_loss(hidden, weight, labels, self.retain_objective, bias=bias,
+                                                reduction=red, normalizer=normalizer, return_logp=True, **self.kw)
+            return lr, {"retain_loss": lr.detach(), "retain_logp_sum": rlogp, "retain_n_tokens": rn}
+        if reference is None:
+            raise ValueError(f"objective {self.objective!r} with retain_loss='kl' needs reference= (the frozen "
+                             "reference's final hidden states of the retain rows and its LM head)")
+        lr = kl_loss(hidden, weight, labels, reference.hidden, reference.weight, bias=bias, ref_bias=reference.bias,
+                     reduction=red, normalizer=normalizer, ignore_index=self.kw["ignore_index"],
+                     shift=self.kw["shift"])
+        rn = answer_tokens(labels, self.kw["ignore_index"], shift=self.kw["shift"])
+        return lr, {"retain_loss": lr.detach(), "retain_n_tokens": rn}
+
+    def batch_loss(self, weight, bias, hidden, batch, counts=None, *,
+                   reference: Optional[ReferenceHead] = None) -> LossOutput:
+        """The loss of one :class:`~simnpo_fast.batch.ForgetRetainBatch` from the final hidden states of all its
+        rows ``[F + R, T, d]``: the forget term on rows ``[:F]``, the retain term on rows ``[F:]``; with
+        ``counts`` (the step's :class:`~simnpo_fast.batch.StepCounts`) each term is ``sum / global count``,
+        without them the batch's own means. ``reference``: the frozen reference of the retain rows (retain KL).
+        The signature starts ``(weight, bias, hidden)``: a fused LM head calls it inside its own forward."""
+        fh, rh = batch.split(hidden)
+        fl, rl = batch.split(batch.labels)
+        f_norm, r_norm = counts.normalizers() if counts is not None else (None, None)
+        return self.forward(weight, fh, fl, rh, rl, bias=bias, ref_logp_sum=batch.ref_logp_sum,
+                            forget_normalizer=f_norm, retain_normalizer=r_norm, reference=reference)
+
     def extra_repr(self) -> str:
         return (f"objective={self.objective!r}, forget={self.forget_objective}, forget_weight={self.forget_weight}, "
-                f"retain_weight={self.retain_weight}")
+                f"retain={self.retain_loss!r}, retain_weight={self.retain_weight}")
+
