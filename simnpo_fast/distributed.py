@@ -94,6 +94,16 @@ def owned_process_group():
             shutdown_distributed(wait=ok)
 
 
+def rank() -> int:
+    """This process's rank in the default process group (0 when none is initialised)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """The number of processes in the default process group (1 when none is initialised)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
@@ -113,6 +123,15 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def gather_objects(obj) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` without a process group)."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def on_rank0(fn, is_main: Optional[bool] = None):
     """Run ``fn`` on rank 0 only and hand its result to every rank; when it raises, rank 0 re-raises the error
     and every other rank raises the same :mod:`simnpo_fast.errors` class with the same message (any other type
@@ -121,7 +140,7 @@ def on_rank0(fn, is_main: Optional[bool] = None):
     from . import errors as E
 
     if is_main is None:
-        is_main = not dist.is_initialized() or dist.get_rank() == 0
+        is_main = rank() == 0
     box, err = None, None
     if is_main:
         try:

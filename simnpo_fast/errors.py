@@ -144,6 +144,11 @@ def pop_debug_flag(argv: Iterable[str]) -> tuple[list[str], bool]:
     return [a for i, a in enumerate(argv) if not (i < stop and a == "--debug")], debug
 
 
+def warn(message: str) -> None:
+    """A one-line warning on stderr, ``simnpo-fast: <message>`` (the command line's own voice)."""
+    print(f"simnpo-fast: {message}", file=sys.stderr, flush=True)
+
+
 def check_finite(values: Mapping[str, object], what: str) -> None:
     """Raise :class:`ResultError` naming every non-finite number of a flat ``{name: value}`` mapping."""
     bad = [f"{k}={v}" for k, v in values.items()

@@ -38,7 +38,7 @@ from .distributed import (DistInfo, all_reduce_sum, apply_ac, apply_compile, app
                           init_distributed, mixed_precision_policy)
 from .model import (ModelConfig, UnlearnModel, build_hf_model, logprob_task, nll_task, shifted_targets,
                     ref_hidden_task, unlearn_task)
-from .errors import ConfigError, ConfigPathError, ModelError, NonFiniteError
+from .errors import ConfigError, ConfigPathError, ModelError, NonFiniteError, RunFolderError
 from .modules import UnlearningLoss
 
 OBJECTIVES = ("simnpo", "npo", "ga", "graddiff", "finetune")
@@ -994,7 +994,7 @@ def _run_finetune_stage(cfg: TrainConfig, hooks=None) -> TrainConfig:
         rec = RF.read_run_file(ft.output_dir)
         diffs = RF.config_differences(rec.get("config", {}), config_to_dict(ft)) if rec else ["run.json: missing"]
         if diffs:
-            raise RF.RunFolderError(
+            raise RunFolderError(
                 f"{ft.output_dir} holds a finetuned model made with another finetune config ({'; '.join(diffs)}); "
                 "pass --overwrite to move the previous run aside, or choose another output_dir")
     else:
