@@ -20,28 +20,16 @@ is kept).
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 import transformers
 
+from .batch import ForgetRetainBatch, StepCounts
 from .data import DataCollator
-from .model import logprob_task, patch, unlearn_task
+from .model import logprob_head, patch
 from .modules import UnlearningLoss
-
-
-def _cat_pad(a: dict, b: Optional[dict], pad_id: int) -> tuple:
-    if b is None:
-        return a["input_ids"], a["attention_mask"], a["labels"]
-    T = max(a["input_ids"].shape[1], b["input_ids"].shape[1])
-
-    def pad(t, value):
-        return torch.nn.functional.pad(t, (0, T - t.shape[1]), value=value)
-
-    ids = torch.cat([pad(a["input_ids"], pad_id), pad(b["input_ids"], pad_id)])
-    mask = torch.cat([pad(a["attention_mask"], 0), pad(b["attention_mask"], 0)])
-    labels = torch.cat([pad(a["labels"], -100), pad(b["labels"], -100)])
-    return ids, mask, labels
 
 
 class ForgetRetainCollator:
@@ -94,19 +82,24 @@ def add_reference_logps(dataset, model, collator: DataCollator, batch_size: int 
         idx = list(range(s, min(len(dataset), s + batch_size)))
         b = collator.pad([dataset[i]["forget"] for i in idx])
         logp, _ = model(input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev),
-                        head_task=logprob_task(), task_kwargs={"labels": b["labels"].to(dev)})
+                        loss_fn=functools.partial(logprob_head, labels=b["labels"].to(dev)))
         ref[idx] = logp.float().cpu()
     model.train(was)
     return _WithRef(dataset, ref)
 
 
 class UnlearningTrainer(transformers.Trainer):
-    """``transformers.Trainer`` whose ``compute_loss`` is the fused unlearning loss on forget/retain batches."""
+    """``transformers.Trainer`` whose ``compute_loss`` is the fused unlearning loss on forget/retain batches.
+
+    ``objective`` names a registered method (:func:`simnpo_fast.methods.get_method`); the other keywords go to
+    :class:`~simnpo_fast.modules.UnlearningLoss`."""
 
     def __init__(self, *args, objective: str = "simnpo", beta: Optional[float] = None, gamma: float = 0.0,
                  forget_weight: float = 1.0, retain_weight: float = 1.0, **kw):
         self.criterion = UnlearningLoss(objective, forget_weight=forget_weight, retain_weight=retain_weight,
                                         beta=beta, gamma=gamma)
+        if self.criterion.retain_loss == "kl":
+            raise ValueError("UnlearningTrainer has no frozen reference model: use a retain NLL method")
         model = kw.get("model", args[0] if args else None)
         if model is None:
             raise ValueError("UnlearningTrainer needs model=")
@@ -122,40 +115,40 @@ class UnlearningTrainer(transformers.Trainer):
         pad = getattr(cfg, "pad_token_id", None)
         return 0 if pad is None else int(pad if not isinstance(pad, list) else pad[0])
 
-    def get_batch_samples(self, epoch_iterator, num_batches, *args, **kw):
-        """One optimizer step's micro-batches and, as ``num_items_in_batch``, its global loss denominators:
-        ``{"forget": forget sequences with an answer token (tokens for GA / GradDiff), "retain": retain answer
-        tokens}``, summed over the micro-batches and every process. (``*args``: newer transformers also pass
-        the device.)"""
-        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, *args, **kw)
-        return batches, self.step_counts(batches, args[0] if args else kw.get("device"))
+    def _batch(self, inputs: dict) -> ForgetRetainBatch:
+        """The collated ``{"forget", "retain"[, "ref_logp_sum"]}`` inputs as one forget/retain batch (the retain
+        rows only when the loss has a retain term)."""
+        retain = inputs.get("retain") if self.criterion.uses_retain else None
+        return ForgetRetainBatch.from_padded(inputs["forget"], retain, self._pad_id(self.model),
+                                             ref_logp_sum=inputs.get("ref_logp_sum"))
 
-    def step_counts(self, batches, device=None) -> Optional[dict]:
+    def get_batch_samples(self, epoch_iterator, num_batches, *args, **kw):
+        """One optimizer step's micro-batches and, as ``num_items_in_batch``, its global
+        :class:`~simnpo_fast.batch.StepCounts` over the micro-batches and every process. (``*args``: newer
+        transformers also pass the device.)"""
+        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, *args, **kw)
+        return batches, self._counts(batches, args[0] if args else kw.get("device"))
+
+    def _counts(self, batches, device=None) -> Optional[StepCounts]:
         if not batches or not all(isinstance(b, dict) and "forget" in b for b in batches):
             return None
-        c = torch.zeros(2, dtype=torch.float64)
-        for b in batches:
-            c[0] += self.criterion.forget_objective.denominator((b["forget"]["labels"][:, 1:] != -100).sum(1))
-            if self.criterion.retain_weight > 0 and b.get("retain") is not None:
-                c[1] += int((b["retain"]["labels"][:, 1:] != -100).sum())
+        reduce = None
         if self.args.world_size > 1:
-            c = self.accelerator.gather(c.to(device or self.args.device)).reshape(-1, 2).sum(0).cpu()
-        return {"forget": float(c[0]), "retain": float(c[1])}
+            def reduce(c):
+                return self.accelerator.gather(c.to(device or self.args.device)).reshape(-1, c.numel()).sum(0)
+        return StepCounts.of([self._batch(b) for b in batches], self.criterion.method, reduce)
+
+    def step_counts(self, batches, device=None) -> Optional[dict]:
+        """The step's loss denominators as ``{"forget": forget sequences with an answer token (tokens for GA /
+        GradDiff), "retain": retain answer tokens}``, summed over ``batches`` and every process."""
+        c = self._counts(batches, device)
+        return None if c is None else {"forget": c.forget, "retain": c.retain_tokens}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        forget = inputs["forget"]
-        retain = inputs.get("retain") if self.criterion.retain_weight > 0 else None
-        ids, mask, labels = _cat_pad(forget, retain, self._pad_id(self.model))
-        kw = {"n_forget": forget["input_ids"].shape[0], "labels": labels}
-        if "ref_logp_sum" in inputs:
-            kw["ref_logp_sum"] = inputs["ref_logp_sum"]
-        counts = num_items_in_batch if isinstance(num_items_in_batch, dict) else None
-        if counts is not None:
-            if counts["forget"] > 0:
-                kw["forget_normalizer"] = counts["forget"]
-            if counts["retain"] > 0:
-                kw["retain_normalizer"] = counts["retain"]
-        out = model(input_ids=ids, attention_mask=mask, head_task=unlearn_task(self.criterion), task_kwargs=kw)
+        batch = self._batch(inputs)
+        counts = num_items_in_batch if isinstance(num_items_in_batch, StepCounts) else None
+        loss_fn = functools.partial(self.criterion.batch_loss, batch=batch, counts=counts)
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, loss_fn=loss_fn)
         self.last_terms = {k: v.detach() for k, v in out.terms.items()}
         loss = out.loss
         if counts is not None and self.accelerator.num_processes > 1:

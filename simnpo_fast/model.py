@@ -6,18 +6,21 @@ inside the head's own forward gets the all-gathered parameter and FSDP's backwar
 gradient correctly. So:
 
 * :class:`FusedLMHeadLoss` is an ``nn.Linear`` (same parameter names, so checkpoints and ``save_pretrained`` are
-  unchanged). ``head(hidden)`` returns logits as before; ``head(hidden, task=fn, **kw)`` returns
-  ``fn(self.weight, self.bias, hidden, **kw)`` -- a fused loss, never a ``[tokens, V]`` logits tensor.
-* :class:`UnlearnModel` wraps the HF causal LM: ``forward(input_ids, attention_mask, task=..., **kw)`` runs the
+  unchanged). ``head(hidden)`` returns logits as before; ``head(hidden, loss_fn, **kw)`` returns
+  ``loss_fn(self.weight, self.bias, hidden, **kw)`` -- a fused loss, never a ``[tokens, V]`` logits tensor.
+* :class:`UnlearnModel` wraps the HF causal LM: ``forward(input_ids, attention_mask, loss_fn, **kw)`` runs the
   backbone to the final hidden states and hands them to the head. FSDP shards the decoder layers one by one,
   ``[norm, lm_head]`` as one unit and the rest (embeddings; and the LM head when it is tied to them) in the root.
 * :func:`patch` makes an existing HF model's ``forward(..., labels=...)`` return the fused loss (HF drop-in).
 
-Tasks (all ``task(weight, bias, hidden, **kw)``) are built by :func:`unlearn_task`, :func:`logprob_task`,
-:func:`nll_task`, :func:`ref_hidden_task`.
+Head losses (``loss_fn(weight, bias, hidden, **kw)``): :meth:`UnlearningLoss.batch_loss
+<simnpo_fast.modules.UnlearningLoss.batch_loss>` (unlearning), :func:`logprob_head`, :func:`nll_head`;
+:class:`FrozenReference` gives the retain KL its reference. :func:`backbone_of` / :func:`final_hidden` reach
+any HF causal LM's final hidden states.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import types
@@ -28,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .modules import UnlearningLoss
+from .modules import ReferenceHead, UnlearningLoss
 from .objectives import NLL
-from .ops import fused_sequence_loss, kl_loss, sequence_logprob
+from .ops import fused_sequence_loss, sequence_logprob
 
 #: The embedded default model: a tiny Llama (vocab comes from the trained tokenizer).
 PRESETS: Dict[str, Dict[str, Any]] = {
@@ -145,10 +148,10 @@ def apply_lora(model, lora: Dict[str, Any]):
 class FusedLMHeadLoss(nn.Linear):
     """The LM head Linear that can also compute a fused loss from hidden states inside its own forward."""
 
-    def forward(self, hidden: torch.Tensor, task: Optional[Callable] = None, **kw):  # type: ignore[override]
-        if task is None:
+    def forward(self, hidden: torch.Tensor, loss_fn: Optional[Callable] = None, **kw):  # type: ignore[override]
+        if loss_fn is None:
             return F.linear(hidden, self.weight, self.bias)
-        return task(self.weight, self.bias, hidden, **kw)
+        return loss_fn(self.weight, self.bias, hidden, **kw)
 
 
 def fuse_head(hf_model) -> FusedLMHeadLoss:
@@ -168,15 +171,34 @@ def head_is_tied(hf_model) -> bool:
 
 
 def backbone_of(hf_model) -> nn.Module:
-    """The decoder stack (``model.model`` for Llama-like models) returning final hidden states."""
-    base = getattr(hf_model, hf_model.base_model_prefix, None)
+    """The decoder stack returning final hidden states: ``model.<base_model_prefix>`` (``model.model`` for
+    Llama-like models), else ``model.model``; ``TypeError`` naming the class when there is neither."""
+    prefix = getattr(hf_model, "base_model_prefix", None) or "model"
+    base = getattr(hf_model, prefix, None)
     if base is None or base is hf_model:
-        raise TypeError(f"cannot find the backbone of {type(hf_model).__name__}")
+        base = getattr(hf_model, "model", None)
+    if base is None or base is hf_model:
+        raise TypeError(f"cannot find the backbone of {type(hf_model).__name__} (expected .{prefix} or .model)")
     return base
 
 
+def last_hidden_state(out) -> torch.Tensor:
+    """The final hidden states ``[B, T, d]`` from a backbone's output (a tensor, a tuple or a ModelOutput)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, tuple):
+        return out[0]
+    return out.last_hidden_state
+
+
+def final_hidden(hf_model, input_ids, attention_mask=None, **kw) -> torch.Tensor:
+    """``hf_model``'s final hidden states (its backbone only: no LM head, no logits)."""
+    return last_hidden_state(backbone_of(hf_model)(input_ids=input_ids, attention_mask=attention_mask, **kw))
+
+
 class UnlearnModel(nn.Module):
-    """``forward(input_ids, attention_mask, task=fn, **kw)`` = ``head(backbone(...).last_hidden_state, task, **kw)``.
+    """``forward(input_ids, attention_mask, loss_fn, **kw)`` = ``loss_fn(weight, bias, final hidden states, **kw)``
+    computed inside the LM head's forward (logits without ``loss_fn``).
 
     ``self.lm`` is the HF causal LM (state-dict keys ``lm.<hf key>``); its head is a :class:`FusedLMHeadLoss`.
     """
@@ -204,13 +226,65 @@ class UnlearnModel(nn.Module):
     def final_norm(self) -> Optional[nn.Module]:
         return getattr(self.backbone, "norm", None)
 
-    def forward(self, input_ids, attention_mask=None, task: Optional[Callable] = None, **kw):
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
-        return self.head(hidden, task=task, **kw)
+    def forward(self, input_ids, attention_mask=None, loss_fn: Optional[Callable] = None, *,
+                task: Optional[Callable] = None, **kw):
+        # task=: the former keyword of loss_fn (removed once the train package and markov use loss_fn)
+        hidden = final_hidden(self.lm, input_ids, attention_mask, use_cache=False)
+        return self.head(hidden, loss_fn=loss_fn or task, **kw)
 
 
-# ----------------------------------------------------------------------------- head tasks
+# ----------------------------------------------------------------------------- head losses
+# Each is loss_fn(weight, bias, hidden, **kw); UnlearningLoss.batch_loss is the unlearning one.
+
+def logprob_head(weight, bias, hidden, *, labels):
+    """``(logp_sum [B], n_tokens [B])`` of ``labels`` (use under ``torch.no_grad()`` to cache them)."""
+    return sequence_logprob(hidden, weight, labels, bias=bias)
+
+
+def nll_head(weight, bias, hidden, *, labels, normalizer=None):
+    """``(loss, logp_sum, n_tokens)``: token-mean NLL of ``labels`` (``sum / normalizer`` when given)."""
+    red = "mean" if normalizer is None else "sum"
+    return fused_sequence_loss(hidden, weight, labels, NLL(), bias=bias, reduction=red, normalizer=normalizer,
+                               return_logp=True)
+
+
+def _autocast_nll_head(weight, bias, hidden, *, labels, normalizer=None):
+    """:func:`nll_head` at the precision HF's own head would have: under ``torch.autocast`` (HF
+    ``Trainer(fp16=True)`` / accelerate) ``F.linear`` runs in the autocast dtype, so hidden, weight and bias are
+    cast to it (gradients flow back through the casts to the fp32 master weights); the fused op itself then
+    runs with autocast off."""
+    dev = hidden.device.type
+    if not torch.is_autocast_enabled(dev):
+        return nll_head(weight, bias, hidden, labels=labels, normalizer=normalizer)
+    dt = torch.get_autocast_dtype(dev)
+    with torch.autocast(dev, enabled=False):
+        return nll_head(weight.to(dt), None if bias is None else bias.to(dt), hidden.to(dt), labels=labels,
+                        normalizer=normalizer)
+
+
+class FrozenReference:
+    """A frozen reference model for the retain KL: ``ref(input_ids, attention_mask)`` runs it (no grad) to its
+    final hidden states and returns them with its LM head as a :class:`~simnpo_fast.modules.ReferenceHead`. The
+    head is copied on first use and kept here (a sharded FSDP unit frees its gathered weight after forward)."""
+
+    def __init__(self, model: UnlearnModel):
+        self.model = model
+        self.weight: Optional[torch.Tensor] = None
+        self.bias: Optional[torch.Tensor] = None
+
+    def _capture(self, weight, bias, hidden) -> ReferenceHead:
+        if self.weight is None:
+            self.weight = weight.detach().clone()
+            self.bias = None if bias is None else bias.detach().clone()
+        return ReferenceHead(hidden.detach(), self.weight, self.bias)
+
+    @torch.no_grad()
+    def __call__(self, input_ids, attention_mask=None) -> ReferenceHead:
+        return self.model(input_ids, attention_mask, self._capture)
+
+
+# ----------------------------------------------------------------------------- compatibility shims
+# removed once the train package and markov/ use loss_fn= with the head losses above and batch_loss
 
 def shifted_targets(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Boolean mask of the positions that are targets after the causal shift (labels[:, 1:])."""
@@ -219,82 +293,44 @@ def shifted_targets(labels: torch.Tensor, ignore_index: int = -100) -> torch.Ten
 
 def _unlearn(weight, bias, hidden, *, criterion: UnlearningLoss, n_forget: int, labels: torch.Tensor,
              ref_logp_sum=None, forget_normalizer=None, retain_normalizer=None, retain_kl=None):
+    reference = None
+    if retain_kl is not None:
+        reference = ReferenceHead(*retain_kl)
+        if criterion.retain_loss != "kl":
+            criterion = copy.copy(criterion)
+            criterion.retain_loss = "kl"
     fh, fl = hidden[:n_forget], labels[:n_forget]
-    rh = rl = None
-    if hidden.shape[0] > n_forget:
-        rh, rl = hidden[n_forget:], labels[n_forget:]
-    if retain_kl is None:
-        return criterion(weight, fh, fl, rh, rl, bias=bias, ref_logp_sum=ref_logp_sum,
-                         forget_normalizer=forget_normalizer, retain_normalizer=retain_normalizer)
-    # retain term = KL(ref || current) over retain answer tokens, fused (reference hidden states + head given)
-    keep_w = criterion.retain_weight
-    criterion.retain_weight = 0.0
-    try:
-        out = criterion(weight, fh, fl, bias=bias, ref_logp_sum=ref_logp_sum, forget_normalizer=forget_normalizer)
-    finally:
-        criterion.retain_weight = keep_w
-    ref_hidden, ref_weight, ref_bias = retain_kl
-    kl = kl_loss(rh, weight, rl, ref_hidden, ref_weight, bias=bias, ref_bias=ref_bias,
-                 reduction="mean" if retain_normalizer is None else "sum", normalizer=retain_normalizer)
-    out.loss = out.loss + keep_w * kl
-    out.terms.update(retain_loss=kl.detach(), loss=out.loss.detach())
-    mask = shifted_targets(rl)
-    out.terms["retain_n_tokens"] = mask.sum(1)
-    return out
+    rh, rl = (hidden[n_forget:], labels[n_forget:]) if hidden.shape[0] > n_forget else (None, None)
+    return criterion(weight, fh, fl, rh, rl, bias=bias, ref_logp_sum=ref_logp_sum, reference=reference,
+                     forget_normalizer=forget_normalizer, retain_normalizer=retain_normalizer)
 
 
 def unlearn_task(criterion: UnlearningLoss):
-    """``task(weight, bias, hidden, n_forget=, labels=, ref_logp_sum=, forget_normalizer=, retain_normalizer=,
-    retain_kl=)``: rows ``[:n_forget]`` are the forget batch, the rest the retain batch -> :class:`LossOutput`."""
+    """Shim: ``task(weight, bias, hidden, n_forget=, labels=, ref_logp_sum=, forget_normalizer=,
+    retain_normalizer=, retain_kl=(ref_hidden, ref_weight, ref_bias))`` -> :class:`LossOutput`."""
     return functools.partial(_unlearn, criterion=criterion)
 
 
-def _logprob(weight, bias, hidden, *, labels):
-    return sequence_logprob(hidden, weight, labels, bias=bias)
-
-
 def logprob_task():
-    """``task(..., labels=)`` -> ``(logp_sum [B], n_tokens [B])`` (use under ``torch.no_grad()`` for caching)."""
-    return _logprob
-
-
-def _nll(weight, bias, hidden, *, labels, normalizer=None):
-    red = "mean" if normalizer is None else "sum"
-    return fused_sequence_loss(hidden, weight, labels, NLL(), bias=bias, reduction=red, normalizer=normalizer,
-                               return_logp=True)
+    """Shim: :func:`logprob_head`."""
+    return logprob_head
 
 
 def nll_task():
-    """``task(..., labels=, normalizer=None)`` -> ``(loss, logp_sum, n_tokens)``: token-mean (or sum/normalizer) NLL."""
-    return _nll
-
-
-def _hf_nll(weight, bias, hidden, *, labels, normalizer=None):
-    """:func:`_nll` at the precision HF's own head would have: under ``torch.autocast`` (HF ``Trainer(fp16=True)``
-    / accelerate) ``F.linear`` runs in the autocast dtype, so hidden, weight and bias are cast to it (gradients
-    flow back through the casts to the fp32 master weights); the fused op itself then runs with autocast off."""
-    dev = hidden.device.type
-    if not torch.is_autocast_enabled(dev):
-        return _nll(weight, bias, hidden, labels=labels, normalizer=normalizer)
-    dt = torch.get_autocast_dtype(dev)
-    with torch.autocast(dev, enabled=False):
-        return _nll(weight.to(dt), None if bias is None else bias.to(dt), hidden.to(dt), labels=labels,
-                    normalizer=normalizer)
+    """Shim: :func:`nll_head`."""
+    return nll_head
 
 
 def _ref_hidden(weight, bias, hidden, *, cache: dict):
     if "weight" not in cache:
-        # a frozen reference: its LM head is copied once (an FSDP unit frees its unsharded weight after forward)
         cache["weight"] = weight.detach().clone()
         cache["bias"] = None if bias is None else bias.detach().clone()
     return hidden.detach()
 
 
 def ref_hidden_task(cache: dict):
-    """``task(...)`` -> the final hidden states ``[B, T, d]`` of a frozen reference model; on first use it also
-    stores that model's LM-head ``weight`` / ``bias`` in ``cache``. Together they are the ``retain_kl=(hidden,
-    cache["weight"], cache["bias"])`` argument of :func:`unlearn_task`: the fused KL recomputes the reference
-    logits one tile at a time instead of holding ``[tokens, V]`` reference log-probabilities."""
+    """Shim (see :class:`FrozenReference`): the reference's final hidden states; its head is copied into
+    ``cache["weight"]`` / ``cache["bias"]`` on first use."""
     return functools.partial(_ref_hidden, cache=cache)
 
 
@@ -311,8 +347,9 @@ def patch(model, *, ignore_index: int = -100, backend=None):
       cross-entropy, same value) computed inside the LM head's forward (FSDP / DeepSpeed / accelerate safe), in
       the autocast dtype under ``torch.autocast`` like HF's head (fp16 + ``GradScaler`` works: the loss scale is
       applied in fp32 before the gradients are rounded to fp16, see ``simnpo_fast/ops.py``);
-    * ``model(input_ids, attention_mask, head_task=task, **task_kw)`` returns whatever ``task(weight, bias,
-      hidden, **task_kw)`` returns (e.g. :func:`unlearn_task`), used by :class:`simnpo_fast.hf.UnlearningTrainer`.
+    * ``model(input_ids, attention_mask, loss_fn=fn)`` returns ``fn(weight, bias, hidden)`` computed inside the
+      head's forward (e.g. ``functools.partial(criterion.batch_loss, batch=..., counts=...)``, as
+      :class:`simnpo_fast.hf.UnlearningTrainer` does).
 
     Returns the same model object. Idempotent.
     """
@@ -323,23 +360,22 @@ def patch(model, *, ignore_index: int = -100, backend=None):
     fuse_head(model)
     orig_forward = model.forward
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, *args, head_task=None,
+    def forward(self, input_ids=None, attention_mask=None, labels=None, *args, loss_fn=None,
                 num_items_in_batch=None, **kw):
-        if labels is None and head_task is None:
+        if labels is None and loss_fn is None:
             return orig_forward(input_ids=input_ids, attention_mask=attention_mask, *args, **kw)
-        task_kw = kw.pop("task_kwargs", None) or {}
         kw.pop("use_cache", None)
         kw.pop("return_dict", None)
-        out = backbone_of(self)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, *args, **kw)
-        hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+        if args:
+            raise TypeError("a patched model takes input_ids, attention_mask and labels positionally, nothing more")
+        hidden = final_hidden(self, input_ids, attention_mask, use_cache=False, **kw)
         head = self.get_output_embeddings()
-        if head_task is not None:
-            return head(hidden, task=head_task, **task_kw)
+        if loss_fn is not None:
+            return head(hidden, loss_fn=loss_fn)
         norm = None if num_items_in_batch is None else float(num_items_in_batch)
-        loss, _, _ = head(hidden, task=_hf_nll, labels=labels, normalizer=norm)
+        loss, _, _ = head(hidden, loss_fn=_autocast_nll_head, labels=labels, normalizer=norm)
         return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=(hidden,))
 
     model.forward = types.MethodType(forward, model)
     model._simnpo_patched = True
     return model
-
