@@ -9,8 +9,8 @@ bandwidth-bound passes over the tile (no GEMM in these kernels):
 ``tile_target_stats(z, tgt)`` one *read* pass: per row the online max / rescaled sum over vocabulary blocks of
                               the *other* columns, ``lo_t = logsumexp_{v != y_t} z_tv``, and the target logit
                               ``z_t[y_t]`` (one scalar load). ``z`` is not written. ``lp_t``, ``lse_t`` and
-                              ``1 - p_t`` follow from the two in O(R) (``simnpo_fast/backends/base.py:
-                              target_terms``), to full relative accuracy however close ``p_t`` is to 1.
+                              ``1 - p_t`` follow from the two in O(R) (``target_terms.py``), to full
+                              relative accuracy however close ``p_t`` is to 1.
 ``tile_dlogits_(z, lo, tgt, out=None)``
                               one read + write pass: ``q - onehot(y_t)`` with ``q_tv = exp(z_tv - lo_t)`` (the
                               distribution of the other tokens), written in place (``out=None``) or into ``out``

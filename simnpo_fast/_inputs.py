@@ -100,6 +100,24 @@ def check_inputs(hidden, weight, labels, bias=None, ignore_index: int = -100) ->
             )
 
 
+def check_reference(hidden, weight, ref_hidden, ref_weight, ref_bias=None) -> None:
+    """A frozen reference model's ``ref_hidden [..., d_ref]`` / ``ref_weight [V, d_ref]`` / ``ref_bias [V]`` for
+    ``hidden`` / ``weight``: same rows and vocabulary, one device, one dtype of its own (``ValueError`` naming both)."""
+    if ref_hidden.shape[:-1] != hidden.shape[:-1]:
+        raise ValueError(f"ref_hidden must match hidden except in its last dim: ref_hidden {tuple(ref_hidden.shape)}"
+                         f" vs hidden {tuple(hidden.shape)}")
+    if ref_weight.dim() != 2 or ref_weight.shape != (weight.shape[0], ref_hidden.shape[-1]):
+        raise ValueError(f"ref_weight must be [V, d_ref] = [{weight.shape[0]}, {ref_hidden.shape[-1]}], got "
+                         f"{tuple(ref_weight.shape)}")
+    if ref_bias is not None and ref_bias.shape != (weight.shape[0],):
+        raise ValueError(f"ref_bias must be [V] = [{weight.shape[0]}], got {tuple(ref_bias.shape)}")
+    for name, t in (("ref_hidden", ref_hidden), ("ref_weight", ref_weight), ("ref_bias", ref_bias)):
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device}, hidden on {hidden.device}")
+        if t is not None and t.dtype != ref_weight.dtype:
+            raise ValueError(f"{name} is {t.dtype}, ref_weight {ref_weight.dtype}: the reference is one dtype")
+
+
 def pack(hidden, labels, *, ignore_index: int = -100, shift: bool = True) -> Packed:
     """Describe the rows whose (shifted) target is valid. Differentiable w.r.t. ``hidden``; copies nothing of
     it (``src`` is a flat view when ``hidden`` is contiguous): the shift is folded into the row index, position

@@ -161,13 +161,13 @@ def test_autocast_fp16_gradscaler_step_through_the_hf_dropin(monkeypatch):
     hf = copy.deepcopy(model)
     ref = copy.deepcopy(model).double()
     sf.patch(model)
-    seen, nll = [], M._nll
+    seen, nll = [], M.nll_head
 
     def spy(weight, bias, hidden, **kw):
         seen.append((weight.dtype, hidden.dtype))
         return nll(weight, bias, hidden, **kw)
 
-    monkeypatch.setattr(M, "_nll", spy)
+    monkeypatch.setattr(M, "nll_head", spy)
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
     scaler = torch.amp.GradScaler("cpu")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -1,4 +1,5 @@
-"""Backend dispatch. One backend = one module; ``get_backend`` picks one per call.
+"""Backend dispatch. One backend = one module implementing the contract of ``backends/base.py`` on one
+parameter object (:class:`HeadInputs`); ``get_backend`` picks one per call.
 
 Order of precedence: the ``backend=`` argument, then ``SIMNPO_FAST_BACKEND``, then the default for the
 device (``triton`` for CUDA tensors when Triton imports, ``chunked`` otherwise). ``backend`` may also be a
@@ -11,9 +12,10 @@ from typing import Callable, Dict, Union
 
 import torch
 
-from .base import Backend, Head
-from .chunked import ChunkedBackend, chunk_rows
+from .base import Backend, GradNeeds, HeadInputs, SeqWeightFn
+from .chunked import ChunkedBackend
 from .reference import ReferenceBackend
+from .tiles import chunk_rows
 
 _FACTORIES: Dict[str, Callable[[], Backend]] = {
     "chunked": ChunkedBackend,
@@ -85,7 +87,9 @@ def get_backend(backend: Union[None, str, Backend], device: torch.device) -> Bac
 
 __all__ = [
     "Backend",
-    "Head",
+    "GradNeeds",
+    "HeadInputs",
+    "SeqWeightFn",
     "ChunkedBackend",
     "ReferenceBackend",
     "available_backends",

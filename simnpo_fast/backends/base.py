@@ -1,110 +1,155 @@
-"""The contract every backend implements.
+"""The contract every backend implements, and its one parameter object :class:`HeadInputs`.
 
-Notation: ``x [M, d]`` packed hidden rows (all targets valid), ``w [V, d]``, optional ``b [V]``,
-``targets [M]``. Per token ``lp_t = z_t[y_t] - logsumexp(z_t)`` with ``z_t = x_t W^T + b``. A sequence's
-``logp_sum`` is the sum of its ``lp_t``. For a scalar loss ``L = sum_i f_i(logp_sum_i) / normalizer`` the
-gradient of the logits of token ``t`` of sequence ``i`` is ``g_i (onehot(y_t) - softmax(z_t))`` with
-``g_i = f_i'(logp_sum_i) / normalizer``: one number per *sequence*, known only once the whole sequence has
-been seen. Backends therefore offer two paths:
+Notation: packed rows ``r = 0..M-1`` (every target valid), hidden row ``x_r [d]``, ``w [V, d]``, optional
+``b [V]``, ``targets [M]``. Per token ``lp_r = z_r[y_r] - logsumexp(z_r)`` with ``z_r = x_r W^T + b``. A sequence's
+``logp_sum`` is the sum of its ``lp_r``. For a scalar loss ``L = sum_i f_i(logp_sum_i) / normalizer`` the gradient
+of the logits of token ``r`` of sequence ``i`` is ``g_i (onehot(y_r) - softmax(z_r))`` with
+``g_i = f_i'(logp_sum_i) / normalizer``: one number per *sequence*, known only once the whole sequence has been
+seen. A backend therefore offers, on a :class:`HeadInputs`:
 
-* ``token_logprob`` / ``token_logprob_backward`` -- the generic path (any loss on top, e.g. a
-  ``reduction="none"`` output): forward keeps the per-token ``lse`` (O(M) floats) and the backward
-  recomputes the logits tiles and folds the per-token scale ``g_t`` in before the two GEMMs (8 M d V flops).
-* ``fused_seq_loss`` -- the scalar-loss path. The default implementation below runs the two halves of the
-  generic path back to back inside the forward; the chunked backend overrides it with a sequence-aligned
-  scheme that computes the gradients while the logits tile is still live (6 M d V flops).
+* ``logprob_forward`` / ``logprob_backward`` -- the generic path (any loss on top, e.g. ``reduction="none"``):
+  the forward keeps the per-token ``lse`` and ``lp`` (O(M) floats); the backward recomputes the logits tiles and
+  folds the per-token scale ``g_r`` in before the two GEMMs (8 MdV flops).
+* ``fused_seq_loss`` -- the scalar-loss path: ``(sum_i f_i, logp_sum, dx, dw, db)`` with the gradients computed
+  during the forward (they only need the upstream factor afterwards). The default below runs the two halves
+  of the generic path back to back; the chunked backend overrides it with a sequence-aligned schedule that
+  computes the gradients while the logits tile is live (6 MdV flops).
+* ``fused_kl`` -- the retain KL ``scale * sum_r KL(p_ref(.|r) || p(.|r))`` against a frozen reference given as
+  a second :class:`HeadInputs` on the same rows, with its gradients.
 
-Backends return gradients in fp32 (or already in the input dtype; fp16 inputs: fp32 always, see
-``simnpo_fast/ops.py``); the autograd layer applies the upstream gradient and casts them to the parameter dtypes.
+The differentiable entry points :meth:`Backend.sequence_logprob`, :meth:`Backend.sequence_loss` and
+:meth:`Backend.kl_loss` wrap these in autograd (``simnpo_fast/backends/autograd.py``); a backend may replace them
+with plain autograd instead (the reference backend does).
 
-The target term. Every backend computes ``lp_t`` and ``1 - p_t`` from the log-sum-exp of the row's *other*
-logits, ``lo_t = logsumexp_{v != y_t} z_tv``, and the target logit ``z_t[y_t]`` (:func:`target_terms`):
-``lp_t = -softplus(lo_t - z_t[y_t])`` and ``1 - p_t = sigmoid(lo_t - z_t[y_t])``, both to the relative accuracy
-of ``lo_t`` however close ``p_t`` is to 1 (``z_t[y_t] - lse_t`` would lose ``1 - p_t`` to the rounding of
-``lse_t``, and ``1 - p_t`` as a difference of rounded numbers loses everything as ``p_t -> 1``: on a memorised
-forget set, where unlearning starts, that is every token). ``token_logprob_backward`` receives the forward's
-``lp`` next to ``lse`` for the same reason (:func:`other_lse` rebuilds ``lo_t`` from them).
+Gradients come back in fp32 (or already in the input dtype; fp16 inputs: fp32 always, see
+``backends/autograd.py``), ``dx`` shaped like ``HeadInputs.x`` (zero on the rows not in ``rows``).
 
-Row-indexed backends (``row_indexed = True``) also accept ``rows=``: then ``x`` is the flat hidden ``[N, d]``
-and packed row ``r`` is ``x[rows[r]]``; they gather one tile at a time and return ``dx`` shaped like ``x``
-(zero on the rows not in ``rows``), so no ``[M, d]`` copy of the hidden states is made. Other backends get
-the packed rows materialised by the autograd layer.
+The target term: every backend computes ``lp_r`` and ``1 - p_r`` from the log-sum-exp of the row's *other*
+logits (``simnpo_fast/kernels/target_terms.py``); ``logprob_backward`` receives the forward's ``lp`` next to
+``lse`` for that reason (``other_lse`` rebuilds ``lo_r`` from them).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, List, NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 
-# head(logp_sum_chunk [k] fp32, seq_index_chunk [k] int64) -> (f [k] fp32, df/dlogp_sum [k] fp32)
-Head = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
+from simnpo_fast.kernels.target_terms import other_lse, target_terms
 
-
-def target_terms(lo: torch.Tensor, zt: torch.Tensor):
-    """``(lp, lse, omp)`` of rows from ``lo`` (log-sum-exp of the non-target logits) and ``zt`` (target logit):
-    ``lp = log p_t = -softplus(lo - zt)``, ``lse = logaddexp(zt, lo)``, ``omp = 1 - p_t = sigmoid(lo - zt)``.
-    ``lo = -inf`` (no other column) gives ``lp = 0``, ``omp = 0``."""
-    y = lo - zt
-    return -F.softplus(y), torch.logaddexp(zt, lo), torch.sigmoid(y)
+#: ``seq_weight_fn(logp_sum_chunk [k] fp32, seq_index_chunk [k] int64) -> (f [k], scale * df/dlogp_sum [k])``:
+#: the per-sequence loss ``f_i`` (unscaled) and the weight ``g_i`` of the logits gradient (scaled).
+SeqWeightFn = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
 
 
-def other_lse(lse: torch.Tensor, lp: torch.Tensor):
-    """``(lo, omp)``: the non-target log-sum-exp ``lo = lse + log(1 - p_t)`` and ``omp = 1 - p_t = -expm1(lp)``
-    from a row's ``lse`` and target log-probability. ``lo = +inf`` where ``1 - p_t`` is 0 in fp32, so that
-    ``exp(z - lo)`` is 0 there (never ``inf * 0``)."""
-    omp = -torch.expm1(lp)
-    lo = lse + torch.log(omp)
-    return torch.where(omp > 0, lo, torch.full_like(lo, float("inf"))), omp
+class GradNeeds(NamedTuple):
+    """Which gradients the caller wants."""
+
+    dx: bool
+    dw: bool
+    db: bool
+
+    @property
+    def any(self) -> bool:
+        return self.dx or self.dw or self.db
+
+
+@dataclass(frozen=True)
+class HeadInputs:
+    """The packed target rows of an LM head: the one argument of every backend method.
+
+    Packed row ``r`` is ``x[rows[r]]`` (``x`` itself, in order, when ``rows is None``): the hidden states are
+    never copied to form it. ``seq_ids`` / ``offsets`` / ``num_seqs`` group the rows into sequences (CSR:
+    sequence ``s`` owns rows ``offsets[s]:offsets[s+1]``); per-token methods do not read them.
+    """
+
+    x: torch.Tensor  # [N, d]
+    w: torch.Tensor  # [V, d]
+    b: Optional[torch.Tensor]  # [V]
+    targets: torch.Tensor  # [M] int64 in [0, V)
+    rows: Optional[torch.Tensor] = None  # [M] int64, increasing; None = all rows of x
+    seq_ids: Optional[torch.Tensor] = None  # [M] int64, non-decreasing
+    offsets: Optional[List[int]] = None  # len num_seqs + 1, host ints
+    num_seqs: int = 0
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.targets.shape[0])
+
+    def packed_x(self) -> torch.Tensor:
+        """``[M, d]``: the packed rows materialised (a gather; ``x`` itself when ``rows is None``)."""
+        return self.x if self.rows is None else self.x.index_select(0, self.rows)
+
+    def unpack_rows(self, packed: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """A ``[M, d]`` per-row result (e.g. ``dx`` of the packed rows) placed into a zero tensor shaped like ``x``."""
+        if packed is None or self.rows is None:
+            return packed
+        out = torch.zeros(self.x.shape, dtype=packed.dtype, device=packed.device)
+        return out.index_copy_(0, self.rows, packed)
+
+    def replace(self, **kw) -> "HeadInputs":
+        return dataclasses.replace(self, **kw)
 
 
 class Backend:
     name = "base"
-    #: True when the backend builds the autograd graph itself (the reference oracle).
-    autograd_native = False
-    #: True when the methods below accept ``rows=`` (see the module docstring).
-    row_indexed = False
 
     def supports(self, device: torch.device) -> bool:
         """Whether this backend can run on tensors of ``device`` (pure-torch backends: everywhere)."""
         return True
 
-    # -- generic path -------------------------------------------------------------------------------------
-    def token_logprob(self, x, w, b, targets) -> "tuple[torch.Tensor, torch.Tensor]":
-        """Return ``(lp [M] fp32, lse [M] fp32)``; no autograd."""
+    # -- the contract -------------------------------------------------------------------------------------
+    def logprob_forward(self, inp: HeadInputs) -> "tuple[torch.Tensor, torch.Tensor]":
+        """``(lp [M] fp32, lse [M] fp32)`` of the packed rows; no autograd."""
         raise NotImplementedError
 
-    def token_logprob_backward(
-        self, x, w, b, targets, lse, grad_lp, need_dx: bool, need_dw: bool, need_db: bool, *, lp
-    ) -> "tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]":
-        """Gradients of ``sum_t grad_lp[t] * lp_t`` w.r.t. x, w, b (fp32), ``None`` where not needed; ``lse`` and
-        ``lp`` are what ``token_logprob`` returned (``lp`` carries ``1 - p_t`` to full relative accuracy)."""
+    def logprob_backward(self, inp: HeadInputs, lse, lp, grad_lp, needs: GradNeeds):
+        """Gradients of ``sum_r grad_lp[r] * lp_r`` w.r.t. x, w, b (fp32), ``None`` where not needed; ``lse`` and
+        ``lp`` are what ``logprob_forward`` returned (``lp`` carries ``1 - p_r`` to full relative accuracy)."""
         raise NotImplementedError
 
-    # -- scalar-loss path ---------------------------------------------------------------------------------
-    def fused_seq_loss(
-        self,
-        x,
-        w,
-        b,
-        targets,
-        seq_ids,
-        offsets: "list[int]",
-        num_seqs: int,
-        head: Head,
-        need_dx: bool,
-        need_dw: bool,
-        need_db: bool,
-    ):
-        """Return ``(loss_sum, logp_sum [S], dx, dw, db)`` with ``loss_sum = sum_i f_i`` (unnormalised)."""
-        lp, lse = self.token_logprob(x, w, b, targets)
-        logp_sum = torch.zeros(num_seqs, dtype=torch.float32, device=x.device).index_add_(0, seq_ids, lp)
-        idx = torch.arange(num_seqs, device=x.device)
-        f, g = head(logp_sum, idx)
-        loss_sum = f.sum()
+    def fused_seq_loss(self, inp: HeadInputs, seq_weight_fn: SeqWeightFn, needs: GradNeeds):
+        """``(loss_sum, logp_sum [S], dx, dw, db)`` with ``loss_sum = sum_i f_i`` (unnormalised) and the gradients
+        of ``sum_i g_i logp_sum_i``."""
+        lp, lse = self.logprob_forward(inp)
+        logp_sum = torch.zeros(inp.num_seqs, dtype=torch.float32, device=inp.x.device)
+        logp_sum.index_add_(0, inp.seq_ids, lp.to(torch.float32))
+        f, g = seq_weight_fn(logp_sum, torch.arange(inp.num_seqs, device=inp.x.device))
         dx = dw = db = None
-        if need_dx or need_dw or need_db:
-            dx, dw, db = self.token_logprob_backward(
-                x, w, b, targets, lse, g.index_select(0, seq_ids), need_dx, need_dw, need_db, lp=lp
-            )
-        return loss_sum, logp_sum, dx, dw, db
+        if needs.any:
+            dx, dw, db = self.logprob_backward(inp, lse, lp, g.index_select(0, inp.seq_ids), needs)
+        return f.sum(), logp_sum, dx, dw, db
+
+    def fused_kl(self, inp: HeadInputs, ref: HeadInputs, scale: float, needs: GradNeeds):
+        """``(scale * sum_r KL(p_ref(.|r) || p(.|r)), dx, dw, db)``: ``p`` from ``inp``, the frozen ``p_ref`` from
+        ``ref`` (same ``rows``; its own hidden size allowed); no gradient flows to ``ref``."""
+        raise NotImplementedError
+
+    # -- differentiable entry points (what simnpo_fast.ops calls) ----------------------------------------
+    def sequence_logprob(self, inp: HeadInputs) -> torch.Tensor:
+        """``logp_sum [S]``, differentiable w.r.t. ``inp.x``, ``inp.w``, ``inp.b`` (recomputing backward)."""
+        from .autograd import SeqLogprob
+
+        return SeqLogprob.apply(inp.x, inp.w, inp.b, inp, self)
+
+    def sequence_loss(self, inp: HeadInputs, seq_weight_fn: SeqWeightFn, scale: float):
+        """``(scale * sum_i f_i, logp_sum [S] detached)``; ``seq_weight_fn`` must fold ``scale`` into its ``g``."""
+        from .autograd import FusedSeqLoss
+
+        return FusedSeqLoss.apply(inp.x, inp.w, inp.b, inp, self, seq_weight_fn, scale, torch.is_grad_enabled())
+
+    def kl_loss(self, inp: HeadInputs, ref: HeadInputs, scale: float) -> torch.Tensor:
+        """``scale * sum_r KL(p_ref || p)``, differentiable w.r.t. ``inp.x``, ``inp.w``, ``inp.b``."""
+        from .autograd import FusedKL
+
+        return FusedKL.apply(inp.x, inp.w, inp.b, inp, ref, self, scale, torch.is_grad_enabled())
+
+    # -- convenience ----------------------------------------------------------------------------------------
+    def token_logprob(self, x, w, b, targets) -> "tuple[torch.Tensor, Optional[torch.Tensor]]":
+        """``(lp [M], lse [M])`` of the rows of ``x [M, d]`` (no autograd)."""
+        with torch.no_grad():
+            return self.logprob_forward(HeadInputs(x, w, b, targets))
+
+
+__all__ = ["Backend", "GradNeeds", "HeadInputs", "SeqWeightFn", "other_lse", "target_terms"]

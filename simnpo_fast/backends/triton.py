@@ -7,13 +7,14 @@ token rows; dw/db: a program owns a block of vocabulary rows), as ``q - onehot``
 ``-g_t (1 - p_t)`` applied in fp32 after the dx product and, over one power of two, before the dw one (so a 16-bit
 dot operand never underflows). Flops: 2 MdV forward + 8 MdV backward (see the kernel module docstring).
 
-``fused_seq_loss`` is the base-class composition (forward, O(S) head, backward). No GPU measurement has been
-made yet that would justify overriding it with a 6 MdV GEMM + epilogue schedule; ``bench/gpu.py`` times
-both this backend and the chunked one so that the choice can be made from numbers.
+``fused_seq_loss`` is the base-class composition (forward, O(S) per-sequence weights, backward): 10 MdV.
+``TritonGemmBackend`` (``"triton-gemm"``, below) is the 6 MdV variant: the chunked sequence-aligned schedule
+with torch/cuBLAS GEMMs and the Triton tile epilogue of ``simnpo_fast.kernels.epilogue`` (``bench/gpu.py``
+times both). The retain KL (``fused_kl``) of both is the chunked torch implementation (``backends/kl.py``),
+which runs on CUDA tensors as well.
 
-``TritonGemmBackend`` (``"triton-gemm"``, below) is that 6 MdV variant: the chunked sequence-aligned
-schedule with torch/cuBLAS GEMMs and the Triton tile epilogue of ``simnpo_fast.kernels.epilogue``. It is
-not a default; ``bench/gpu.py`` times it next to ``"triton"`` so the CUDA default is chosen from numbers.
+The kernels take the packed rows as a dense ``[M, d]`` matrix: ``HeadInputs.packed_x`` gathers them and
+``dx`` is scattered back to the rows of the hidden states.
 
 On CPU tensors the backend runs only under ``TRITON_INTERPRET=1`` (tests); ``supports`` returns False
 otherwise and the dispatcher raises a clear error. fp64 inputs (oracle use only) are delegated to the
@@ -25,8 +26,10 @@ import os
 
 import torch
 
-from .base import Backend, other_lse, target_terms
-from .chunked import ChunkedBackend, _Grads, pow2_split
+from .base import Backend, GradNeeds, HeadInputs, SeqWeightFn, other_lse, target_terms
+from .chunked import ChunkedBackend
+from .grads import TileGrads
+from .tiles import pow2_split
 
 
 def _interpreting() -> bool:
@@ -50,7 +53,7 @@ class TritonBackend(Backend):
 
     def __init__(self, ignore_index: int = -100):
         self.ignore_index = ignore_index
-        self._fp64 = ChunkedBackend()
+        self._chunked = ChunkedBackend()
 
     def supports(self, device) -> bool:
         return _kernels_run_on(device, "seq_logprob")
@@ -61,29 +64,30 @@ class TritonBackend(Backend):
 
         return K
 
-    def token_logprob(self, x, w, b, targets):
-        if x.dtype == torch.float64:
-            return self._fp64.token_logprob(x, w, b, targets)
-        return self._kernels().lse_target_fwd(x, w, b, targets, self.ignore_index)
+    def logprob_forward(self, inp: HeadInputs):
+        if inp.x.dtype == torch.float64:
+            return self._chunked.logprob_forward(inp)
+        return self._kernels().lse_target_fwd(inp.packed_x(), inp.w, inp.b, inp.targets, self.ignore_index)
 
-    def token_logprob_backward(self, x, w, b, targets, lse, grad_lp, need_dx, need_dw, need_db, *, lp):
-        if x.dtype == torch.float64:
-            return self._fp64.token_logprob_backward(x, w, b, targets, lse, grad_lp, need_dx, need_dw, need_db,
-                                                     lp=lp)
-        if not (need_dx or need_dw or (need_db and b is not None)):
+    def logprob_backward(self, inp: HeadInputs, lse, lp, grad_lp, needs: GradNeeds):
+        if inp.x.dtype == torch.float64:
+            return self._chunked.logprob_backward(inp, lse, lp, grad_lp, needs)
+        if not needs.any:
             return None, None, None
-        return self._kernels().logits_grad_bwd(
-            x, w, b, targets, lse, grad_lp, self.ignore_index, lp=lp,
-            need_dx=need_dx, need_dw=need_dw, need_db=bool(need_db and b is not None),
+        dx, dw, db = self._kernels().logits_grad_bwd(
+            inp.packed_x(), inp.w, inp.b, inp.targets, lse, grad_lp, self.ignore_index, lp=lp,
+            need_dx=needs.dx, need_dw=needs.dw, need_db=needs.db,
         )
+        return inp.unpack_rows(dx), dw, db
 
-    def fused_seq_loss(self, x, w, b, targets, seq_ids, offsets, num_seqs, head, need_dx, need_dw, need_db):
+    def fused_seq_loss(self, inp: HeadInputs, seq_weight_fn: SeqWeightFn, needs: GradNeeds):
         # Not a speed override: fp64 inputs keep fp64 sums end to end in the chunked backend.
-        if x.dtype == torch.float64:
-            return self._fp64.fused_seq_loss(x, w, b, targets, seq_ids, offsets, num_seqs, head,
-                                             need_dx, need_dw, need_db)
-        return super().fused_seq_loss(x, w, b, targets, seq_ids, offsets, num_seqs, head,
-                                      need_dx, need_dw, need_db)
+        if inp.x.dtype == torch.float64:
+            return self._chunked.fused_seq_loss(inp, seq_weight_fn, needs)
+        return super().fused_seq_loss(inp, seq_weight_fn, needs)
+
+    def fused_kl(self, inp: HeadInputs, ref: HeadInputs, scale: float, needs: GradNeeds):
+        return self._chunked.fused_kl(inp, ref, scale, needs)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -131,8 +135,8 @@ def f32_gemm_available(device, dtype) -> bool:
     return _F32_GEMM_OK[key]
 
 
-class _GemmGrads(_Grads):
-    """Accumulators of the triton-gemm backend: the chunked ``_Grads`` plus native fp32-result GEMMs.
+class _GemmGrads(TileGrads):
+    """Accumulators of the triton-gemm backend: the chunked ``TileGrads`` plus native fp32-result GEMMs.
 
     A 16-bit tile (the GEMM dtype of 16-bit inputs) feeds 16-bit GEMMs with fp32 results where the device has
     them (``torch.mm/addmm(out_dtype=torch.float32)`` on CUDA): ``dx`` rows written as fp32 (the row scale

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from simnpo_fast.backends import ChunkedBackend
-from simnpo_fast.backends.chunked import _Grads, _softmax_
+from simnpo_fast.backends.grads import TileGrads as _Grads
+from simnpo_fast.backends.tiles import softmax_ as _softmax_
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 # fp32 / fp64: lse to a few ulps (cascade row sums); 16-bit: the target probability or row sum rounded once

@@ -1,0 +1,72 @@
+"""Token-level ``KL(p_ref || p)`` (the retain-KL baseline) on the chunked schedule: two logits tiles at a time,
+the gradients formed while they are live. Plain torch: it runs on any device (the Triton backends use it too).
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import GradNeeds, HeadInputs
+from .grads import TileGrads
+from .tiles import RowSource, acc_dtype
+
+#: rows of the per-row-block epilogue of the KL tiles (three [rows, V] fp32 temporaries)
+KL_BLOCK_ROWS = 32
+
+
+def _fp32_logits(xc, w, b, out):
+    """``xc w^T (+ b)`` written into the fp32 (fp64 for fp64 inputs) buffer ``out``."""
+    if xc.dtype == out.dtype:
+        torch.mm(xc, w.t(), out=out)
+    else:  # low-precision GEMM (fp32 accumulation inside), widened once
+        out.copy_(torch.mm(xc, w.t()))
+    if b is not None:
+        out.add_(b.to(out.dtype))
+    return out
+
+
+def _kl_tile_(z, zr, scale: float, want_grad: bool, total: torch.Tensor) -> None:
+    """Add ``sum_r KL(softmax(zr_r) || softmax(z_r))`` of a pair of fp32 logits tiles to ``total``; with
+    ``want_grad`` the policy tile ``z`` is overwritten, a few rows at a time, by its logits gradient
+    ``scale (p - p_ref)``."""
+    for k0 in range(0, z.shape[0], KL_BLOCK_ROWS):
+        zb, zrb = z[k0 : k0 + KL_BLOCK_ROWS], zr[k0 : k0 + KL_BLOCK_ROWS]
+        lq = torch.log_softmax(zrb, dim=1)
+        lp = torch.log_softmax(zb, dim=1)
+        q = lq.exp()
+        # 0 * log 0 := 0 where the reference assigns no mass (lq = -inf); -inf - -inf would give NaN
+        total += torch.where(q > 0, q * (lq - lp), 0.0).sum()
+        if want_grad:
+            torch.exp(lp, out=zb).sub_(q).mul_(scale)
+        del lq, lp, q
+
+
+def chunked_kl(inp: HeadInputs, ref: HeadInputs, scale: float, needs: GradNeeds, R: int):
+    """``(scale * sum_r KL(p_ref(.|r) || p(.|r)), dx, dw, db)`` over the packed rows, 8 M d V flops.
+
+    ``p`` = softmax of ``x_r w^T + b`` (differentiable), ``p_ref`` = softmax of ``xr_r wr^T + br`` (the frozen
+    reference ``ref`` on the same rows; its own hidden size allowed). Per tile of ``R`` rows (the fp32 chunk rule
+    of the larger hidden size: both tiles together take at most the bytes of the fp32 ``dW``): the two logits
+    tiles, then, a few rows at a time, the two log-softmaxes, ``KL_r = sum_v p_ref (log p_ref - log p)`` and the
+    logits gradient ``scale (p - p_ref)`` written over the policy tile, which feeds the dX / dW GEMMs while it is
+    live. Nothing ``[M, V]``.
+    """
+    x, w, b = inp.x, inp.w, inp.b
+    acc_t = acc_dtype(x)
+    M, V = inp.num_rows, w.shape[0]
+    acc = TileGrads(x, w, b, *needs)
+    total = torch.zeros((), dtype=acc_t, device=x.device)
+    if M == 0:
+        return (total, *acc.finish())
+    n = min(R, M)
+    zbuf = torch.empty(n * V, dtype=acc_t, device=x.device)
+    rbuf = torch.empty(n * V, dtype=acc_t, device=x.device)
+    src, rsrc = RowSource(x, inp.rows, R), RowSource(ref.x, ref.rows, R)
+    for r0 in range(0, M, R):
+        r1 = min(M, r0 + R)
+        xc = src.get(r0, r1)
+        z = _fp32_logits(xc, w, b, zbuf[: (r1 - r0) * V].view(r1 - r0, V))
+        zr = _fp32_logits(rsrc.get(r0, r1), ref.w, ref.b, rbuf[: (r1 - r0) * V].view(r1 - r0, V))
+        _kl_tile_(z, zr, scale, acc.any, total)
+        if acc.any:
+            acc.add_tile(z, xc, w, r0, r1, inp.rows)
+    return (total * scale, *acc.finish())
