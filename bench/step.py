@@ -4,7 +4,7 @@ full-logits SimNPO loss, on the same tiny Llama and the same forget + retain bat
     python -m bench.step                        # V=32000, d=256, 2 layers, 8 forget + 8 retain x 256 tokens
     python -m bench.step --repeats 3 --out /tmp/x
 
-* ``ours``: :func:`simnpo_fast.trainer.train_step` -- FSDP2 (world size 1, gloo on CPU), forget and retain
+* ``ours``: :func:`simnpo_fast.train.train_step` -- FSDP2 (world size 1, gloo on CPU), forget and retain
   in one backbone pass, fused SimNPO + retain NLL computed inside the LM head's forward, no logits.
 * ``hf``: ``transformers.Trainer.training_step`` + ``optimizer.step`` with the loss most users write:
   ``model(forget).logits`` -> ``log_softmax`` -> gather -> SimNPO, plus ``model(**retain).loss``
@@ -51,10 +51,11 @@ def _batch(args, seed):
 def _ours(args):
     import torch
 
+    from simnpo_fast.batch import ForgetRetainBatch
     from simnpo_fast.distributed import apply_fsdp, init_distributed, mixed_precision_policy
     from simnpo_fast.model import UnlearnModel
     from simnpo_fast.modules import UnlearningLoss
-    from simnpo_fast.trainer import Run, TrainConfig, train_step
+    from simnpo_fast.train import Run, TrainConfig, train_step
     from transformers import LlamaForCausalLM
 
     info = init_distributed("cpu")
@@ -73,10 +74,9 @@ def _ours(args):
 
     run = Run(cfg, info, model, opt, sched, _Stream(), None, None, None, 1, 1, criterion=crit)
     f, r = _batch(args, 1), _batch(args, 2)
-    batch = {k: torch.cat([f[k], r[k]]) for k in f}
-    batch["n_forget"] = args.B
-    batch["index"] = torch.arange(args.B)
-    n_tok = int(batch["attention_mask"].sum())
+    batch = ForgetRetainBatch(*(torch.cat([f[k], r[k]]) for k in ("input_ids", "attention_mask", "labels")),
+                              n_forget=args.B, index=torch.arange(args.B))
+    n_tok = int(batch.attention_mask.sum())
     return lambda: train_step(run, [batch]), n_tok
 
 

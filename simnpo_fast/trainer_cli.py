@@ -7,7 +7,7 @@
     simnpo-fast unlearn --config default --resume=auto        # resume if there is a checkpoint, else start fresh
     simnpo-fast unlearn --config default --overwrite          # move the folder's previous run aside, start fresh
 
-An output folder belongs to one run (see simnpo_fast/run_folder.py): a second run into a busy folder, a fresh
+An output folder belongs to one run (see simnpo_fast/train/run_folder.py): a second run into a busy folder, a fresh
 run over another run's checkpoints (without --overwrite), --resume with nothing to resume or with a config that
 differs outside steps / logging / checkpoint cadence all stop before any work.
 
@@ -79,7 +79,7 @@ def normalize_argv(argv):
 
 
 def _load(args):
-    from .trainer import load_config
+    from .train import load_config
 
     ov = list(args.overrides or [])
     if args.resume:
@@ -92,7 +92,7 @@ def _rank0() -> bool:
 
 
 def run_unlearn(args) -> int:
-    from .trainer import train
+    from .train import train
 
     cfg = _load(args)
     res = train(cfg, overwrite=args.overwrite)
@@ -105,7 +105,7 @@ def run_unlearn(args) -> int:
 
 def run_finetune(args) -> int:
     from .errors import ConfigError
-    from .trainer import finetune_config, train
+    from .train import finetune_config, train
 
     if args.resume:
         raise ConfigError("finetune: the finetune stage keeps no checkpoints, so --resume does not apply "

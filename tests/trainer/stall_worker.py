@@ -3,14 +3,14 @@ N`` and sleeps once step ``$SIMNPO_TEST_STALL_AFTER`` is logged and checkpointed
 
     python tests/trainer/stall_worker.py unlearn --config ... key=value ...
 
-Nothing of this is in the package: the hook is injected by wrapping ``simnpo_fast.trainer.train`` here."""
+Nothing of this is in the package: the hook is injected by wrapping ``simnpo_fast.train.train`` here."""
 import os
 import sys
 import time
 
 
 def main() -> int:
-    import simnpo_fast.trainer as T
+    import simnpo_fast.train as T
     from simnpo_fast.trainer_cli import main as cli_main
 
     after = int(os.environ["SIMNPO_TEST_STALL_AFTER"])

@@ -1,9 +1,11 @@
-"""Observability: a rank-0 progress bar, a JSONL step log, and a PNG plot of the curves."""
+"""What a run reports: a rank-0 progress bar, a JSONL step log, a PNG plot of the curves, peak memory."""
 from __future__ import annotations
 
 import json
 import os
 from typing import Optional
+
+import torch
 
 
 class JsonlLogger:
@@ -102,3 +104,18 @@ def plot_curves(log_path: str, png_path: str, title: str = "") -> Optional[str]:
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
     return png_path
+
+
+def peak_memory_mb(dev: torch.device) -> float:
+    """Peak memory of this process in MiB: the CUDA allocator's peak on a GPU, else the resident-set high-water
+    mark ``VmHWM`` of ``/proc/self/status`` (NaN where there is none)."""
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated(dev) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")

@@ -1,0 +1,127 @@
+"""Everything a run needs before its first step: process group, data stream, sharded model (and frozen reference
+for a retain KL), the loss, optimizer and LR schedule.
+
+The method (:func:`simnpo_fast.methods.get_method` of ``loss.objective``) decides what is built: retain rows
+in the stream when its loss has a retain term, a frozen sharded reference model when that term is a KL
+(``reshard_after_forward=True``; its LM head is copied once, see :class:`~simnpo_fast.model.FrozenReference`),
+a cache of reference log-likelihoods (filled by the loop) when ``method.reference == "logp"``.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import random
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from ..distributed import (DistInfo, apply_ac, apply_compile, apply_fsdp, init_distributed,
+                           mixed_precision_policy)
+from ..errors import ModelError
+from ..model import FrozenReference, UnlearnModel, build_hf_model
+from ..modules import UnlearningLoss
+from .config import TrainConfig, grad_accum
+from .datasets import SingleDataset, prepare_data
+from .schedule import build_scheduler
+from .stream import StepStream
+
+
+@dataclass
+class Run:
+    """The live state of a run; ``step`` counts the optimizer steps taken."""
+
+    cfg: TrainConfig
+    info: DistInfo
+    model: UnlearnModel
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    stream: StepStream
+    tokenizer: Any
+    forget: Any
+    retain: Any
+    total_steps: int
+    accum: int
+    criterion: Optional[UnlearningLoss] = None
+    reference: Optional[FrozenReference] = None  # the frozen reference model of a retain KL
+    ref_logp: Optional[torch.Tensor] = None  # cached reference log p(y|x) per forget example ("logp" methods)
+    step: int = 0
+
+
+def build_criterion(cfg: TrainConfig) -> UnlearningLoss:
+    L = cfg.loss
+    return UnlearningLoss(L.objective, forget_weight=L.forget_weight, retain_weight=L.retain_weight, beta=L.beta,
+                          gamma=L.gamma, retain_loss=L.retain_loss)
+
+
+def _shard(model: UnlearnModel, cfg: TrainConfig, info: DistInfo, reshard: bool) -> None:
+    pc = cfg.parallel
+    if info.device.type == "cuda" and not pc.cpu_offload:
+        model.to(info.device)
+    apply_fsdp(model, mp_policy=mixed_precision_policy(info.device, pc.mixed_precision),
+               reshard_after_forward=reshard, cpu_offload=pc.cpu_offload)
+
+
+def build_model(cfg: TrainConfig, info: DistInfo, tok, *, with_reference: bool):
+    """``(model, reference)``: the sharded :class:`UnlearnModel` in train mode and, ``with_reference``, a frozen
+    sharded copy of it as a :class:`FrozenReference` (else None)."""
+    own_vocab = cfg.model.path is None
+    special = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    hf = build_hf_model(cfg.model, vocab_size=len(tok) if own_vocab else None,
+                        special_ids=special if own_vocab else None, device=info.device)
+    n_emb = hf.get_input_embeddings().num_embeddings
+    if len(tok) > n_emb:
+        raise ModelError(f"model.path {cfg.model.path!r} has {n_emb} token embeddings but the tokenizer "
+                         f"({cfg.data.tokenizer or cfg.model.path}) has {len(tok)} tokens: they do not belong together")
+    ref_model = None
+    if with_reference:
+        ref_hf = copy.deepcopy(hf)
+        ref_hf.requires_grad_(False)
+        ref_model = UnlearnModel(ref_hf)
+    model = UnlearnModel(hf)
+    if cfg.parallel.activation_checkpointing:
+        apply_ac(model)
+    if cfg.parallel.compile:
+        apply_compile(model)
+    _shard(model, cfg, info, cfg.parallel.reshard_after_forward)
+    reference = None
+    if ref_model is not None:
+        _shard(ref_model, cfg, info, True)
+        ref_model.eval()
+        reference = FrozenReference(ref_model)
+    model.train()
+    return model, reference
+
+
+def build_stream(cfg: TrainConfig, info: DistInfo, tok, forget, retain, accum: int) -> StepStream:
+    """The step stream over ``forget`` (paired with ``retain`` when given: the loss has a retain term)."""
+    from .. import data as D
+
+    dataset = SingleDataset(forget) if retain is None else D.ForgetRetainDataset(forget, retain, seed=cfg.seed,
+                                                                                 pairing=cfg.data.pairing)
+    sampler = D.ShardedBatchSampler(len(dataset), cfg.batch_size // info.world_size, rank=info.rank,
+                                    world_size=info.world_size, seed=cfg.seed, drop_last=False)
+    collator = D.DataCollator.from_tokenizer(tok)
+    return StepStream(dataset, sampler, collator, cfg.micro_batch_size, accum, retain is not None)
+
+
+def setup(cfg: TrainConfig) -> Run:
+    """Everything but the loop (see the module docstring); every rank calls it."""
+    info = init_distributed(cfg.parallel.device)
+    cfg.validate(info.world_size)
+    accum = grad_accum(cfg, info.world_size)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    criterion = build_criterion(cfg)
+    tok, forget, retain = prepare_data(cfg, info)
+    model, reference = build_model(cfg, info, tok,
+                                   with_reference=criterion.uses_retain and criterion.retain_loss == "kl")
+    stream = build_stream(cfg, info, tok, forget, retain if criterion.uses_retain else None, accum)
+    total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * stream.sampler.num_steps))
+    o = cfg.optim
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+                                  foreach=True)
+    scheduler = build_scheduler(optimizer, o, total)
+    return Run(cfg, info, model, optimizer, scheduler, stream, tok, forget, retain, total, accum,
+               criterion=criterion, reference=reference)
