@@ -25,8 +25,8 @@ full sharding: every persistent term is divided by G):
   ``tokens * V * (12 + (c if c != 4 else 0))`` bytes (c = compute bytes); fused (simnpo-fast) = one ``rows x V`` fp32 logits tile and its dlogits (rows = the chunked
   backend's ``max(128, h / 2)``; on GPU the Triton kernels keep tiles on chip, an fp32 ``[V, h]`` dW accumulator
   counts instead) + the fp32 ``[tokens, h]`` hidden gradient computed in the forward; the LM-head gradient buffer is the LM head's own gradient (counted in gradients).
-* reference model: NPO needs the frozen reference log-likelihoods: another copy of the parameters in the compute
-  dtype (sharded), no activations (no_grad). SimNPO is reference-free: none.
+* reference model: a method with ``reference="logp"`` (NPO) needs the frozen reference log-likelihoods: another
+  copy of the parameters in the compute dtype (sharded), no activations (no_grad). SimNPO is reference-free: none.
 * overhead: CUDA context + allocator fragmentation (``--overhead-gib``, default 1.5 GiB on GPU, 0 on CPU).
 
 The peak of a steady-state step is ``max(forward/backward peak, optimizer-step peak)``:
@@ -43,6 +43,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, Optional
+
+from .methods import get_method, method_names
 
 GiB = 2**30
 MiB = 2**20
@@ -157,7 +159,7 @@ class PlanConfig:
     batch: int = 4  # sequences per GPU per micro-step (forget + retain together)
     lora: bool = False
     lora_r: int = 16
-    loss: str = "simnpo"  # simnpo | npo | ga | graddiff (npo keeps a reference model)
+    loss: str = "simnpo"  # a registered method; one with a cached reference (NPO) keeps a reference model
     logits: str = "fused"  # fused | naive
     checkpointing: bool = True
     device: str = "gpu"  # gpu | cpu
@@ -213,7 +215,7 @@ def plan(model: ModelShape, cfg: PlanConfig) -> dict:
             t["logits"] = rows * V * 4 * 2 + tokens * h * 4
         else:  # Triton kernels: on-chip tiles; the fp32 hidden grad + an fp32 dW accumulator (bf16 weights)
             t["logits"] = tokens * h * 4 + (V * h * 4 if c != 4 else 0)
-    t["reference_model"] = P * c / G if cfg.loss == "npo" else 0.0
+    t["reference_model"] = P * c / G if get_method(cfg.loss).reference == "logp" else 0.0
     t["overhead"] = (cfg.overhead_gib if cfg.overhead_gib is not None else (0.0 if cpu else 1.5)) * GiB
 
     lm_head_grad = (0 if cfg.lora else V * h * grad_bytes / G)
@@ -266,7 +268,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=4, help="sequences per GPU per micro-step (forget + retain)")
     p.add_argument("--lora", action="store_true")
     p.add_argument("--lora-r", type=int, default=16)
-    p.add_argument("--loss", default="simnpo", choices=["simnpo", "npo", "ga", "graddiff"])
+    p.add_argument("--loss", default="simnpo", choices=method_names())
     p.add_argument("--logits", default="fused", choices=["fused", "naive"])
     p.add_argument("--no-checkpointing", action="store_true")
     p.add_argument("--device", default="gpu", choices=["gpu", "cpu"])

@@ -1,11 +1,11 @@
 """Models, training, evaluation and unlearning of the Markov-chain study, all through the fused LM-head path.
 
 Every loss and every measurement goes through :class:`simnpo_fast.model.UnlearnModel`: the backbone gives the
-final hidden states and the LM head's own forward runs a *task* on them (the project's fused losses).
+final hidden states and the LM head's own forward runs a head loss on them (the project's fused losses).
 
-* Pretraining / retraining: the fused token-mean NLL (:func:`simnpo_fast.model.nll_task`), AdamW without weight
+* Pretraining / retraining: the fused token-mean NLL (:func:`simnpo_fast.model.nll_head`), AdamW without weight
   decay or clipping, constant learning rate (``synthetic/train.py`` of OPTML-Group/Unlearn-Simple).
-* Unlearning: :class:`simnpo_fast.UnlearningLoss` through :func:`simnpo_fast.model.unlearn_task`, one forget
+* Unlearning: :meth:`simnpo_fast.UnlearningLoss.batch_loss` on a :class:`~simnpo_fast.batch.ForgetRetainBatch`, one forget
   and one retain batch per iteration (``synthetic/unlearn.py``, ``synthetic/unlearn_utils.py``): GA = -CE(f),
   GradDiff = -CE(f) + CE(r), NPO = -(2/beta) mean logsigmoid(-beta (logp - logp_ref)), SimNPO =
   -(2/beta) mean logsigmoid(-(beta/n) logp - gamma), "+RT" adds CE(r) with weight 1. NPO's ``logp_ref`` is
@@ -23,6 +23,7 @@ final hidden states and the LM head's own forward runs a *task* on them (the pro
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
@@ -31,8 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..batch import ForgetRetainBatch
 from ..errors import NonFiniteError
-from ..model import ModelConfig, UnlearnModel, build_hf_model, logprob_task, nll_task, unlearn_task
+from ..model import ModelConfig, UnlearnModel, build_hf_model, logprob_head, nll_head
 from ..modules import UnlearningLoss
 from ..ops import kl_loss, sequence_logprob
 from .chains import batch
@@ -47,16 +49,16 @@ def build_model(model_cfg: dict, n_states: int, seed: int) -> UnlearnModel:
 
 
 class TrueChain(nn.Module):
-    """A Markov chain as a "model" of the head-task interface: one-hot hidden states and the LM-head weight
+    """A Markov chain as a "model" of the head-loss interface: one-hot hidden states and the LM-head weight
     ``log T^T`` give the logits ``log T[s_t, :]``, so its fused KL to its own chain is exactly 0."""
 
     def __init__(self, T: np.ndarray):
         super().__init__()
         self.register_buffer("weight", torch.log(torch.as_tensor(T, dtype=torch.float32)).T.contiguous())
 
-    def forward(self, input_ids, attention_mask=None, task=None, **kw):
+    def forward(self, input_ids, attention_mask=None, loss_fn=None, **kw):
         hidden = F.one_hot(input_ids, self.weight.shape[1]).to(self.weight.dtype)
-        return task(self.weight, None, hidden, **kw) if task is not None else hidden @ self.weight.T
+        return loss_fn(self.weight, None, hidden, **kw) if loss_fn is not None else hidden @ self.weight.T
 
 
 def _head_inputs(weight, bias, hidden):
@@ -72,7 +74,7 @@ def _mask(b: dict) -> Optional[torch.Tensor]:
 def head_inputs(model: nn.Module, b: dict):
     """``(hidden, lm_head_weight, bias)`` of ``model`` on batch ``b`` (an :class:`UnlearnModel` or a
     :class:`TrueChain`)."""
-    return model(b["input_ids"], _mask(b), task=_head_inputs)
+    return model(b["input_ids"], _mask(b), _head_inputs)
 
 
 def pretrain(model: UnlearnModel, seqs: Sequence[np.ndarray], *, epochs: int, batch_size: int, lr: float,
@@ -87,7 +89,7 @@ def pretrain(model: UnlearnModel, seqs: Sequence[np.ndarray], *, epochs: int, ba
         last = []
         for i in range(0, len(order), batch_size):
             b = batch([seqs[j] for j in order[i:i + batch_size]])
-            loss, _, _ = model(b["input_ids"], _mask(b), task=nll_task(), labels=b["labels"])
+            loss, _, _ = model(b["input_ids"], _mask(b), nll_head, labels=b["labels"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -145,7 +147,7 @@ def sequence_weights(criterion: UnlearningLoss, logp: torch.Tensor, n: torch.Ten
     obj = criterion.forget_objective
     with torch.enable_grad():
         x = logp.detach().double().requires_grad_(True)
-        extra = {"ref_logp_sum": ref_logp.double()} if criterion.objective == "npo" else {}
+        extra = {"ref_logp_sum": ref_logp.double()} if criterion.method.reference == "logp" else {}
         (g,) = torch.autograd.grad(obj(x, n, **extra).sum(), x)
     return g if obj.per == "sequence" else g / float(mean_len)
 
@@ -170,7 +172,7 @@ def cache_ref_logp(model: UnlearnModel, forget: List[np.ndarray], idx: Sequence[
     for k in range(0, len(idx), bs):
         part = idx[k:k + bs]
         b = batch([forget[i] for i in part])
-        logp, _ = model(b["input_ids"], _mask(b), task=logprob_task(), labels=b["labels"])
+        logp, _ = model(b["input_ids"], _mask(b), logprob_head, labels=b["labels"])
         out.update({i: float(v) for i, v in zip(part, logp)})
     return out
 
@@ -225,10 +227,11 @@ def unlearn(model: UnlearnModel, spec: dict, data: UnlearnData, sets: Sequence[E
         f = [data.forget[i] for i in fi]
         r = [data.retain[i] for i in ri] if criterion.retain_weight > 0 else []
         b = batch(f + r)
-        kw = {"n_forget": len(f), "labels": b["labels"]}
-        if criterion.objective == "npo":
-            kw["ref_logp_sum"] = torch.tensor([data.ref_logp[i] for i in fi], dtype=torch.float32)
-        out = model(b["input_ids"], _mask(b), task=unlearn_task(criterion), **kw)
+        ref = None
+        if criterion.method.reference == "logp":
+            ref = torch.tensor([data.ref_logp[i] for i in fi], dtype=torch.float32)
+        fr = ForgetRetainBatch(b["input_ids"], b["attention_mask"], b["labels"], len(f), ref_logp_sum=ref)
+        out = model(fr.input_ids, _mask(b), functools.partial(criterion.batch_loss, batch=fr))
         if not torch.isfinite(out.loss):
             raise NonFiniteError(f"{spec}: non-finite unlearning loss at iteration {it}")
         opt.zero_grad(set_to_none=True)

@@ -15,6 +15,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from ..eval.report import _plt, _save, save_json  # noqa: F401  (save_json re-exported for the driver)
+from ..methods import get_method
 
 KL_KEYS = [f"kl_{k}/{c}" for k in ("retrain", "true") for c in ("retain", "forget1", "forget2", "forget")]
 WEIGHT_KEYS = ["weight/forget1", "weight/forget2", "push_share/forget1"]
@@ -118,7 +119,7 @@ def plot_weights(study: dict, path: str) -> str:
             for col, key in enumerate(("kl_retrain/forget1", "kl_retrain/forget2")):
                 axes[row, col].plot(it, d["mean"][key], ls, color=color, label=m)
                 axes[row, col].fill_between(it, d["min"][key], d["max"][key], color=color, alpha=0.12, lw=0)
-            if study["config"]["methods"][m]["objective"] in ("npo", "simnpo"):
+            if get_method(study["config"]["methods"][m]["objective"]).per == "sequence":
                 axes[row, 2].plot(it, d["mean"]["weight/forget1"], ls, color=color, label=f"{m} forget1")
                 axes[row, 2].plot(it, d["mean"]["weight/forget2"], ls, color=color, alpha=0.45, lw=2.5,
                                   label=f"{m} forget2")

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from ..methods import get_method
 from .chains import CHAINS, make_chain, transition_chi2
 from .core import (EvalSet, TrueChain, UnlearnData, build_model, cache_ref_logp, evaluate, make_evalset,
                    make_schedule, pretrain, unlearn)
@@ -165,7 +166,7 @@ def _loadavg() -> Optional[List[float]]:
 
 def resolve(cfg: dict, *, quick: bool = False, overrides: Optional[List[str]] = None) -> dict:
     """The study config: ``quick`` merged over it when asked, then the ``key=value`` overrides."""
-    from ..trainer import apply_overrides
+    from ..train.config_io import apply_overrides
 
     cfg = copy.deepcopy(cfg)
     q = cfg.pop("quick", {})
@@ -194,9 +195,12 @@ def validate(cfg: dict) -> None:
             if c not in cfg["data"][k]:
                 raise ConfigError(f"study markov: data.{k}.{c} is missing")
     for m, spec in cfg["methods"].items():
-        if not isinstance(spec, dict) or spec.get("objective") not in ("ga", "graddiff", "npo", "simnpo"):
-            raise ConfigError(f"methods.{m}.objective must be ga, graddiff, npo or simnpo, got "
-                              f"{spec.get('objective') if isinstance(spec, dict) else spec!r}")
+        if not isinstance(spec, dict):
+            raise ConfigError(f"methods.{m} must be a mapping with an objective, got {spec!r}")
+        try:
+            get_method(spec.get("objective"))
+        except ValueError as e:
+            raise ConfigError(f"methods.{m}.objective: {e}") from None
     for name, s in cfg["settings"].items():
         bad = [c for c in (s or {}).get("pretrain_on", []) if c not in CHAINS] if isinstance(s, dict) else [s]
         if not isinstance(s, dict) or not s.get("pretrain_on") or bad:

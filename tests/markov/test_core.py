@@ -1,14 +1,16 @@
 """Fused evaluation and weights of the Markov study against independent fp64 oracles (explicit logits, numpy
 KL of the true rows, closed-form gradient weights), and the unlearning loss on a real mixed-length batch."""
+import functools
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from simnpo_fast.batch import ForgetRetainBatch
 from simnpo_fast.markov.chains import batch, initial_distribution, sample, transition_matrix
 from simnpo_fast.markov.core import (TrueChain, build_model, evaluate, make_criterion, make_evalset, make_schedule,
                                      sequence_weights)
-from simnpo_fast.model import unlearn_task
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
             max_position_embeddings=32)
@@ -90,9 +92,10 @@ def test_unlearning_loss_on_a_mixed_batch_is_the_reference_formula(spec):
     b = batch(forget + list(r))
     ref = torch.tensor([-35.0, -6.0, -40.0, -5.0])
     crit = make_criterion(spec)
-    kw = {"ref_logp_sum": ref} if spec["objective"] == "npo" else {}
+    fr = ForgetRetainBatch(b["input_ids"], b["attention_mask"], b["labels"], 4,
+                           ref_logp_sum=ref if spec["objective"] == "npo" else None)
     with torch.no_grad():
-        got = model(b["input_ids"], b["attention_mask"], task=unlearn_task(crit), n_forget=4, labels=b["labels"], **kw)
+        got = model(b["input_ids"], b["attention_mask"], functools.partial(crit.batch_loss, batch=fr))
         lp = F.log_softmax(model.lm(b["input_ids"], attention_mask=b["attention_mask"]).logits.double(), -1)
     tok = [lp[i, torch.arange(len(x) - 1), torch.as_tensor(x[1:])] for i, x in enumerate(forget + list(r))]
     f_logp = torch.stack([t.sum() for t in tok[:4]])
