@@ -34,7 +34,7 @@ The peak of a steady-state step is ``max(forward/backward peak, optimizer-step p
 the loss with every activation alive), ``optimizer = params + states + all grads + step temporaries``.
 ``device="cpu"`` models one CPU process exactly as ``bench/plan_validate.py`` measures it: no sharding, fp32
 everything, single-tensor AdamW (its temporaries are ~2 x the largest parameter: ``denom`` and the update),
-no overhead. Validated there against the RSS high-water mark of real steps within 15%.
+no overhead; that script compares it with the RSS high-water mark of real steps (results: README).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """`simnpo-fast unlearn` / `simnpo-fast finetune`: typed YAML configs plus ``key=value`` overrides.
 
-    simnpo-fast unlearn --config default                      # embedded default, CPU, about a minute
+    simnpo-fast unlearn --config default                      # embedded default (CPU, no downloads)
     simnpo-fast unlearn --config tofu_forget10 model.path=/models/llama2-7b-tofu data.path=/data/tofu
     torchrun --nnodes 2 --nproc_per_node 8 -m simnpo_fast.trainer_cli unlearn --config tofu_forget10 ...
     simnpo-fast unlearn --config default --resume             # continue from the newest verified checkpoint
