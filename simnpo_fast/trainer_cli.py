@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 
@@ -87,16 +86,13 @@ def _load(args):
     return load_config(args.config, ov)
 
 
-def _rank0() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def run_unlearn(args) -> int:
+    from .distributed import rank
     from .train import train
 
     cfg = _load(args)
     res = train(cfg, overwrite=args.overwrite)
-    if _rank0():
+    if rank() == 0:
         print(json.dumps({"output_dir": res.output_dir, "run_id": res.run_id, "steps": res.steps,
                           "eval_before": res.eval_before, "eval_after": res.eval_after,
                           "checkpoint": res.checkpoint, "hf": res.hf_dir}))
@@ -104,6 +100,7 @@ def run_unlearn(args) -> int:
 
 
 def run_finetune(args) -> int:
+    from .distributed import rank
     from .errors import ConfigError
     from .train import finetune_config, train
 
@@ -112,7 +109,7 @@ def run_finetune(args) -> int:
                           "(rerun it, or unlearn with --resume)")
     cfg = _load(args)
     res = train(finetune_config(cfg), overwrite=args.overwrite)
-    if _rank0():
+    if rank() == 0:
         print(json.dumps({"output_dir": res.output_dir, "run_id": res.run_id, "steps": res.steps, "hf": res.hf_dir}))
     return 0
 
