@@ -37,7 +37,7 @@ def showcase(B=8, T=256, d=512, V=32000, beta=2.5, seed=0) -> dict:
     """SimNPO loss + gradients with the full-logits reference and the fused chunked backend (agreement, time,
     largest tensor held)."""
     import simnpo_fast as sf
-    from simnpo_fast._batch import lm_batch
+    from simnpo_fast.synthetic_batch import lm_batch
 
     h, W, labels = lm_batch(B, T, d, V, seed=seed)
     h.requires_grad_()

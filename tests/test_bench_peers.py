@@ -5,7 +5,7 @@ import torch
 
 from bench.harness import check_method, lm_inputs
 from bench.methods import make_method, simnpo_from_token_ce
-from simnpo_fast._batch import lm_batch
+from simnpo_fast.synthetic_batch import lm_batch
 
 
 @pytest.fixture(scope="module")

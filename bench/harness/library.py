@@ -48,7 +48,7 @@ def lm_inputs(N: int, d: int, V: int, dtype, seq_len: int = 256, seed: int = 0, 
     Labels are sampled from the head's own softmax (a fine-tuned LM's regime, not uniform noise) and there is no
     prompt: after the HF shift every position is an answer token, ``M = B * (T - 1)`` rows.
     """
-    from simnpo_fast._batch import lm_batch
+    from simnpo_fast.synthetic_batch import lm_batch
 
     T = min(seq_len, N)
     h, w, labels = lm_batch(max(1, N // T), T, d, V, dtype=dtype, prompt_frac=0.0, seed=seed)

@@ -1,4 +1,5 @@
-"""A realistic synthetic LM-head batch for demos and benchmarks (not random-label noise).
+"""A realistic synthetic LM-head batch (hidden states, LM-head weight, labels) for demos, benchmarks and tests
+(not random-label noise).
 
 Random labels give every token log p ~ -log V, which no trained model produces and which makes the
 SimNPO weights degenerate (sigmoid ~ 0). Here the labels are *sampled from the model's own softmax*,
