@@ -20,8 +20,6 @@ any HF causal LM's final hidden states.
 """
 from __future__ import annotations
 
-import copy
-import functools
 import os
 import types
 from dataclasses import dataclass, field
@@ -31,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .modules import ReferenceHead, UnlearningLoss
+from .modules import ReferenceHead
 from .objectives import NLL
 from .ops import fused_sequence_loss, sequence_logprob
 
@@ -226,11 +224,9 @@ class UnlearnModel(nn.Module):
     def final_norm(self) -> Optional[nn.Module]:
         return getattr(self.backbone, "norm", None)
 
-    def forward(self, input_ids, attention_mask=None, loss_fn: Optional[Callable] = None, *,
-                task: Optional[Callable] = None, **kw):
-        # task=: the former keyword of loss_fn (removed once the train package and markov use loss_fn)
+    def forward(self, input_ids, attention_mask=None, loss_fn: Optional[Callable] = None, **kw):
         hidden = final_hidden(self.lm, input_ids, attention_mask, use_cache=False)
-        return self.head(hidden, loss_fn=loss_fn or task, **kw)
+        return self.head(hidden, loss_fn=loss_fn, **kw)
 
 
 # ----------------------------------------------------------------------------- head losses
@@ -281,57 +277,6 @@ class FrozenReference:
     @torch.no_grad()
     def __call__(self, input_ids, attention_mask=None) -> ReferenceHead:
         return self.model(input_ids, attention_mask, self._capture)
-
-
-# ----------------------------------------------------------------------------- compatibility shims
-# removed once the train package and markov/ use loss_fn= with the head losses above and batch_loss
-
-def shifted_targets(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Boolean mask of the positions that are targets after the causal shift (labels[:, 1:])."""
-    return labels[:, 1:] != ignore_index
-
-
-def _unlearn(weight, bias, hidden, *, criterion: UnlearningLoss, n_forget: int, labels: torch.Tensor,
-             ref_logp_sum=None, forget_normalizer=None, retain_normalizer=None, retain_kl=None):
-    reference = None
-    if retain_kl is not None:
-        reference = ReferenceHead(*retain_kl)
-        if criterion.retain_loss != "kl":
-            criterion = copy.copy(criterion)
-            criterion.retain_loss = "kl"
-    fh, fl = hidden[:n_forget], labels[:n_forget]
-    rh, rl = (hidden[n_forget:], labels[n_forget:]) if hidden.shape[0] > n_forget else (None, None)
-    return criterion(weight, fh, fl, rh, rl, bias=bias, ref_logp_sum=ref_logp_sum, reference=reference,
-                     forget_normalizer=forget_normalizer, retain_normalizer=retain_normalizer)
-
-
-def unlearn_task(criterion: UnlearningLoss):
-    """Shim: ``task(weight, bias, hidden, n_forget=, labels=, ref_logp_sum=, forget_normalizer=,
-    retain_normalizer=, retain_kl=(ref_hidden, ref_weight, ref_bias))`` -> :class:`LossOutput`."""
-    return functools.partial(_unlearn, criterion=criterion)
-
-
-def logprob_task():
-    """Shim: :func:`logprob_head`."""
-    return logprob_head
-
-
-def nll_task():
-    """Shim: :func:`nll_head`."""
-    return nll_head
-
-
-def _ref_hidden(weight, bias, hidden, *, cache: dict):
-    if "weight" not in cache:
-        cache["weight"] = weight.detach().clone()
-        cache["bias"] = None if bias is None else bias.detach().clone()
-    return hidden.detach()
-
-
-def ref_hidden_task(cache: dict):
-    """Shim (see :class:`FrozenReference`): the reference's final hidden states; its head is copied into
-    ``cache["weight"]`` / ``cache["bias"]`` on first use."""
-    return functools.partial(_ref_hidden, cache=cache)
 
 
 # ----------------------------------------------------------------------------- HF drop-in
