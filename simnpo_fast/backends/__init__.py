@@ -12,8 +12,9 @@ from typing import Callable, Dict, Union
 
 import torch
 
-from .base import Backend, GradNeeds, HeadInputs, SeqWeightFn
+from .base import Backend
 from .chunked import ChunkedBackend
+from .inputs import GradNeeds, HeadInputs, SeqWeightFn
 from .reference import ReferenceBackend
 from .tiles import chunk_rows
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import GradNeeds
+from .inputs import GradNeeds
 
 #: elements per block when a 16-bit gradient is multiplied in fp32 (bounded temporaries)
 UPSTREAM_BLOCK = 1 << 22

@@ -30,66 +30,14 @@ logits (``simnpo_fast/kernels/target_terms.py``); ``logprob_backward`` receives 
 """
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-from typing import Callable, List, NamedTuple, Optional
+from typing import Optional
 
 import torch
 
 from simnpo_fast.kernels.target_terms import other_lse, target_terms
 
-#: ``seq_weight_fn(logp_sum_chunk [k] fp32, seq_index_chunk [k] int64) -> (f [k], scale * df/dlogp_sum [k])``:
-#: the per-sequence loss ``f_i`` (unscaled) and the weight ``g_i`` of the logits gradient (scaled).
-SeqWeightFn = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
-
-
-class GradNeeds(NamedTuple):
-    """Which gradients the caller wants."""
-
-    dx: bool
-    dw: bool
-    db: bool
-
-    @property
-    def any(self) -> bool:
-        return self.dx or self.dw or self.db
-
-
-@dataclass(frozen=True)
-class HeadInputs:
-    """The packed target rows of an LM head: the one argument of every backend method.
-
-    Packed row ``r`` is ``x[rows[r]]`` (``x`` itself, in order, when ``rows is None``): the hidden states are
-    never copied to form it. ``seq_ids`` / ``offsets`` / ``num_seqs`` group the rows into sequences (CSR:
-    sequence ``s`` owns rows ``offsets[s]:offsets[s+1]``); per-token methods do not read them.
-    """
-
-    x: torch.Tensor  # [N, d]
-    w: torch.Tensor  # [V, d]
-    b: Optional[torch.Tensor]  # [V]
-    targets: torch.Tensor  # [M] int64 in [0, V)
-    rows: Optional[torch.Tensor] = None  # [M] int64, increasing; None = all rows of x
-    seq_ids: Optional[torch.Tensor] = None  # [M] int64, non-decreasing
-    offsets: Optional[List[int]] = None  # len num_seqs + 1, host ints
-    num_seqs: int = 0
-
-    @property
-    def num_rows(self) -> int:
-        return int(self.targets.shape[0])
-
-    def packed_x(self) -> torch.Tensor:
-        """``[M, d]``: the packed rows materialised (a gather; ``x`` itself when ``rows is None``)."""
-        return self.x if self.rows is None else self.x.index_select(0, self.rows)
-
-    def unpack_rows(self, packed: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """A ``[M, d]`` per-row result (e.g. ``dx`` of the packed rows) placed into a zero tensor shaped like ``x``."""
-        if packed is None or self.rows is None:
-            return packed
-        out = torch.zeros(self.x.shape, dtype=packed.dtype, device=packed.device)
-        return out.index_copy_(0, self.rows, packed)
-
-    def replace(self, **kw) -> "HeadInputs":
-        return dataclasses.replace(self, **kw)
+from .autograd import FusedKL, FusedSeqLoss, SeqLogprob
+from .inputs import GradNeeds, HeadInputs, SeqWeightFn
 
 
 class Backend:
@@ -129,20 +77,14 @@ class Backend:
     # -- differentiable entry points (what simnpo_fast.ops calls) ----------------------------------------
     def sequence_logprob(self, inp: HeadInputs) -> torch.Tensor:
         """``logp_sum [S]``, differentiable w.r.t. ``inp.x``, ``inp.w``, ``inp.b`` (recomputing backward)."""
-        from .autograd import SeqLogprob
-
         return SeqLogprob.apply(inp.x, inp.w, inp.b, inp, self)
 
     def sequence_loss(self, inp: HeadInputs, seq_weight_fn: SeqWeightFn, scale: float):
         """``(scale * sum_i f_i, logp_sum [S] detached)``; ``seq_weight_fn`` must fold ``scale`` into its ``g``."""
-        from .autograd import FusedSeqLoss
-
         return FusedSeqLoss.apply(inp.x, inp.w, inp.b, inp, self, seq_weight_fn, scale, torch.is_grad_enabled())
 
     def kl_loss(self, inp: HeadInputs, ref: HeadInputs, scale: float) -> torch.Tensor:
         """``scale * sum_r KL(p_ref || p)``, differentiable w.r.t. ``inp.x``, ``inp.w``, ``inp.b``."""
-        from .autograd import FusedKL
-
         return FusedKL.apply(inp.x, inp.w, inp.b, inp, ref, self, scale, torch.is_grad_enabled())
 
     # -- convenience ----------------------------------------------------------------------------------------

@@ -19,8 +19,9 @@ from typing import Optional
 
 import torch
 
-from .base import Backend, GradNeeds, HeadInputs, SeqWeightFn
+from .base import Backend
 from .grads import TileGrads
+from .inputs import GradNeeds, HeadInputs, SeqWeightFn
 from .kl import chunked_kl
 from .tiles import (RowSource, TileBuffer, acc_dtype, chunk_rows, factor_dlogits_, forward_exp_,
                     forward_masked_softmax_, forward_softmax_, put_targets_, relogits_fn, tile_logits)

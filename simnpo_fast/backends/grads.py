@@ -27,8 +27,8 @@ class TileGrads:
 
     #: bf16/fp16 tiles: the per-tile dW product is formed in vocabulary blocks of this many rows, in a reused
     #: low-precision buffer, widened into a reused fp32 buffer and added into the fp32 accumulator (a mixed-dtype
-    #: ``add_`` would allocate a fresh fp32 copy of every block). 2048 rows: fastest on CPU (cache-resident
-    #: blocks), 6 MB of buffers at d = 512.
+    #: ``add_`` would allocate a fresh fp32 copy of every block); the blocks stay cache-resident on CPU
+    #: (a 16-bit and an fp32 block: ``6 d dw_block_rows`` bytes).
     dw_block_rows = 2048
 
     def __init__(self, x, w, b, need_dx, need_dw, need_db):

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import GradNeeds, HeadInputs
 from .grads import TileGrads
+from .inputs import GradNeeds, HeadInputs
 from .tiles import RowSource, acc_dtype
 
 #: rows of the per-row-block epilogue of the KL tiles (three [rows, V] fp32 temporaries)

@@ -12,7 +12,8 @@ from typing import Optional
 
 import torch
 
-from .base import Backend, GradNeeds, HeadInputs, SeqWeightFn
+from .base import Backend
+from .inputs import GradNeeds, HeadInputs, SeqWeightFn
 
 
 class ReferenceBackend(Backend):

@@ -159,7 +159,7 @@ def put_targets_(z: torch.Tensor, tgt: torch.Tensor, values) -> None:
         values = torch.full(tgt.shape, values, dtype=z.dtype, device=z.device)
     if z.dtype in (torch.float32, torch.float64):
         z.scatter_(1, tgt.unsqueeze(1), values.to(z.dtype).unsqueeze(1))
-    else:  # flat index_copy_: 16-bit scatter_ takes a slow path on CPU (~300x slower for the same R writes)
+    else:  # flat index_copy_: 16-bit scatter_ takes a slow generic path on CPU
         flat = torch.arange(z.shape[0], device=z.device) * z.shape[1] + tgt
         z.view(-1).index_copy_(0, flat, values.to(z.dtype))
 

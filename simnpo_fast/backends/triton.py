@@ -26,9 +26,10 @@ import os
 
 import torch
 
-from .base import Backend, GradNeeds, HeadInputs, SeqWeightFn, other_lse, target_terms
+from .base import Backend, other_lse, target_terms
 from .chunked import ChunkedBackend
 from .grads import TileGrads
+from .inputs import GradNeeds, HeadInputs, SeqWeightFn
 from .tiles import pow2_split
 
 
