@@ -150,8 +150,7 @@ class UnlearningLoss(nn.Module):
             raise ValueError(f"objective {self.objective!r} with retain_loss='kl' needs reference= (the frozen "
                              "reference's final hidden states of the retain rows and its LM head)")
         lr = kl_loss(hidden, weight, labels, reference.hidden, reference.weight, bias=bias, ref_bias=reference.bias,
-                     reduction=red, normalizer=normalizer, ignore_index=self.kw["ignore_index"],
-                     shift=self.kw["shift"])
+                     reduction=red, normalizer=normalizer, **self.kw)
         rn = answer_tokens(labels, self.kw["ignore_index"], shift=self.kw["shift"])
         return lr, {"retain_loss": lr.detach(), "retain_n_tokens": rn}
 

@@ -133,6 +133,8 @@ def test_batch_loss_retain_kl_through_the_reference_head():
     want = oracle_loss("simnpo", hf, W, yf, b, beta=2.0) + 0.6 * kl_sum / n_kl
     assert relerr(out.loss, want) < 1e-5
     assert torch.equal(out.terms["retain_n_tokens"], (y[:, 1:] != -100).sum(1))
+    naive = sf.UnlearningLoss("simnpo", retain_weight=0.6, retain_loss="kl", beta=2.0, backend="reference")
+    assert relerr(naive.batch_loss(W, b, torch.cat([hf, h]), batch, reference=ref).loss, want) < 1e-5
     with pytest.raises(ValueError, match="needs reference="):
         crit.batch_loss(W, b, torch.cat([hf, h]), batch)
     with pytest.raises(ValueError, match="retain batch"):
