@@ -227,11 +227,12 @@ def truth_ratios_from_candidates(per_example: dict, mean: str = "geometric") -> 
                                      per_example["perturbed_mean_logp"])]
 
 
-def reference_truth_ratios(reference) -> list[float]:
+def reference_truth_ratios(reference, mean: str = "geometric") -> list[float]:
     """Forget-set truth ratios of a retain-only model: a list of numbers (taken as they are), or an
     :func:`evaluate_tofu` result / the path of its JSON, whose ``R`` are recomputed from the stored
-    per-candidate log-likelihoods with the reference code's (geometric) definition. A JSON written before
-    per-candidate numbers were stored is refused (its truth ratios used the arithmetic mean)."""
+    per-candidate log-likelihoods with ``mean`` (the evaluated model's definition; the reference code's is
+    geometric). A JSON written before per-candidate numbers were stored is refused (its truth ratios used the
+    arithmetic mean)."""
     if reference is None:
         raise ValueError("no reference given")
     src = "reference"
@@ -247,7 +248,7 @@ def reference_truth_ratios(reference) -> list[float]:
         if "answer_mean_logp" not in per_ex:
             raise ValueError(f"{src}: this evaluation predates the per-candidate log-likelihoods (its truth ratios "
                              f"used an arithmetic mean); evaluate the retain model again")
-        return truth_ratios_from_candidates(per_ex)
+        return truth_ratios_from_candidates(per_ex, mean)
     return [float(x) for x in reference]
 
 
@@ -264,7 +265,7 @@ def summarize(result: dict, reference=None) -> dict:
     if len(nine) == 9:
         result["model_utility"] = flat["model_utility"] = M.harmonic_mean(nine)
     if reference is not None and "forget" in sets:
-        ref = reference_truth_ratios(reference)
+        ref = reference_truth_ratios(reference, result.get("config", {}).get("truth_ratio_mean", "geometric"))
         mine = sets["forget"]["per_example"]["truth_ratio"]
         if len(ref) != len(mine):
             warnings.warn(f"forget quality compares {len(mine)} truth ratios with {len(ref)} of the reference model "

@@ -199,3 +199,11 @@ def test_arithmetic_truth_ratio_is_a_named_option(tiny_tofu, wtok):
     # AM >= GM: the arithmetic ratio is never smaller
     assert all(x >= y - 1e-12 for x, y in zip(want, pe["truth_ratio"]))
     assert ari["config"]["truth_ratio_mean"] == "arithmetic"
+    # forget quality under the option compares arithmetic ratios on both sides (the reference's recomputed too)
+    ref_lm = BigramLM(random_table(len(wtok), seed=7, temp=0.5))
+    ref = evaluate_tofu(ref_lm, wtok, tiny_tofu, TofuEvalConfig(sets=("forget",), generation=False))
+    fq = evaluate_tofu(lm, wtok, tiny_tofu, TofuEvalConfig(sets=("forget",), generation=False,
+                                                           truth_ratio_mean="arithmetic"), reference=ref)
+    rpe = ref["sets"]["forget"]["per_example"]
+    ref_ari = [np.mean(np.exp(np.array(p) - q)) for p, q in zip(rpe["perturbed_mean_logp"], rpe["paraphrased_mean_logp"])]
+    assert fq["forget_quality"] == ks_2samp(want, ref_ari).pvalue
