@@ -205,5 +205,6 @@ def test_arithmetic_truth_ratio_is_a_named_option(tiny_tofu, wtok):
     fq = evaluate_tofu(lm, wtok, tiny_tofu, TofuEvalConfig(sets=("forget",), generation=False,
                                                            truth_ratio_mean="arithmetic"), reference=ref)
     rpe = ref["sets"]["forget"]["per_example"]
-    ref_ari = [np.mean(np.exp(np.array(p) - q)) for p, q in zip(rpe["perturbed_mean_logp"], rpe["paraphrased_mean_logp"])]
+    ref_ari = [np.mean(np.exp(np.array(p) - q))
+               for p, q in zip(rpe["perturbed_mean_logp"], rpe["paraphrased_mean_logp"])]
     assert fq["forget_quality"] == ks_2samp(want, ref_ari).pvalue
