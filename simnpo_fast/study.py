@@ -10,7 +10,7 @@ with :func:`simnpo_fast.eval.evaluate_tofu`; optionally the relearning attack is
     simnpo-fast study tofu-mini --data ../shared/data/tofu --seeds 0 1 2 --out runs/study
     simnpo-fast study my.yaml key=value ...             # any study config, dotted overrides
 
-Training goes through :func:`simnpo_fast.trainer.train` (the FSDP2 trainer, one CPU process here).
+Training goes through :func:`simnpo_fast.train.train` (the FSDP2 trainer, one CPU process here).
 """
 from __future__ import annotations
 
@@ -19,20 +19,16 @@ import copy
 import json
 import os
 import time
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 import yaml
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
-#: Methods of the study: trainer objective + loss settings.
-METHODS: Dict[str, Dict[str, Any]] = {
-    "GA": {"objective": "ga", "retain_weight": 0.0},
-    "GradDiff": {"objective": "graddiff"},
-    "NPO": {"objective": "npo"},
-    "SimNPO": {"objective": "simnpo"},
-}
+#: The study's method names -> registered methods (:mod:`simnpo_fast.methods`; every registered name works too).
+#: What a method needs (retain term, reference, normaliser, default beta) comes from the registry.
+METHODS: Dict[str, str] = {"GA": "ga", "GradDiff": "graddiff", "NPO": "npo", "SimNPO": "simnpo"}
 
 
 # ============================================================================= config
@@ -120,7 +116,7 @@ def prepare_data(cfg: dict, out_dir: str):
 
 
 def _base_train_config(cfg: dict, data_dir: str, kind: str, tok_dir: str, out_dir: str, seed: int):
-    from .trainer import load_config
+    from .train import load_config
 
     t = load_config("default", [f"output_dir={out_dir}", f"seed={seed}", "progress=true", "evaluate=false",
                                 "plot=true", "finetune.enabled=false"])
@@ -139,7 +135,7 @@ def _base_train_config(cfg: dict, data_dir: str, kind: str, tok_dir: str, out_di
 
 def finetune(cfg: dict, data_dir, kind, tok_dir, out_dir: str, split: str, seed: int) -> str:
     """Plain NLL on ``split`` from a seeded tiny Llama; returns the HF folder (skipped when it exists)."""
-    from .trainer import train
+    from .train import FINETUNE_METHOD, train
 
     hf = os.path.join(out_dir, "hf")
     if os.path.isfile(os.path.join(hf, "config.json")):
@@ -151,9 +147,9 @@ def finetune(cfg: dict, data_dir, kind, tok_dir, out_dir: str, split: str, seed:
     t.model.path = None
     t.model.config = dict(cfg["model"])
     t.model.seed = seed
-    t.loss.objective = "finetune"
+    t.loss.objective = FINETUNE_METHOD
     t.loss.retain_weight = 0.0
-    t.data.finetune_split = split
+    t.data.forget_split = t.data.finetune_split = split
     t.epochs = float(f["epochs"])
     t.batch_size = t.micro_batch_size = int(f["batch_size"])
     t.optim.lr = float(f["lr"])
@@ -167,8 +163,10 @@ def finetune(cfg: dict, data_dir, kind, tok_dir, out_dir: str, split: str, seed:
 
 def unlearn(cfg: dict, method: str, base_hf: str, data_dir, kind, tok_dir, out_dir: str, seed: int,
             hook=None) -> str:
-    """Unlearn ``forget_split`` from ``base_hf`` with ``method`` (keys of :data:`METHODS`); returns the HF folder."""
-    from .trainer import train
+    """Unlearn ``forget_split`` from ``base_hf`` with ``method`` (a key of :data:`METHODS`, a registered method
+    or a variant of the config's ``unlearn.methods``); returns the HF folder."""
+    from .methods import get_method
+    from .train import train
 
     hf = os.path.join(out_dir, "hf")
     if os.path.isfile(os.path.join(hf, "config.json")) and hook is None:
@@ -177,20 +175,18 @@ def unlearn(cfg: dict, method: str, base_hf: str, data_dir, kind, tok_dir, out_d
     u = copy.deepcopy(cfg["unlearn"])
     over = dict(u.get("methods", {}).get(method, {}))
     base = over.pop("base", method)  # a variant: {"SimNPO-b4.5": {"base": "SimNPO", "beta": 4.5}}
-    if base not in METHODS:
-        raise ValueError(f"unknown method {method!r} (base {base!r}); known: {sorted(METHODS)}")
-    m = dict(METHODS[base])
-    m.update(over)
+    try:
+        objective = get_method(METHODS.get(base, base)).name
+    except ValueError:
+        raise ValueError(f"unknown method {method!r} (base {base!r}); known: {sorted(METHODS)} and the registered "
+                         "methods") from None
+    m = {"objective": objective, **over}
     t.name = f"unlearn-{method}"
     t.model.path, t.model.preset, t.model.config = base_hf, None, {}
     t.loss.objective = m.pop("objective")
     for k in ("beta", "gamma", "forget_weight", "retain_weight"):
         if k in m:
-            setattr(t.loss, k, None if m[k] is None else float(m[k]))
-    if t.loss.beta is None and t.loss.objective == "npo":
-        t.loss.beta = 0.1
-    if t.loss.beta is None and t.loss.objective == "simnpo":
-        t.loss.beta = 2.5
+            setattr(t.loss, k, None if m[k] is None else float(m[k]))  # beta None: the method's default
     t.epochs = float(m.get("epochs", u["epochs"]))
     t.batch_size = int(u["batch_size"])
     t.micro_batch_size = int(u.get("micro_batch_size", u["batch_size"]))

@@ -21,8 +21,8 @@
 ==================  ===========================================================================================
 """
 from ..errors import NonFiniteError
-from .config import (CheckpointConfig, DataConfig, FinetuneConfig, LossConfig, OptimConfig, ParallelConfig,
-                     TrainConfig, finetune_config, grad_accum)
+from .config import (FINETUNE_METHOD, CheckpointConfig, DataConfig, FinetuneConfig, LossConfig, OptimConfig,
+                     ParallelConfig, TrainConfig, finetune_config, grad_accum)
 from .config_io import (CONFIG_DIR, apply_overrides, config_path, config_to_dict, config_yaml, load_config,
                         read_config_file, save_config)
 from .datasets import prepare_data
@@ -34,9 +34,9 @@ from .step import StepRecord, StepStats, train_step
 from .stream import StepStream
 
 __all__ = [
-    "CONFIG_DIR", "CheckpointConfig", "DataConfig", "FinetuneConfig", "LossConfig", "NonFiniteError", "OptimConfig",
-    "ParallelConfig", "RUN_ARTIFACTS", "Run", "Stage", "StepRecord", "StepStats", "StepStream", "TrainConfig",
-    "TrainResult", "apply_overrides", "config_path", "config_to_dict", "config_yaml", "finetune_config",
-    "grad_accum", "load_config", "lr_lambda", "prepare_data", "read_config_file", "run_loop", "save_config",
-    "setup", "stages", "train", "train_step",
+    "apply_overrides", "CheckpointConfig", "CONFIG_DIR", "config_path", "config_to_dict", "config_yaml",
+    "DataConfig", "finetune_config", "FINETUNE_METHOD", "FinetuneConfig", "grad_accum", "load_config", "LossConfig",
+    "lr_lambda", "NonFiniteError", "OptimConfig", "ParallelConfig", "prepare_data", "read_config_file", "Run",
+    "RUN_ARTIFACTS", "run_loop", "save_config", "setup", "Stage", "stages", "StepRecord", "StepStats", "StepStream",
+    "train", "train_step", "TrainConfig", "TrainResult",
 ]

@@ -16,7 +16,6 @@ import yaml
 from ..distributed import DistInfo, on_rank0
 from ..errors import ConfigError
 from ..methods import get_method
-from .config import FINETUNE_METHOD
 
 
 class SingleDataset(torch.utils.data.Dataset):
@@ -111,17 +110,9 @@ def prepare_data(cfg, info: DistInfo):
     dc = cfg.data
     path = dc.path or os.path.join(cfg.output_dir, "data")
     tok = _tokenizer(cfg, info, path)
-    rows = _rows_split(cfg)
-    splits = (rows, dc.retain_split) if uses_retain(cfg) or cfg.evaluate else (rows,)
+    splits = (dc.forget_split, dc.retain_split) if uses_retain(cfg) or cfg.evaluate else (dc.forget_split,)
     enc = _encode(cfg, path, tok, splits)
     return tok, enc[0], enc[1] if len(enc) > 1 else None
-
-
-def _rows_split(cfg) -> str:
-    """The split the method trains on: ``data.forget_split``. Transitional (issue 15): a run of the finetune
-    stage's method still reads ``data.finetune_split`` until ``study.finetune`` names its rows
-    ``data.forget_split`` (``finetune_config`` already does: both splits are equal there)."""
-    return cfg.data.finetune_split if cfg.loss.objective == FINETUNE_METHOD else cfg.data.forget_split
 
 
 def _non_empty(ds, source: str):
