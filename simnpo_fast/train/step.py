@@ -26,7 +26,7 @@ from .metrics import peak_memory_mb
 
 @dataclass
 class StepStats:
-    """Sums over a step's micro-batches (over all ranks once :meth:`all_reduce` d): the loss, its forget and
+    """Sums over a step's micro-batches (over all ranks after :meth:`all_reduce`): the loss, its forget and
     retain terms, and the summed answer log-likelihoods of the forget and retain rows."""
 
     loss: float = 0.0
@@ -44,6 +44,7 @@ class StepStats:
             self.retain_logp += float(terms["retain_logp_sum"].sum())
 
     def all_reduce(self, device: torch.device) -> "StepStats":
+        """The sums over every rank (one all-reduce of a float64 vector on ``device``)."""
         t = torch.tensor(dataclasses.astuple(self), dtype=torch.float64)
         return StepStats(*all_reduce_sum(t.to(device)).cpu().tolist())
 
@@ -120,6 +121,8 @@ def optimizer_step(run) -> float:
 
 
 def record(run, counts: StepCounts, stats: StepStats, gnorm: float, lr: float, dt: float) -> StepRecord:
+    """The step's :class:`StepRecord`: log-likelihoods per answer token (forget: over the step's forget answer
+    tokens; retain: only when the retain term reports one, i.e. an NLL retain term), throughput over ``dt``."""
     has_retain = counts.retain_tokens > 0
     return StepRecord(
         step=run.step, epoch=run.stream.epoch, loss=stats.loss, forget_loss=stats.forget_loss,
