@@ -1,7 +1,9 @@
 """The forget/retain batch of one micro-batch, and the global counts of one optimizer step.
 
-Layout: one padded ``[F + R, T]`` batch whose first ``F`` rows are the forget examples and the remaining ``R``
-rows the retain examples, so that the backbone runs once per micro-batch. Labels are HF-aligned (prompt and
+Layout: one padded ``[F + A + R, T]`` batch whose first ``F`` rows are the forget examples, the next ``A`` rows
+(``A = F`` for a method with alternate answers, e.g. IdkDPO, else 0) the alternate answers of the same forget
+questions (row ``F + i`` belongs to forget row ``i``), and the remaining ``R`` rows the retain examples, so that
+the backbone runs once per micro-batch. Labels are HF-aligned (prompt and
 padding = ``-100``); the answer tokens of a row are its positions ``t >= 1`` with ``labels[t] != -100`` (the
 causal shift: position ``t - 1`` predicts ``labels[t]``).
 
@@ -27,13 +29,23 @@ def _pad_to(t: torch.Tensor, width: int, value: int) -> torch.Tensor:
     return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
 
 
+def _long(index) -> Optional[torch.Tensor]:
+    """An index list as a long tensor (a tensor or None unchanged)."""
+    if index is None or isinstance(index, torch.Tensor):
+        return index
+    return torch.tensor(list(index), dtype=torch.long)
+
+
 @dataclass
 class ForgetRetainBatch:
-    """Rows ``[:n_forget]`` are the forget examples, rows ``[n_forget:]`` the retain examples (possibly none).
+    """Rows ``[:F]`` are the forget examples, rows ``[F:F + A]`` their alternate answers (``A = n_alternate``,
+    0 or ``F``), rows ``[F + A:]`` the retain examples (possibly none).
 
     ``index [F]``: the dataset indices of the forget rows (to look up cached reference values);
     ``ref_logp_sum [F]``: the reference model's summed answer log-likelihood of each forget row, for methods
-    with ``reference="logp"``.
+    with ``reference="logp"``; ``alternate_index [A]``: the index of each alternate row in its candidate table
+    (:class:`~simnpo_fast.data.alternates.AlternateAnswers`), ``ref_alt_logp_sum [A]`` the reference
+    log-likelihood of each alternate row.
     """
 
     input_ids: torch.Tensor
@@ -42,6 +54,9 @@ class ForgetRetainBatch:
     n_forget: int
     index: Optional[torch.Tensor] = None
     ref_logp_sum: Optional[torch.Tensor] = None
+    n_alternate: int = 0
+    alternate_index: Optional[torch.Tensor] = None
+    ref_alt_logp_sum: Optional[torch.Tensor] = None
 
     def __post_init__(self):
         shape = tuple(self.input_ids.shape)
@@ -53,35 +68,46 @@ class ForgetRetainBatch:
         self.n_forget = int(self.n_forget)
         if not 0 <= self.n_forget <= shape[0]:
             raise ValueError(f"n_forget={self.n_forget} must lie in [0, {shape[0]}] (the batch's rows)")
-        for name in ("index", "ref_logp_sum"):
+        self.n_alternate = int(self.n_alternate)
+        if self.n_alternate not in (0, self.n_forget) or self.n_forget + self.n_alternate > shape[0]:
+            raise ValueError(f"n_alternate={self.n_alternate} must be 0 or n_forget={self.n_forget}, within the "
+                             f"batch's {shape[0]} rows")
+        for name, n in (("index", "n_forget"), ("ref_logp_sum", "n_forget"), ("alternate_index", "n_alternate"),
+                        ("ref_alt_logp_sum", "n_alternate")):
             t = getattr(self, name)
-            if t is not None and tuple(t.shape) != (self.n_forget,):
-                raise ValueError(f"{name} must be [n_forget] = [{self.n_forget}], got {tuple(t.shape)}")
+            if t is not None and tuple(t.shape) != (getattr(self, n),):
+                raise ValueError(f"{name} must be [{n}] = [{getattr(self, n)}], got {tuple(t.shape)}")
 
     # -- building ----------------------------------------------------------------------------------------
     @classmethod
     def collate(cls, forget: Sequence[dict], retain: Optional[Sequence[dict]], collator, index=None,
-                ref_logp_sum=None) -> "ForgetRetainBatch":
-        """Pad ``forget + retain`` examples (``{"input_ids", "labels"}``) together with ``collator.pad``."""
-        rows = list(forget) + list(retain or [])
+                ref_logp_sum=None, *, alternate: Optional[Sequence[dict]] = None,
+                alternate_index=None) -> "ForgetRetainBatch":
+        """Pad ``forget + alternate + retain`` examples (``{"input_ids", "labels"}``) together with
+        ``collator.pad``; ``alternate``: one alternate answer example per forget example, or None."""
+        alternate = list(alternate or [])
+        rows = list(forget) + alternate + list(retain or [])
         b = collator.pad(rows)
-        if index is not None and not isinstance(index, torch.Tensor):
-            index = torch.tensor(list(index), dtype=torch.long)
-        return cls(b["input_ids"], b["attention_mask"], b["labels"], len(forget), index, ref_logp_sum)
+        return cls(b["input_ids"], b["attention_mask"], b["labels"], len(forget), _long(index), ref_logp_sum,
+                   len(alternate), _long(alternate_index))
 
     @classmethod
     def from_padded(cls, forget: dict, retain: Optional[dict], pad_token_id: int, *, index=None,
-                    ref_logp_sum=None) -> "ForgetRetainBatch":
-        """Join a padded forget batch and a padded retain batch (dicts of ``input_ids`` / ``attention_mask`` /
-        ``labels``), right-padding the narrower one (pad id, mask 0, label -100)."""
-        if retain is None:
-            return cls(forget["input_ids"], forget["attention_mask"], forget["labels"],
-                       forget["input_ids"].shape[0], index, ref_logp_sum)
-        T = max(forget["input_ids"].shape[1], retain["input_ids"].shape[1])
-        cat = {k: torch.cat([_pad_to(forget[k], T, v), _pad_to(retain[k], T, v)])
-               for k, v in (("input_ids", pad_token_id), ("attention_mask", 0), ("labels", IGNORE_INDEX))}
-        return cls(cat["input_ids"], cat["attention_mask"], cat["labels"], forget["input_ids"].shape[0], index,
-                   ref_logp_sum)
+                    ref_logp_sum=None, alternate: Optional[dict] = None, alternate_index=None,
+                    ref_alt_logp_sum=None) -> "ForgetRetainBatch":
+        """Join a padded forget batch, an optional padded batch of their alternate answers and an optional padded
+        retain batch (dicts of ``input_ids`` / ``attention_mask`` / ``labels``), right-padding the narrower ones
+        (pad id, mask 0, label -100)."""
+        parts = [p for p in (forget, alternate, retain) if p is not None]
+        n_alt = 0 if alternate is None else alternate["input_ids"].shape[0]
+        if len(parts) == 1:
+            cat = forget
+        else:
+            T = max(p["input_ids"].shape[1] for p in parts)
+            cat = {k: torch.cat([_pad_to(p[k], T, v) for p in parts])
+                   for k, v in (("input_ids", pad_token_id), ("attention_mask", 0), ("labels", IGNORE_INDEX))}
+        return cls(cat["input_ids"], cat["attention_mask"], cat["labels"], forget["input_ids"].shape[0], _long(index),
+                   ref_logp_sum, n_alt, _long(alternate_index), ref_alt_logp_sum)
 
     def to(self, device, non_blocking: bool = False) -> "ForgetRetainBatch":
         """The batch with every tensor on ``device`` (``index`` stays where it is: it addresses host tables)."""
@@ -89,14 +115,21 @@ class ForgetRetainBatch:
             return None if t is None else t.to(device, non_blocking=non_blocking)
 
         return dataclasses.replace(self, input_ids=mv(self.input_ids), attention_mask=mv(self.attention_mask),
-                                   labels=mv(self.labels), ref_logp_sum=mv(self.ref_logp_sum))
+                                   labels=mv(self.labels), ref_logp_sum=mv(self.ref_logp_sum),
+                                   ref_alt_logp_sum=mv(self.ref_alt_logp_sum))
 
-    def with_ref_logp(self, table: torch.Tensor) -> "ForgetRetainBatch":
-        """The batch with ``ref_logp_sum = table[index]`` (``table``: one value per dataset example)."""
+    def with_ref_logp(self, table: torch.Tensor, alt_table: Optional[torch.Tensor] = None) -> "ForgetRetainBatch":
+        """The batch with ``ref_logp_sum = table[index]`` (``table``: one value per dataset example) and, given
+        ``alt_table`` (one value per alternate candidate), ``ref_alt_logp_sum = alt_table[alternate_index]``."""
         if self.index is None:
             raise ValueError("this batch has no index: cannot look up cached reference log-likelihoods")
         ref = table[self.index.to(table.device)].to(self.labels.device)
-        return dataclasses.replace(self, ref_logp_sum=ref)
+        alt = None
+        if alt_table is not None and self.n_alternate > 0:
+            if self.alternate_index is None:
+                raise ValueError("this batch has no alternate_index: cannot look up the alternates' reference values")
+            alt = alt_table[self.alternate_index.to(alt_table.device)].to(self.labels.device)
+        return dataclasses.replace(self, ref_logp_sum=ref, ref_alt_logp_sum=alt)
 
     # -- views -------------------------------------------------------------------------------------------
     @property
@@ -105,11 +138,16 @@ class ForgetRetainBatch:
 
     @property
     def n_retain(self) -> int:
-        return self.n_rows - self.n_forget
+        return self.n_rows - self.n_forget - self.n_alternate
 
     def split(self, t: torch.Tensor):
-        """``(t[:F], t[F:])`` of a tensor with one row per batch row; the retain part is ``None`` when empty."""
-        return t[: self.n_forget], (t[self.n_forget:] if self.n_retain > 0 else None)
+        """``(t[:F], t[F + A:])`` of a tensor with one row per batch row (the forget and the retain rows); the
+        retain part is ``None`` when empty."""
+        return t[: self.n_forget], (t[self.n_forget + self.n_alternate:] if self.n_retain > 0 else None)
+
+    def pair_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """``t[:F + A]``: the forget rows followed by their alternate rows (a view, no copy)."""
+        return t[: self.n_forget + self.n_alternate]
 
     @property
     def forget_labels(self) -> torch.Tensor:
@@ -123,7 +161,8 @@ class ForgetRetainBatch:
         """``(input_ids, attention_mask)`` of the retain rows (e.g. for a frozen reference model), or ``None``."""
         if self.n_retain == 0:
             return None
-        return self.input_ids[self.n_forget:], self.attention_mask[self.n_forget:]
+        r = self.n_forget + self.n_alternate
+        return self.input_ids[r:], self.attention_mask[r:]
 
 
 @dataclass(frozen=True)
@@ -133,35 +172,39 @@ class StepCounts:
     ``forget``: the forget normaliser of the method -- forget sequences with at least one answer token
     (``per="sequence"``) or forget answer tokens (``per="token"``); ``retain_tokens``: retain answer tokens;
     ``forget_tokens``: forget answer tokens (the forget log-likelihood per token); ``tokens``: attention-mask
-    tokens of all rows (throughput).
+    tokens of all rows (throughput); ``alternate_tokens``: answer tokens of the alternate rows.
     """
 
     forget: float
     retain_tokens: float
     forget_tokens: int
     tokens: int
+    alternate_tokens: int = 0
 
     @classmethod
     def of(cls, batches: List[ForgetRetainBatch], method, reduce: Optional[Callable] = None) -> "StepCounts":
         """Count ``batches`` for ``method`` (a :class:`~simnpo_fast.methods.Method` or anything with ``per``).
 
-        ``reduce``: all-reduces (sums) a ``[4]`` float64 CPU tensor across ranks and returns it (any device),
+        ``reduce``: all-reduces (sums) a ``[5]`` float64 CPU tensor across ranks and returns it (any device),
         e.g. ``distributed.all_reduce_sum``; ``None`` in a single process.
         """
         per = method.per
         if per not in ("sequence", "token"):
             raise ValueError(f"method {getattr(method, 'name', method)!r}: per must be 'sequence' or 'token'")
-        c = torch.zeros(4, dtype=torch.float64)
+        c = torch.zeros(5, dtype=torch.float64)
         for b in batches:
             n = answer_tokens(b.labels).cpu()
-            nf, nr = n[: b.n_forget], n[b.n_forget:]
+            F, A = b.n_forget, b.n_alternate
+            nf, na, nr = n[:F], n[F:F + A], n[F + A:]
             c[0] += int(nf.sum()) if per == "token" else int((nf > 0).sum())
             c[1] += int(nr.sum())
             c[2] += int(b.attention_mask.sum())
             c[3] += int(nf.sum())
+            c[4] += int(na.sum())
         if reduce is not None:
-            c = reduce(c).to("cpu", torch.float64).reshape(4)
-        return cls(forget=float(c[0]), retain_tokens=float(c[1]), forget_tokens=int(c[3]), tokens=int(c[2]))
+            c = reduce(c).to("cpu", torch.float64).reshape(5)
+        return cls(forget=float(c[0]), retain_tokens=float(c[1]), forget_tokens=int(c[3]), tokens=int(c[2]),
+                   alternate_tokens=int(c[4]))
 
     def normalizers(self):
         """``(forget_normalizer, retain_normalizer)``: each count, or ``None`` where it is 0 (the term's own

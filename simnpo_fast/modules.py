@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 from ._inputs import answer_tokens
-from .methods import get_method
+from .methods import PairObjective, get_method
 from .objectives import GA, NLL, NPO, SimNPO
 from .objectives.base import check_reduction
-from .ops import fused_sequence_loss, kl_loss
+from .ops import fused_sequence_loss, kl_loss, sequence_logprob
 
 
 class _FusedLossBase(nn.Module):
@@ -76,6 +76,19 @@ class ReferenceHead:
     bias: Optional[torch.Tensor] = None
 
 
+def _stack_rows(h1, h2, y1, y2, ignore_index: int):
+    """``(cat(h1, h2), cat(y1, y2))`` along the rows, the shorter sequence dimension right-padded (hidden 0,
+    labels ``ignore_index``: padding holds no answer token)."""
+    T = max(y1.shape[1], y2.shape[1])
+
+    def pad(h, y):
+        dt = T - y.shape[1]
+        return (torch.nn.functional.pad(h, (0, 0, 0, dt)), torch.nn.functional.pad(y, (0, dt), value=ignore_index))
+
+    (h1, y1), (h2, y2) = pad(h1, y1), pad(h2, y2)
+    return torch.cat([h1, h2]), torch.cat([y1, y2])
+
+
 class UnlearningLoss(nn.Module):
     """``forget_weight * L_forget + retain_weight * L_retain`` on a forget and a retain batch.
 
@@ -90,6 +103,12 @@ class UnlearningLoss(nn.Module):
     ``forget_normalizer`` / ``retain_normalizer`` switch the terms to ``sum / normalizer`` for exact
     gradient accumulation across micro-batches and ranks; :meth:`batch_loss` takes them from a
     :class:`~simnpo_fast.batch.StepCounts`.
+
+    A method with alternate answers (``method.alternate != "none"``, e.g. ``idk_dpo``) also takes
+    ``alternate_hidden`` / ``alternate_labels`` (row ``i``: the alternate answer of forget row ``i``) and, with
+    ``reference="logp"``, ``ref_alt_logp_sum``; its :class:`~simnpo_fast.methods.PairObjective` runs on the
+    differentiable fused ``sequence_logprob`` of the forget and alternate rows (8NdV instead of 6NdV flops), and
+    the terms add ``alternate_logp_sum`` / ``alternate_n_tokens``.
     """
 
     def __init__(self, objective: str = "simnpo", *, forget_weight: float = 1.0, retain_weight: float = 1.0,
@@ -98,6 +117,7 @@ class UnlearningLoss(nn.Module):
         super().__init__()
         self.method = get_method(objective)
         self.forget_objective = self.method.forget_objective(beta=beta, gamma=gamma)
+        self.pairs = isinstance(self.forget_objective, PairObjective)
         if retain_loss is not None and retain_loss not in ("nll", "kl"):
             raise ValueError(f"retain_loss must be 'nll' or 'kl', got {retain_loss!r}")
         self.retain_loss = "none" if self.method.retain == "none" else (retain_loss or self.method.retain)
@@ -118,18 +138,40 @@ class UnlearningLoss(nn.Module):
 
     def forward(self, weight, forget_hidden, forget_labels, retain_hidden=None, retain_labels=None, *,
                 bias=None, ref_logp_sum=None, forget_normalizer=None, retain_normalizer=None,
-                reference: Optional[ReferenceHead] = None) -> LossOutput:
+                reference: Optional[ReferenceHead] = None, alternate_hidden=None, alternate_labels=None,
+                ref_alt_logp_sum=None) -> LossOutput:
+        if self.pairs:
+            if alternate_hidden is None or alternate_labels is None:
+                raise ValueError(f"objective {self.objective!r} needs alternate_hidden / alternate_labels (the "
+                                 "alternate answer of every forget row)")
+            hidden, labels = _stack_rows(forget_hidden, alternate_hidden, forget_labels, alternate_labels,
+                                         self.kw["ignore_index"])
+            return self._loss(weight, bias, hidden, labels, forget_labels.shape[0], retain_hidden, retain_labels,
+                              ref_logp_sum, ref_alt_logp_sum, forget_normalizer, retain_normalizer, reference)
+        return self._loss(weight, bias, forget_hidden, forget_labels, None, retain_hidden, retain_labels,
+                          ref_logp_sum, None, forget_normalizer, retain_normalizer, reference)
+
+    def _loss(self, weight, bias, hidden, labels, n_pairs, retain_hidden, retain_labels, ref_logp_sum,
+              ref_alt_logp_sum, forget_normalizer, retain_normalizer, reference) -> LossOutput:
+        """The forget term on ``hidden`` / ``labels`` (for a pair objective: ``n_pairs`` forget rows, then their
+        ``n_pairs`` alternate rows), plus the retain term."""
         extras = {}
         if self.method.reference == "logp":
-            if ref_logp_sum is None:
-                raise ValueError(f"objective {self.objective!r} needs ref_logp_sum for the forget batch")
+            if ref_logp_sum is None or (self.pairs and ref_alt_logp_sum is None):
+                need = "ref_logp_sum and ref_alt_logp_sum" if self.pairs else "ref_logp_sum"
+                raise ValueError(f"objective {self.objective!r} needs {need} for the forget batch")
             extras["ref_logp_sum"] = ref_logp_sum
-        red = "sum" if forget_normalizer is not None else "mean"
-        lf, logp, n = fused_sequence_loss(forget_hidden, weight, forget_labels, self.forget_objective, bias=bias,
-                                          reduction=red, normalizer=forget_normalizer, return_logp=True,
-                                          **self.kw, **extras)
+            if self.pairs:
+                extras["ref_alt_logp_sum"] = ref_alt_logp_sum
+        if self.pairs:
+            lf, terms = self._pair_term(weight, bias, hidden, labels, n_pairs, forget_normalizer, extras)
+        else:
+            red = "sum" if forget_normalizer is not None else "mean"
+            lf, logp, n = fused_sequence_loss(hidden, weight, labels, self.forget_objective, bias=bias,
+                                              reduction=red, normalizer=forget_normalizer, return_logp=True,
+                                              **self.kw, **extras)
+            terms = {"forget_loss": lf.detach(), "forget_logp_sum": logp, "forget_n_tokens": n}
         loss = self.forget_weight * lf
-        terms = {"forget_loss": lf.detach(), "forget_logp_sum": logp, "forget_n_tokens": n}
         if self.uses_retain:
             if retain_hidden is None or retain_labels is None:
                 raise ValueError(f"objective {self.objective!r} with retain_weight > 0 needs a retain batch")
@@ -138,6 +180,24 @@ class UnlearningLoss(nn.Module):
             terms.update(rterms)
         terms["loss"] = loss.detach()
         return LossOutput(loss, terms)
+
+    def _pair_term(self, weight, bias, hidden, labels, F, normalizer, extras):
+        """A :class:`~simnpo_fast.methods.PairObjective` on rows ``[:F]`` (forget) and ``[F:2F]`` (alternates):
+        ``sum_i f_i / normalizer`` (or the mean over pairs with a forget answer token) and its logged terms."""
+        for k, v in extras.items():
+            if not isinstance(v, torch.Tensor) or tuple(v.shape) != (F,):
+                raise ValueError(f"{k} must be a tensor of shape [{F}] (one value per forget row), got "
+                                 f"{getattr(v, 'shape', type(v).__name__)}")
+        if labels.shape[0] != 2 * F:
+            raise ValueError(f"{labels.shape[0]} rows for {F} forget rows and their {F} alternates")
+        logp, n = sequence_logprob(hidden, weight, labels, bias=bias, **self.kw)
+        extras = {k: v.detach().to(device=logp.device, dtype=logp.dtype) for k, v in extras.items()}
+        f = self.forget_objective(logp[:F], n[:F], logp[F:], n[F:], **extras)
+        denom = float(normalizer) if normalizer is not None else self.forget_objective.denominator(n[:F])
+        lf = f.sum() / denom if denom > 0 else f.sum() * 0.0
+        lp = logp.detach()
+        return lf, {"forget_loss": lf.detach(), "forget_logp_sum": lp[:F], "forget_n_tokens": n[:F],
+                    "alternate_logp_sum": lp[F:], "alternate_n_tokens": n[F:]}
 
     def _retain(self, weight, bias, hidden, labels, normalizer, reference):
         """The retain term and its logged terms: token-mean (or sum / normalizer) NLL or KL."""
@@ -164,8 +224,14 @@ class UnlearningLoss(nn.Module):
         fh, rh = batch.split(hidden)
         fl, rl = batch.split(batch.labels)
         f_norm, r_norm = counts.normalizers() if counts is not None else (None, None)
-        return self.forward(weight, fh, fl, rh, rl, bias=bias, ref_logp_sum=batch.ref_logp_sum,
-                            forget_normalizer=f_norm, retain_normalizer=r_norm, reference=reference)
+        if not self.pairs:
+            return self.forward(weight, fh, fl, rh, rl, bias=bias, ref_logp_sum=batch.ref_logp_sum,
+                                forget_normalizer=f_norm, retain_normalizer=r_norm, reference=reference)
+        if batch.n_alternate != batch.n_forget:
+            raise ValueError(f"objective {self.objective!r} needs a batch with the alternate answer of every forget "
+                             f"row (n_alternate={batch.n_alternate}, n_forget={batch.n_forget})")
+        return self._loss(weight, bias, batch.pair_rows(hidden), batch.pair_rows(batch.labels), batch.n_forget, rh,
+                          rl, batch.ref_logp_sum, batch.ref_alt_logp_sum, f_norm, r_norm, reference)
 
     def extra_repr(self) -> str:
         return (f"objective={self.objective!r}, forget={self.forget_objective}, forget_weight={self.forget_weight}, "

@@ -2,20 +2,54 @@
 
 A method is its forget objective (a :class:`~simnpo_fast.objectives.SequenceObjective` factory), its default
 retain term (``"none"``, ``"nll"`` or ``"kl"``), whether it needs the reference model's cached log-likelihood of
-every forget example (``reference="logp"``, e.g. NPO) and, derived from the objective, its forget normaliser
-(``per="sequence"``: forget sequences with at least one answer token; ``per="token"``: forget answer tokens).
-Everything that trains, plans or studies a method asks :func:`get_method` and reads these fields; nothing
-tests a method's name.
+every forget example (``reference="logp"``, e.g. NPO), whether it needs an alternate answer row for every forget
+question (``alternate="idk"``: a refusal, e.g. IdkDPO; its forget objective is then a :class:`PairObjective`) and,
+derived from the objective, its forget normaliser (``per="sequence"``: forget sequences with at least one answer
+token; ``per="token"``: forget answer tokens). Everything that trains, plans or studies a method asks
+:func:`get_method` and reads these fields; nothing tests a method's name.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Union
+
+import torch
 
 from ..objectives import SequenceObjective
 
 RETAIN_TERMS = ("none", "nll", "kl")
 REFERENCES = ("none", "logp")
+#: alternate answer rows a method asks for: none, or a refusal ("I don't know") for every forget question
+ALTERNATES = ("none", "idk")
+
+
+class PairObjective:
+    """A forget term over pairs ``(forget row i, alternate row i)``: ``f_i = f(logp_sum_i, n_i, alt_logp_sum_i,
+    alt_n_i[, extra_i])``, the summed answer log-likelihoods and answer-token counts of forget example ``i``'s
+    answer and of its alternate answer (same question). The loss is ``sum_i f_i / normalizer`` over pairs whose
+    forget row has at least one answer token (``per="sequence"``, the only normaliser of a pair term); a pair
+    without one contributes 0. Unlike a :class:`SequenceObjective`, the weight of a row depends on the other row
+    of its pair, so the loss runs on the differentiable ``sequence_logprob`` of both rows (not the single-pass
+    fused path). Extras: ``ref_logp_sum`` / ``ref_alt_logp_sum`` (``reference="logp"``).
+    """
+
+    name = "pair"
+    per = "sequence"
+
+    def per_pair(self, logp_sum, n_tokens, alt_logp_sum, alt_n_tokens, **extra) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, logp_sum, n_tokens, alt_logp_sum, alt_n_tokens, **extra) -> torch.Tensor:
+        f = self.per_pair(logp_sum, n_tokens, alt_logp_sum, alt_n_tokens, **extra)
+        return torch.where(n_tokens > 0, f, torch.zeros_like(f))
+
+    def denominator(self, n_tokens: torch.Tensor) -> int:
+        """Pairs whose forget row has an answer token."""
+        return int((n_tokens > 0).sum())
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({args})"
 
 
 @dataclass(frozen=True)
@@ -26,14 +60,18 @@ class Method:
     default and methods without a ``beta`` / ``gamma`` ignore them. ``retain`` is the default retain term
     (``loss.retain_loss`` may switch ``"nll"`` to ``"kl"``; a method with ``"none"`` never has one).
     ``reference="logp"``: the loss needs ``ref_logp_sum``, the frozen reference model's summed answer
-    log-likelihood of each forget example (cached once before training).
+    log-likelihood of each forget example (cached once before training), and for a method with alternates also
+    ``ref_alt_logp_sum``, the same of its alternate answer. ``alternate="idk"``: every forget row comes with an
+    alternate row, the same question answered by a refusal drawn from the data's ``idontknow.jsonl``
+    (:mod:`simnpo_fast.data.alternates`); the forget objective is then a :class:`PairObjective`.
     """
 
     name: str
-    forget_objective: Callable[..., SequenceObjective]
+    forget_objective: Callable[..., Union[SequenceObjective, PairObjective]]
     retain: str = "nll"
     reference: str = "none"
     summary: str = ""
+    alternate: str = "none"
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name or self.name != self.name.lower():
@@ -43,6 +81,11 @@ class Method:
         if self.reference not in REFERENCES:
             raise ValueError(f"method {self.name!r}: reference must be one of {REFERENCES}, "
                              f"got {self.reference!r}")
+        if self.alternate not in ALTERNATES:
+            raise ValueError(f"method {self.name!r}: alternate must be one of {ALTERNATES}, got {self.alternate!r}")
+        if isinstance(self.forget_objective(), PairObjective) != (self.alternate != "none"):
+            raise ValueError(f"method {self.name!r}: a method with alternate rows (alternate={self.alternate!r}) "
+                             "needs a PairObjective as its forget objective, and a PairObjective needs alternate rows")
 
     @property
     def per(self) -> str:
