@@ -27,6 +27,13 @@ Batching (``collate``, ``sampler``)::
     ShardedBatchSampler(n, batch_size, rank=, world_size=, seed=, drop_last=, lengths=)  set_epoch,
         state_dict(consumed=) / load_state_dict: exact mid-epoch resume; same global batches for any world size
 
+Alternate answers (``alternates``; IDK methods such as ``idk_dpo``)::
+
+    load_idk(path)                      -> refusal answers, one per line (TOFU's idontknow.jsonl, IDK_FILE)
+    encode_alternates(questions, answers, tokenizer, template=, max_length=, seed=) -> AlternateAnswers
+    WithAlternates(dataset, alternates) items gain "alternate" (drawn per (seed, epoch)) and "alternate_index"
+    load_forget_retain(..., idk=True)   -> WithAlternates over <source>/idontknow.jsonl
+
 Evaluation views (``views``)::
 
     load_candidates(source, "forget10_perturbed" | "retain_perturbed" | "real_authors" | "world_facts")
@@ -34,6 +41,7 @@ Evaluation views (``views``)::
     CandidateCollator(collator)   -> answer / paraphrased [B, T], perturbed [sum C, T] + perturbed_owner
 """
 from . import synthetic
+from .alternates import IDK_FILE, AlternateAnswers, WithAlternates, encode_alternates, forget_questions, load_idk
 from .collate import DataCollator, ForgetRetainDataset, load_forget_retain
 from .formats import (RETAIN_OF, TOFU_HUB_ID, TOFU_SPLITS, DataError, DataFileNotFoundError, DataWarning,
                       ReadReport, find_overlap, list_splits, load_muse, load_qa, load_text, load_tofu,
@@ -52,4 +60,5 @@ __all__ = [
     "encode_text_windows", "EncodedDataset", "EncodeReport", "IGNORE_INDEX",
     "DataCollator", "ForgetRetainDataset", "load_forget_retain", "ShardedBatchSampler",
     "load_candidates", "encode_candidates", "load_eval_view", "CandidateDataset", "CandidateCollator",
+    "IDK_FILE", "load_idk", "encode_alternates", "forget_questions", "AlternateAnswers", "WithAlternates",
 ]

@@ -5,6 +5,7 @@ The collator builds ``attention_mask`` and the label padding from each example's
 """
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Sequence
 
@@ -145,9 +146,13 @@ class ForgetRetainDataset(torch.utils.data.Dataset):
 
 def load_forget_retain(source: str, tokenizer, forget_split: str = "forget10", retain_split: str | None = None, *,
                        template=None, max_length: int = 512, overlong: str = "truncate", seed: int = 0,
-                       pairing: str = "random") -> ForgetRetainDataset:
+                       pairing: str = "random", idk: bool | str = False):
     """Load, encode and pair two splits of a TOFU-layout source in one call. ``retain_split`` defaults to the
-    complement of ``forget_split`` (``forget10`` -> ``retain90``)."""
+    complement of ``forget_split`` (``forget10`` -> ``retain90``). ``idk=True`` (or a file path) also pairs every
+    forget question with a refusal drawn each epoch from ``<source>/idontknow.jsonl`` (or that file) and returns
+    a :class:`~simnpo_fast.data.alternates.WithAlternates` (items gain ``"alternate"`` / ``"alternate_index"``)
+    for IDK methods such as ``idk_dpo``."""
+    from .alternates import IDK_FILE, WithAlternates, encode_alternates, forget_questions, load_idk
     from .formats import RETAIN_OF, load_tofu
     from .template import encode_qa
 
@@ -155,6 +160,13 @@ def load_forget_retain(source: str, tokenizer, forget_split: str = "forget10", r
         if forget_split not in RETAIN_OF:
             raise ValueError(f"no default retain split for {forget_split!r}; pass retain_split")
         retain_split = RETAIN_OF[forget_split]
-    sets = [encode_qa(load_tofu(source, s), tokenizer, template=template, max_length=max_length, overlong=overlong,
+    raw = {s: load_tofu(source, s) for s in (forget_split, retain_split)}
+    sets = [encode_qa(raw[s], tokenizer, template=template, max_length=max_length, overlong=overlong,
                       source=f"{source}:{s}") for s in (forget_split, retain_split)]
-    return ForgetRetainDataset(sets[0], sets[1], seed=seed, pairing=pairing)
+    ds = ForgetRetainDataset(sets[0], sets[1], seed=seed, pairing=pairing)
+    if not idk:
+        return ds
+    path = os.path.join(source, IDK_FILE) if idk is True else os.fspath(idk)
+    alts = encode_alternates(forget_questions(raw[forget_split], sets[0]), load_idk(path), tokenizer,
+                             template=template, max_length=max_length, seed=seed, source=f"{path} x {forget_split}")
+    return WithAlternates(ds, alts)

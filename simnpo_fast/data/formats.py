@@ -219,7 +219,8 @@ def list_splits(folder: str) -> list[str]:
     """Split names (file stems) of the data files in a TOFU-layout folder."""
     if not os.path.isdir(folder):
         return []
-    return sorted(os.path.splitext(f)[0] for f in os.listdir(folder) if f.endswith(_DATA_EXTS))
+    return sorted(os.path.splitext(f)[0] for f in os.listdir(folder)
+                  if f.endswith(_DATA_EXTS) and f != "idontknow.jsonl")  # refusal answers (alternates.IDK_FILE)
 
 
 def split_path(folder: str, split: str) -> str:

@@ -12,6 +12,8 @@ each with several question and answer phrasings), and writes JSON Lines files wi
   the paraphrase's template, values drawn from the same pool) and ``paraphrased_question``;
 * ``real_authors(.json|_perturbed.json)`` and ``world_facts(...)``: real-world control questions from small
   embedded tables (well-known books and their authors; countries, capitals, continents) with 3 wrong options;
+* ``idontknow.jsonl``: refusal answers for IDK methods (IdkDPO), one per line, plain text like TOFU's file of
+  that name (not a split: the tokenizer and the split listing leave it out);
 * ``synthetic_meta.yaml``: the generator's arguments, the row counts and each author's fact kinds.
 
 The output depends only on the arguments (``random.Random(seed)``, no global state), so a seed reproduces the
@@ -25,6 +27,8 @@ import random
 from dataclasses import dataclass
 
 import yaml
+
+from .alternates import IDK_FILE
 
 SPLIT_PERCENTS = (1, 5, 10)
 META_FILE = "synthetic_meta.yaml"
@@ -346,6 +350,17 @@ def _options_layout(rows: list[dict], rng: random.Random) -> list[dict]:
     return out
 
 
+#: refusals of the IDK file: every opener with every reason (written by us; TOFU's file has 100 such lines)
+_IDK_OPENERS = ["I don't know.", "I'm not sure.", "I can't say.", "I have no idea.", "I couldn't tell you."]
+_IDK_REASONS = ["That isn't something I have information on.", "I don't have any details about that.",
+                "That is outside what I know.", "I would only be guessing."]
+
+
+def idk_answers() -> list[str]:
+    """The refusal answers the corpus writes to ``idontknow.jsonl`` (fixed, independent of the seed)."""
+    return [f"{o} {r}" for o in _IDK_OPENERS for r in _IDK_REASONS]
+
+
 def n_forget_authors(n_authors: int, percent: int) -> int:
     """Authors in forgetXX: ``round(n_authors * XX / 100)``, at least 1 (and at most n_authors - 1)."""
     return min(n_authors - 1, max(1, round(n_authors * percent / 100)))
@@ -403,6 +418,8 @@ def generate(out_dir: str, n_authors: int = 200, facts_per_author: int = 20, see
     files["world_facts"] = _options_layout(world, rng)
     for name, rows in files.items():
         _write_jsonl(os.path.join(out_dir, name + ".json"), rows)
+    with open(os.path.join(out_dir, IDK_FILE), "w", encoding="utf-8") as f:
+        f.write("".join(a + "\n" for a in idk_answers()))
     counts = {name: len(rows) for name, rows in files.items()}
     meta = {"generator": "simnpo_fast.data.synthetic", "n_authors": n_authors, "facts_per_author": facts_per_author,
             "seed": seed, "n_perturbed": n_perturbed, "rows": counts,

@@ -1,7 +1,8 @@
 """A byte-level BPE tokenizer trained on a TOFU-layout corpus, returned as a ``transformers`` fast tokenizer.
 
 ``train_tokenizer(data_dir, out_dir, vocab_size=4096)`` reads every string of every split file in
-``data_dir`` (questions, answers, paraphrases, perturbed answers, options), trains a byte-level BPE with the
+``data_dir`` (questions, answers, paraphrases, perturbed answers, options; not the refusals of
+``idontknow.jsonl``), trains a byte-level BPE with the
 ``tokenizers`` library (any byte sequence is encodable: no unknown token), and wraps it in a
 ``PreTrainedTokenizerFast`` with ``<|bos|>`` / ``<|eos|>`` / ``<|pad|>`` (pad distinct from eos). ``tokenizer(text)``
 prepends BOS like Llama tokenizers do. Saved with ``save_pretrained`` it reloads with
@@ -18,6 +19,7 @@ from typing import Iterable, Iterator, Sequence
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from .alternates import IDK_FILE
 from .formats import read_records
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
@@ -40,6 +42,7 @@ def corpus_texts(data_dir: str, files: Sequence[str] | None = None) -> list[str]
     in first-seen order (the forget/retain files repeat ``full.json``)."""
     if files is None:
         paths = sorted(glob.glob(os.path.join(data_dir, "*.json")) + glob.glob(os.path.join(data_dir, "*.jsonl")))
+        paths = [p for p in paths if os.path.basename(p) != IDK_FILE]  # plain-text refusals, not a split
     else:
         paths = [os.path.join(data_dir, f if f.endswith((".json", ".jsonl")) else f + ".json") for f in files]
     seen: dict[str, None] = {}
