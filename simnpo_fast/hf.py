@@ -1,4 +1,4 @@
-"""Drop-in for HF Trainer / accelerate users: fused SimNPO / NPO / GA / GradDiff without full logits.
+"""Drop-in for HF Trainer / accelerate users: fused SimNPO / NPO / GA / GradDiff / IdkDPO without full logits.
 
     from simnpo_fast.hf import UnlearningTrainer, ForgetRetainCollator
     trainer = UnlearningTrainer(model=model, args=TrainingArguments(..., remove_unused_columns=False),
@@ -16,7 +16,9 @@ every micro-batch loss is then ``sum / count``, so gradient accumulation and dat
 full-batch gradient (not a mean of per-micro-batch means: the accumulation bug of Liger-Kernel #802 and of
 pre-4.46 HF). Outside training (``compute_loss`` without those counts) the loss is the batch's own mean.
 For NPO, :func:`add_reference_logps` caches the reference model's log-likelihoods once (no reference model
-is kept).
+is kept). A method with alternate answers (IdkDPO) trains on a dataset whose items also carry them:
+``data.WithAlternates(ForgetRetainDataset(...), alternates)`` or ``data.load_forget_retain(..., idk=True)``;
+:func:`add_reference_logps` then also caches the reference log-likelihood of every alternate candidate.
 """
 from __future__ import annotations
 
@@ -33,8 +35,9 @@ from .modules import UnlearningLoss
 
 
 class ForgetRetainCollator:
-    """``[{"forget": ex, "retain": ex[, "ref_logp_sum": float]}]`` -> ``{"forget": {...}, "retain": {...}
-    [, "ref_logp_sum": [B]]}`` (right padding by lengths)."""
+    """``[{"forget": ex, "retain": ex[, "alternate": ex, "alternate_index": int][, "ref_logp_sum": float
+    [, "ref_alt_logp_sum": float]]}]`` -> ``{"forget": {...}, "retain": {...}[, "alternate": {...},
+    "alternate_index": [B]][, "ref_logp_sum": [B][, "ref_alt_logp_sum": [B]]]}`` (right padding by lengths)."""
 
     def __init__(self, collator: DataCollator):
         self.collator = collator
@@ -45,16 +48,20 @@ class ForgetRetainCollator:
 
     def __call__(self, features):
         out = {"forget": self.collator.pad([f["forget"] for f in features])}
-        if "retain" in features[0]:
-            out["retain"] = self.collator.pad([f["retain"] for f in features])
-        if "ref_logp_sum" in features[0]:
-            out["ref_logp_sum"] = torch.tensor([float(f["ref_logp_sum"]) for f in features], dtype=torch.float32)
+        for key in ("retain", "alternate"):
+            if key in features[0]:
+                out[key] = self.collator.pad([f[key] for f in features])
+        if "alternate_index" in features[0]:
+            out["alternate_index"] = torch.tensor([int(f["alternate_index"]) for f in features], dtype=torch.long)
+        for key in ("ref_logp_sum", "ref_alt_logp_sum"):
+            if key in features[0]:
+                out[key] = torch.tensor([float(f[key]) for f in features], dtype=torch.float32)
         return out
 
 
 class _WithRef(torch.utils.data.Dataset):
-    def __init__(self, ds, ref):
-        self.ds, self.ref = ds, ref
+    def __init__(self, ds, ref, alt_ref=None):
+        self.ds, self.ref, self.alt_ref = ds, ref, alt_ref
 
     def __len__(self):
         return len(self.ds)
@@ -62,6 +69,8 @@ class _WithRef(torch.utils.data.Dataset):
     def __getitem__(self, i):
         item = dict(self.ds[i])
         item["ref_logp_sum"] = float(self.ref[i])
+        if self.alt_ref is not None:
+            item["ref_alt_logp_sum"] = float(self.alt_ref[item["alternate_index"]])
         return item
 
     def set_epoch(self, epoch):
@@ -69,23 +78,45 @@ class _WithRef(torch.utils.data.Dataset):
             self.ds.set_epoch(epoch)
 
 
+def _score(model, examples, collator: DataCollator, batch_size: int) -> torch.Tensor:
+    """``[len(examples)]`` summed answer log-likelihoods under ``model`` (patched, in eval mode)."""
+    dev = next(model.parameters()).device
+    out = torch.zeros(len(examples))
+    for s in range(0, len(examples), batch_size):
+        idx = list(range(s, min(len(examples), s + batch_size)))
+        b = collator.pad([examples[i] for i in idx])
+        logp, _ = model(input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev),
+                        loss_fn=functools.partial(logprob_head, labels=b["labels"].to(dev)))
+        out[idx] = logp.float().cpu()
+    return out
+
+
+class _Forget(torch.utils.data.Dataset):
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        return self.ds[i]["forget"]
+
+
 @torch.no_grad()
 def add_reference_logps(dataset, model, collator: DataCollator, batch_size: int = 16):
-    """NPO without a live reference model: score every forget example once with ``model`` (the reference, i.e.
-    the model before unlearning) and return a dataset whose items carry ``ref_logp_sum``."""
+    """NPO / IdkDPO without a live reference model: score every forget example (and, for a dataset with
+    ``alternates``, every alternate candidate) once with ``model`` (the reference, i.e. the model before
+    unlearning) and return a dataset whose items carry ``ref_logp_sum`` (and ``ref_alt_logp_sum``)."""
     patch(model)
     was = model.training
     model.eval()
-    dev = next(model.parameters()).device
-    ref = torch.zeros(len(dataset))
-    for s in range(0, len(dataset), batch_size):
-        idx = list(range(s, min(len(dataset), s + batch_size)))
-        b = collator.pad([dataset[i]["forget"] for i in idx])
-        logp, _ = model(input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev),
-                        loss_fn=functools.partial(logprob_head, labels=b["labels"].to(dev)))
-        ref[idx] = logp.float().cpu()
-    model.train(was)
-    return _WithRef(dataset, ref)
+    try:
+        ref = _score(model, _Forget(dataset), collator, batch_size)
+        alts = getattr(dataset, "alternates", None)
+        alt_ref = None if alts is None else _score(model, alts, collator, batch_size)
+    finally:
+        model.train(was)
+    return _WithRef(dataset, ref, alt_ref)
 
 
 class UnlearningTrainer(transformers.Trainer):
@@ -116,11 +147,20 @@ class UnlearningTrainer(transformers.Trainer):
         return 0 if pad is None else int(pad if not isinstance(pad, list) else pad[0])
 
     def _batch(self, inputs: dict) -> ForgetRetainBatch:
-        """The collated ``{"forget", "retain"[, "ref_logp_sum"]}`` inputs as one forget/retain batch (the retain
-        rows only when the loss has a retain term)."""
+        """The collated ``{"forget", "retain"[, "alternate", ...][, "ref_logp_sum", ...]}`` inputs as one
+        forget/retain batch (the retain rows only when the loss has a retain term, the alternate rows only when
+        the method has alternates)."""
         retain = inputs.get("retain") if self.criterion.uses_retain else None
+        alternate = None
+        if self.criterion.method.alternate != "none":
+            alternate = inputs.get("alternate")
+            if alternate is None:
+                raise ValueError(f"objective {self.criterion.objective!r} needs the alternate answer of every forget "
+                                 "example: train on data.WithAlternates(...) or data.load_forget_retain(..., idk=True)")
         return ForgetRetainBatch.from_padded(inputs["forget"], retain, self._pad_id(self.model),
-                                             ref_logp_sum=inputs.get("ref_logp_sum"))
+                                             ref_logp_sum=inputs.get("ref_logp_sum"), alternate=alternate,
+                                             alternate_index=inputs.get("alternate_index"),
+                                             ref_alt_logp_sum=inputs.get("ref_alt_logp_sum"))
 
     def get_batch_samples(self, epoch_iterator, num_batches, *args, **kw):
         """One optimizer step's micro-batches and, as ``num_items_in_batch``, its global

@@ -1,5 +1,6 @@
-"""A run's tokenizer and encoded datasets: the forget rows (``data.forget_split``) and, when the method has a
-retain term or the run evaluates, the retain rows (``data.retain_split``).
+"""A run's tokenizer and encoded datasets: the forget rows (``data.forget_split``), when the method has a
+retain term or the run evaluates, the retain rows (``data.retain_split``), and for a method with alternate
+answers (``alternate="idk"``) every forget question with every refusal of ``<data folder>/idontknow.jsonl``.
 
 Inputs are never written to: a synthetic corpus is generated only into a missing or empty folder (an existing
 one is reused only when its recorded parameters match), and a tokenizer is trained only into that corpus's own
@@ -104,15 +105,41 @@ def _encode(cfg, path: str, tok, splits) -> list:
     return out
 
 
+def data_folder(cfg) -> str:
+    """The run's data folder: ``data.path``, or ``<output_dir>/data`` for a synthetic corpus of its own."""
+    return cfg.data.path or os.path.join(cfg.output_dir, "data")
+
+
 def prepare_data(cfg, info: DistInfo):
     """``(tokenizer, forget, retain)``: encoded datasets of ``data.forget_split`` and ``data.retain_split``;
     ``retain`` is None when the run needs no retain rows (no retain term, no evaluation)."""
     dc = cfg.data
-    path = dc.path or os.path.join(cfg.output_dir, "data")
+    path = data_folder(cfg)
     tok = _tokenizer(cfg, info, path)
     splits = (dc.forget_split, dc.retain_split) if uses_retain(cfg) or cfg.evaluate else (dc.forget_split,)
     enc = _encode(cfg, path, tok, splits)
     return tok, enc[0], enc[1] if len(enc) > 1 else None
+
+
+def prepare_alternates(cfg, tok, forget):
+    """The alternate answers of the run's method for the encoded ``forget`` set
+    (:class:`~simnpo_fast.data.alternates.AlternateAnswers`), or None when the method has none. ``"idk"``: every
+    forget question with every refusal of ``<data folder>/idontknow.jsonl``, drawn per ``(seed, epoch)``."""
+    from .. import data as D
+
+    kind = get_method(cfg.loss.objective).alternate
+    if kind == "none":
+        return None
+    dc = cfg.data
+    if dc.kind == "muse":
+        raise ConfigError(f"loss.objective={cfg.loss.objective!r} answers the forget questions with refusals: it "
+                          "needs question-answer data (data.kind synthetic, tofu or qa), not muse text windows")
+    path = data_folder(cfg)
+    rows = D.load_tofu(path, dc.forget_split) if dc.kind in ("synthetic", "tofu") else \
+        D.load_qa(os.path.join(path, dc.forget_split))
+    idk = os.path.join(path, D.IDK_FILE)
+    return D.encode_alternates(D.forget_questions(rows, forget), D.load_idk(idk), tok, template=dc.template,
+                               max_length=dc.max_length, seed=cfg.seed, source=f"{idk} x {dc.forget_split}")
 
 
 def _non_empty(ds, source: str):

@@ -3,9 +3,10 @@
     run = setup(cfg)
     result = run_loop(run, folder, requested)       # folder: the claimed run folder (train.run_folder.open_run)
 
-A fresh start evaluates the model first (``evaluate``) and, for a method with ``reference == "logp"`` (NPO),
-caches the reference log-likelihood of every forget example (the model before the first step is the
-reference; the cache is stored in every checkpoint, so no reference model is kept). Every ``checkpoint.every``
+A fresh start evaluates the model first (``evaluate``) and, for a method with ``reference == "logp"`` (NPO,
+IdkDPO), caches the reference log-likelihood of every forget example and of every alternate answer candidate
+(the model before the first step is the reference; the cache is stored in every checkpoint, so no reference
+model is kept). Every ``checkpoint.every``
 steps and at the end a verified checkpoint is written; a non-finite step stops the run naming the last one.
 """
 from __future__ import annotations
@@ -61,10 +62,13 @@ def start(run: Run, folder) -> Dict[str, float]:
         run.stream.load_state_dict(state["sampler"])
         run.step = int(state["step"])
         run.ref_logp = tensors.get("ref_logp")
+        run.ref_alt_logp = tensors.get("ref_alt_logp")
         return state.get("eval_before", {})
     eval_before = evaluate(run) if run.cfg.evaluate else {}
     if run.criterion.method.reference == "logp":
         run.ref_logp = sequence_logps(run.model, run.forget, _collator(run), run.info.device)[:, 0].float()
+        if run.alternates is not None:
+            run.ref_alt_logp = sequence_logps(run.model, run.alternates, _collator(run), run.info.device)[:, 0].float()
     return eval_before
 
 
@@ -73,7 +77,7 @@ def save(run: Run, folder, requested: dict, eval_before: dict) -> str:
     cfg = run.cfg
     st = {"step": run.step, "sampler": run.stream.state_dict(), "scheduler": run.scheduler.state_dict(),
           "eval_before": eval_before, "name": cfg.name, "config": requested}
-    tens = {"ref_logp": run.ref_logp} if run.ref_logp is not None else {}
+    tens = {k: v for k, v in (("ref_logp", run.ref_logp), ("ref_alt_logp", run.ref_alt_logp)) if v is not None}
     return save_checkpoint(folder.checkpoints, run.step, run.model, run.optimizer, state=st, tensors=tens,
                            keep=cfg.checkpoint.keep, run_id=folder.run_id, files={"config.yaml": config_yaml(cfg)})
 

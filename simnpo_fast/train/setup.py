@@ -4,7 +4,9 @@ for a retain KL), the loss, optimizer and LR schedule.
 The method (:func:`simnpo_fast.methods.get_method` of ``loss.objective``) decides what is built: retain rows
 in the stream when its loss has a retain term, a frozen sharded reference model when that term is a KL
 (``reshard_after_forward=True``; its LM head is copied once, see :class:`~simnpo_fast.model.FrozenReference`),
-a cache of reference log-likelihoods (filled by the loop) when ``method.reference == "logp"``.
+the alternate answer rows when ``method.alternate != "none"`` (e.g. a refusal for every forget question), and a
+cache of reference log-likelihoods (filled by the loop: of the forget rows and of every alternate candidate) when
+``method.reference == "logp"``.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from ..errors import ModelError
 from ..model import FrozenReference, UnlearnModel, build_hf_model
 from ..modules import UnlearningLoss
 from .config import TrainConfig, grad_accum
-from .datasets import SingleDataset, prepare_data
+from .datasets import SingleDataset, prepare_alternates, prepare_data
 from .schedule import build_scheduler
 from .stream import StepStream
 
@@ -46,6 +48,8 @@ class Run:
     reference: Optional[FrozenReference] = None  # the frozen reference model of a retain KL
     ref_logp: Optional[torch.Tensor] = None  # cached reference log p(y|x) per forget example ("logp" methods)
     step: int = 0
+    alternates: Any = None  # the method's alternate answers (data.alternates.AlternateAnswers), or None
+    ref_alt_logp: Optional[torch.Tensor] = None  # cached reference log p per alternate candidate ("logp" methods)
 
 
 def build_criterion(cfg: TrainConfig) -> UnlearningLoss:
@@ -93,12 +97,15 @@ def build_model(cfg: TrainConfig, info: DistInfo, tok, *, with_reference: bool):
     return model, reference
 
 
-def build_stream(cfg: TrainConfig, info: DistInfo, tok, forget, retain, accum: int) -> StepStream:
-    """The step stream over ``forget`` (paired with ``retain`` when given: the loss has a retain term)."""
+def build_stream(cfg: TrainConfig, info: DistInfo, tok, forget, retain, accum: int, alternates=None) -> StepStream:
+    """The step stream over ``forget`` (paired with ``retain`` when given: the loss has a retain term; with
+    each forget row's alternate answer of the epoch when ``alternates`` are given)."""
     from .. import data as D
 
     dataset = SingleDataset(forget) if retain is None else D.ForgetRetainDataset(forget, retain, seed=cfg.seed,
                                                                                  pairing=cfg.data.pairing)
+    if alternates is not None:
+        dataset = D.WithAlternates(dataset, alternates)
     sampler = D.ShardedBatchSampler(len(dataset), cfg.batch_size // info.world_size, rank=info.rank,
                                     world_size=info.world_size, seed=cfg.seed, drop_last=False)
     collator = D.DataCollator.from_tokenizer(tok)
@@ -114,9 +121,10 @@ def setup(cfg: TrainConfig) -> Run:
     random.seed(cfg.seed)
     criterion = build_criterion(cfg)
     tok, forget, retain = prepare_data(cfg, info)
+    alternates = prepare_alternates(cfg, tok, forget)
     model, reference = build_model(cfg, info, tok,
                                    with_reference=criterion.uses_retain and criterion.retain_loss == "kl")
-    stream = build_stream(cfg, info, tok, forget, retain if criterion.uses_retain else None, accum)
+    stream = build_stream(cfg, info, tok, forget, retain if criterion.uses_retain else None, accum, alternates)
     total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * stream.sampler.num_steps))
     o = cfg.optim
     params = [p for p in model.parameters() if p.requires_grad]
@@ -124,4 +132,4 @@ def setup(cfg: TrainConfig) -> Run:
                                   foreach=True)
     scheduler = build_scheduler(optimizer, o, total)
     return Run(cfg, info, model, optimizer, scheduler, stream, tok, forget, retain, total, accum,
-               criterion=criterion, reference=reference)
+               criterion=criterion, reference=reference, alternates=alternates)

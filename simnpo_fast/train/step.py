@@ -27,13 +27,14 @@ from .metrics import peak_memory_mb
 @dataclass
 class StepStats:
     """Sums over a step's micro-batches (over all ranks after :meth:`all_reduce`): the loss, its forget and
-    retain terms, and the summed answer log-likelihoods of the forget and retain rows."""
+    retain terms, and the summed answer log-likelihoods of the forget, retain and alternate rows."""
 
     loss: float = 0.0
     forget_loss: float = 0.0
     retain_loss: float = 0.0
     forget_logp: float = 0.0
     retain_logp: float = 0.0
+    alternate_logp: float = 0.0
 
     def add(self, loss: torch.Tensor, terms: dict) -> None:
         self.loss += float(loss.detach())
@@ -42,6 +43,8 @@ class StepStats:
         self.forget_logp += float(terms["forget_logp_sum"].sum())
         if "retain_logp_sum" in terms:
             self.retain_logp += float(terms["retain_logp_sum"].sum())
+        if "alternate_logp_sum" in terms:
+            self.alternate_logp += float(terms["alternate_logp_sum"].sum())
 
     def all_reduce(self, device: torch.device) -> "StepStats":
         """The sums over every rank (one all-reduce of a float64 vector on ``device``)."""
@@ -52,7 +55,9 @@ class StepStats:
 @dataclass
 class StepRecord:
     """What one optimizer step logs (identical on every rank): loss terms, mean answer log-likelihoods per
-    token, gradient norm before clipping, learning rate, throughput and peak memory."""
+    token, gradient norm before clipping, learning rate, throughput and peak memory; for a method with alternate
+    answers (IdkDPO) also their mean log-likelihood per answer token (``alternate_loglik``; the key is left out of
+    :meth:`as_dict` for the other methods)."""
 
     step: int
     epoch: int
@@ -67,9 +72,13 @@ class StepRecord:
     tokens_per_s: float
     step_time_s: float
     peak_mem_mb: float
+    alternate_loglik: Optional[float] = None
 
     def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["alternate_loglik"] is None:
+            del d["alternate_loglik"]
+        return d
 
 
 def step_counts(run, batches: List[ForgetRetainBatch]) -> StepCounts:
@@ -88,7 +97,7 @@ def forward_backward(run, batches: List[ForgetRetainBatch], counts: StepCounts) 
     for b in batches:
         b = b.to(run.info.device, non_blocking=True)
         if run.ref_logp is not None:
-            b = b.with_ref_logp(run.ref_logp)
+            b = b.with_ref_logp(run.ref_logp, run.ref_alt_logp)
         reference = None
         if run.reference is not None and b.n_retain > 0:
             reference = run.reference(*b.retain_inputs())
@@ -130,7 +139,8 @@ def record(run, counts: StepCounts, stats: StepStats, gnorm: float, lr: float, d
         forget_loglik=stats.forget_logp / max(1.0, float(counts.forget_tokens)),
         retain_loglik=stats.retain_logp / counts.retain_tokens if has_retain and stats.retain_logp != 0 else None,
         grad_norm=gnorm, lr=lr, tokens=counts.tokens, tokens_per_s=counts.tokens / dt, step_time_s=dt,
-        peak_mem_mb=peak_memory_mb(run.info.device))
+        peak_mem_mb=peak_memory_mb(run.info.device),
+        alternate_loglik=stats.alternate_logp / counts.alternate_tokens if counts.alternate_tokens > 0 else None)
 
 
 def train_step(run, batches: List[ForgetRetainBatch], hooks: Optional[dict] = None) -> StepRecord:

@@ -1,9 +1,10 @@
 """The data stream: per optimizer step, this rank's micro-batches as :class:`~simnpo_fast.batch.ForgetRetainBatch`.
 
 The sampler (:class:`~simnpo_fast.data.ShardedBatchSampler`) hands each rank its share of one global batch per
-step; the share is cut into ``accum`` micro-batches of ``micro`` forget rows, each followed by the retain
-partners of those rows when the loss has a retain term. An exhausted epoch starts the next (the pairing of
-forget and retain examples is re-drawn for it). The position is resumable (:meth:`state_dict`).
+step; the share is cut into ``accum`` micro-batches of ``micro`` forget rows, each followed by the alternate
+answers of those rows when the method has them, and by their retain partners when the loss has a retain term.
+An exhausted epoch starts the next (the pairing of forget and retain examples, and the alternates, are re-drawn
+for it). The position is resumable (:meth:`state_dict`).
 """
 from __future__ import annotations
 
@@ -31,11 +32,15 @@ class StepStream:
         return [self.collate(idx[i * self.micro:(i + 1) * self.micro]) for i in range(self.accum)]
 
     def collate(self, idx: List[int]) -> ForgetRetainBatch:
-        """The micro-batch of dataset items ``idx``: their forget examples, then (with a retain term) their
-        retain partners, padded together; ``index`` = ``idx``."""
+        """The micro-batch of dataset items ``idx``: their forget examples, then (when the items carry them)
+        their alternate answers, then (with a retain term) their retain partners, padded together;
+        ``index`` = ``idx``."""
         items = [self.ds[i] for i in idx]
         retain = [it["retain"] for it in items] if self.with_retain else None
-        return ForgetRetainBatch.collate([it["forget"] for it in items], retain, self.collator, index=idx)
+        alt = "alternate" in items[0] if items else False
+        return ForgetRetainBatch.collate([it["forget"] for it in items], retain, self.collator, index=idx,
+                                         alternate=[it["alternate"] for it in items] if alt else None,
+                                         alternate_index=[it["alternate_index"] for it in items] if alt else None)
 
     @property
     def epoch(self) -> int:
