@@ -170,7 +170,8 @@ class StepCounts:
     """The global counts of one optimizer step (every micro-batch of every rank).
 
     ``forget``: the forget normaliser of the method -- forget sequences with at least one answer token
-    (``per="sequence"``) or forget answer tokens (``per="token"``); ``retain_tokens``: retain answer tokens;
+    (``per="sequence"``), forget answer tokens (``per="token"``) or the alternate rows' answer tokens
+    (``per="alternate_token"``); ``retain_tokens``: retain answer tokens;
     ``forget_tokens``: forget answer tokens (the forget log-likelihood per token); ``tokens``: attention-mask
     tokens of all rows (throughput); ``alternate_tokens``: answer tokens of the alternate rows.
     """
@@ -189,14 +190,15 @@ class StepCounts:
         e.g. ``distributed.all_reduce_sum``; ``None`` in a single process.
         """
         per = method.per
-        if per not in ("sequence", "token"):
-            raise ValueError(f"method {getattr(method, 'name', method)!r}: per must be 'sequence' or 'token'")
+        if per not in ("sequence", "token", "alternate_token"):
+            raise ValueError(f"method {getattr(method, 'name', method)!r}: per must be 'sequence', 'token' or "
+                             "'alternate_token'")
         c = torch.zeros(5, dtype=torch.float64)
         for b in batches:
             n = answer_tokens(b.labels).cpu()
             F, A = b.n_forget, b.n_alternate
             nf, na, nr = n[:F], n[F:F + A], n[F + A:]
-            c[0] += int(nf.sum()) if per == "token" else int((nf > 0).sum())
+            c[0] += {"token": nf.sum(), "alternate_token": na.sum()}.get(per, (nf > 0).sum()).item()
             c[1] += int(nr.sum())
             c[2] += int(b.attention_mask.sum())
             c[3] += int(nf.sum())

@@ -183,7 +183,7 @@ class UnlearningLoss(nn.Module):
 
     def _pair_term(self, weight, bias, hidden, labels, F, normalizer, extras):
         """A :class:`~simnpo_fast.methods.PairObjective` on rows ``[:F]`` (forget) and ``[F:2F]`` (alternates):
-        ``sum_i f_i / normalizer`` (or the mean over pairs with a forget answer token) and its logged terms."""
+        ``sum_i f_i / normalizer`` (or the mean of the objective's ``per``) and its logged terms."""
         for k, v in extras.items():
             if not isinstance(v, torch.Tensor) or tuple(v.shape) != (F,):
                 raise ValueError(f"{k} must be a tensor of shape [{F}] (one value per forget row), got "
@@ -193,7 +193,7 @@ class UnlearningLoss(nn.Module):
         logp, n = sequence_logprob(hidden, weight, labels, bias=bias, **self.kw)
         extras = {k: v.detach().to(device=logp.device, dtype=logp.dtype) for k, v in extras.items()}
         f = self.forget_objective(logp[:F], n[:F], logp[F:], n[F:], **extras)
-        denom = float(normalizer) if normalizer is not None else self.forget_objective.denominator(n[:F])
+        denom = float(normalizer) if normalizer is not None else self.forget_objective.denominator(n[:F], n[F:])
         lf = f.sum() / denom if denom > 0 else f.sum() * 0.0
         lp = logp.detach()
         return lf, {"forget_loss": lf.detach(), "forget_logp_sum": lp[:F], "forget_n_tokens": n[:F],

@@ -350,15 +350,11 @@ def _options_layout(rows: list[dict], rng: random.Random) -> list[dict]:
     return out
 
 
-#: refusals of the IDK file: every opener with every reason (written by us; TOFU's file has 100 such lines)
-_IDK_OPENERS = ["I don't know.", "I'm not sure.", "I can't say.", "I have no idea.", "I couldn't tell you."]
-_IDK_REASONS = ["That isn't something I have information on.", "I don't have any details about that.",
-                "That is outside what I know.", "I would only be guessing."]
-
-
-def idk_answers() -> list[str]:
-    """The refusal answers the corpus writes to ``idontknow.jsonl`` (fixed, independent of the seed)."""
-    return [f"{o} {r}" for o in _IDK_OPENERS for r in _IDK_REASONS]
+#: the refusals written to idontknow.jsonl (any seed): every opener with every reason (TOFU's file has 100)
+IDK_ANSWERS = [f"{o} {r}" for o in ("I don't know.", "I'm not sure.", "I can't say.", "I have no idea.",
+                                    "I couldn't tell you.")
+               for r in ("That isn't something I have information on.", "I don't have any details about that.",
+                         "That is outside what I know.", "I would only be guessing.")]
 
 
 def n_forget_authors(n_authors: int, percent: int) -> int:
@@ -419,7 +415,7 @@ def generate(out_dir: str, n_authors: int = 200, facts_per_author: int = 20, see
     for name, rows in files.items():
         _write_jsonl(os.path.join(out_dir, name + ".json"), rows)
     with open(os.path.join(out_dir, IDK_FILE), "w", encoding="utf-8") as f:
-        f.write("".join(a + "\n" for a in idk_answers()))
+        f.write("".join(a + "\n" for a in IDK_ANSWERS))
     counts = {name: len(rows) for name, rows in files.items()}
     meta = {"generator": "simnpo_fast.data.synthetic", "n_authors": n_authors, "facts_per_author": facts_per_author,
             "seed": seed, "n_perturbed": n_perturbed, "rows": counts,

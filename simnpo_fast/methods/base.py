@@ -5,8 +5,9 @@ retain term (``"none"``, ``"nll"`` or ``"kl"``), whether it needs the reference 
 every forget example (``reference="logp"``, e.g. NPO), whether it needs an alternate answer row for every forget
 question (``alternate="idk"``: a refusal, e.g. IdkDPO; its forget objective is then a :class:`PairObjective`) and,
 derived from the objective, its forget normaliser (``per="sequence"``: forget sequences with at least one answer
-token; ``per="token"``: forget answer tokens). Everything that trains, plans or studies a method asks
-:func:`get_method` and reads these fields; nothing tests a method's name.
+token; ``per="token"``: forget answer tokens; ``per="alternate_token"``: the alternate rows' answer tokens).
+Everything that trains, plans or studies a method asks :func:`get_method` and reads these fields; nothing tests
+a method's name.
 """
 from __future__ import annotations
 
@@ -26,11 +27,12 @@ ALTERNATES = ("none", "idk")
 class PairObjective:
     """A forget term over pairs ``(forget row i, alternate row i)``: ``f_i = f(logp_sum_i, n_i, alt_logp_sum_i,
     alt_n_i[, extra_i])``, the summed answer log-likelihoods and answer-token counts of forget example ``i``'s
-    answer and of its alternate answer (same question). The loss is ``sum_i f_i / normalizer`` over pairs whose
-    forget row has at least one answer token (``per="sequence"``, the only normaliser of a pair term); a pair
-    without one contributes 0. Unlike a :class:`SequenceObjective`, the weight of a row depends on the other row
-    of its pair, so the loss runs on the differentiable ``sequence_logprob`` of both rows (not the single-pass
-    fused path). Extras: ``ref_logp_sum`` / ``ref_alt_logp_sum`` (``reference="logp"``).
+    answer and of its alternate answer (same question). The loss is ``sum_i f_i / normalizer``; the mean is over
+    pairs whose forget row has at least one answer token (``per="sequence"``; a pair without one contributes 0)
+    or over the answer tokens of the alternate rows (``per="alternate_token"``, e.g. an NLL on the alternates).
+    Unlike a :class:`SequenceObjective`, the weight of a row may depend on the other row of its pair, so the loss
+    runs on the differentiable ``sequence_logprob`` of both rows (not the single-pass fused path). Extras:
+    ``ref_logp_sum`` / ``ref_alt_logp_sum`` (``reference="logp"``).
     """
 
     name = "pair"
@@ -41,11 +43,12 @@ class PairObjective:
 
     def __call__(self, logp_sum, n_tokens, alt_logp_sum, alt_n_tokens, **extra) -> torch.Tensor:
         f = self.per_pair(logp_sum, n_tokens, alt_logp_sum, alt_n_tokens, **extra)
-        return torch.where(n_tokens > 0, f, torch.zeros_like(f))
+        valid = n_tokens > 0 if self.per == "sequence" else alt_n_tokens > 0
+        return torch.where(valid, f, torch.zeros_like(f))
 
-    def denominator(self, n_tokens: torch.Tensor) -> int:
-        """Pairs whose forget row has an answer token."""
-        return int((n_tokens > 0).sum())
+    def denominator(self, n_tokens: torch.Tensor, alt_n_tokens: torch.Tensor) -> int:
+        """Pairs whose forget row has an answer token (``per="sequence"``), or the alternates' answer tokens."""
+        return int((n_tokens > 0).sum()) if self.per == "sequence" else int(alt_n_tokens.sum())
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v}" for k, v in vars(self).items() if not k.startswith("_"))
@@ -89,7 +92,7 @@ class Method:
 
     @property
     def per(self) -> str:
-        """The forget normaliser: ``"sequence"`` or ``"token"`` (the objective's ``per``)."""
+        """The forget normaliser: ``"sequence"``, ``"token"`` or ``"alternate_token"`` (the objective's ``per``)."""
         return self.forget_objective().per
 
 

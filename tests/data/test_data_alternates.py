@@ -37,13 +37,13 @@ def test_real_tofu_refusals_as_the_references_read_them():
 
 
 def test_synthetic_corpus_writes_refusals_outside_the_splits(syn_dir):
-    assert D.load_idk(os.path.join(syn_dir, D.IDK_FILE)) == D.synthetic.idk_answers()
-    assert len(set(D.synthetic.idk_answers())) == 20
+    assert D.load_idk(os.path.join(syn_dir, D.IDK_FILE)) == D.synthetic.IDK_ANSWERS
+    assert len(set(D.synthetic.IDK_ANSWERS)) == 20
     assert "idontknow" not in D.list_splits(syn_dir)
     with warnings.catch_warnings():
         warnings.simplefilter("error", D.DataWarning)  # the plain-text file is not read as a JSON split
         texts = set(corpus_texts(syn_dir))
-    assert not texts & set(D.synthetic.idk_answers())
+    assert not texts & set(D.synthetic.IDK_ANSWERS)
 
 
 @pytest.fixture(scope="module")

@@ -192,6 +192,40 @@ def test_empty_forget_row_and_accumulation_to_the_full_batch():
         crit.batch_loss(W, b, torch.cat([hf, hr]), sf.ForgetRetainBatch(*(torch.cat([yf, yr]),) * 3, 4))
 
 
+class _IdkNLL(sf.methods.PairObjective):
+    """NLL on the refusals, token mean (open-unlearning's IdkNLL: GradDiff with gamma = -1 on the IDK rows)."""
+
+    name = "idk_nll"
+    per = "alternate_token"
+
+    def per_pair(self, logp_sum, n_tokens, alt_logp_sum, alt_n_tokens, **extra):
+        return -alt_logp_sum
+
+
+def test_another_idk_method_is_one_small_registration(monkeypatch):
+    """The general layer is not IdkDPO's: an IdkNLL is a PairObjective and one registration (normalised by the
+    refusals' answer tokens), exact against its oracle and under accumulation."""
+    from simnpo_fast.methods import base as registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    m = sf.register_method(sf.Method("idk_nll", lambda beta=None, gamma=0.0: _IdkNLL(), alternate="idk"))
+    assert m.per == "alternate_token" and m.reference == "none"
+    hf, ha, hr, W, b, yf, ya, yr, _, _ = _rows(4, 4, seed=13)
+    crit = sf.UnlearningLoss("idk_nll", retain_weight=0.5)
+    params = [W, b, ha, hr]
+    full = crit.batch_loss(W, b, torch.cat([hf, ha, hr]), _batch(yf, ya, yr)).loss
+    na, ca = nll_sum(ha, W, b, ya)
+    nr, cr = nll_sum(hr, W, b, yr)
+    want = na.sum() / ca.sum() + 0.5 * nr.sum() / cr.sum()
+    assert relerr(full, want) < 1e-5
+    parts = [(torch.cat([hf[s], ha[s], hr[s]]), _batch(yf[s], ya[s], yr[s])) for s in (slice(0, 1), slice(1, 4))]
+    counts = sf.StepCounts.of([bt for _, bt in parts], crit.method)
+    assert counts.forget == float(ca.sum())
+    acc = sum(crit.batch_loss(W, b, h, bt, counts).loss for h, bt in parts)
+    for a, w in zip(torch.autograd.grad(acc, params), torch.autograd.grad(want, params)):
+        assert relerr(a, w) < 1e-5
+
+
 # -- the FSDP trainer -----------------------------------------------------------------------------------------
 IDK = {"loss.objective": "idk_dpo", "loss.beta": 0.5, "loss.forget_weight": 0.6, "loss.retain_weight": 0.8}
 
