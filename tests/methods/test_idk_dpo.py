@@ -301,23 +301,24 @@ def test_fsdp_trainer_step_equals_naive_oracle_accumulated_and_on_two_ranks(corp
 
 def test_fsdp_trainer_unlearns_towards_the_refusal_and_resumes_exactly(corpus, tmp_path):  # noqa: F811
     """A few steps of pure IdkDPO (no retain term) lower the forget log-likelihood and raise the refusals'; a run
-    stopped after 3 steps and resumed (reference cache and refusal draws from the checkpoint) logs the same
+    stopped after 2 steps and resumed (reference cache and refusal draws from the checkpoint) logs the same
     records as an uninterrupted one."""
     from simnpo_fast.trainer import load_config, train
 
     kw = dict(IDK, **{"loss.retain_weight": 0.0, "optim.lr": 3e-3, "batch_size": 4, "micro_batch_size": 2})
-    res = train(load_config(None, base_overrides(corpus, str(tmp_path / "a"), max_steps=6, **kw)))
+    res = train(load_config(None, base_overrides(corpus, str(tmp_path / "a"), max_steps=4, **kw)))
     f = [r["forget_loglik"] for r in res.records]
     a = [r["alternate_loglik"] for r in res.records]
     assert f[-1] < f[0] - 0.1 and a[-1] > a[0] + 0.2, (f, a)
     assert all(r["retain_loglik"] is None for r in res.records)
 
     out = str(tmp_path / "b")
-    train(load_config(None, base_overrides(corpus, out, max_steps=3, **kw, **{"checkpoint.final": True})))
-    resumed = train(load_config(None, base_overrides(corpus, out, max_steps=6, **kw, **{
+    train(load_config(None, base_overrides(corpus, out, max_steps=2, **kw, **{"checkpoint.final": True})))
+    resumed = train(load_config(None, base_overrides(corpus, out, max_steps=4, **kw, **{
         "checkpoint.final": True, "checkpoint.resume": True})))
     keys = ("loss", "forget_loglik", "alternate_loglik", "grad_norm")
-    for r0, r1 in zip(res.records[3:], resumed.records):
+    assert [r["step"] for r in resumed.records] == [3, 4]
+    for r0, r1 in zip(res.records[2:], resumed.records):
         assert r0["step"] == r1["step"] and all(abs(r0[k] - r1[k]) <= 1e-6 * max(1, abs(r0[k])) for k in keys), (r0, r1)
 
 
