@@ -33,7 +33,7 @@ Explicit options and deliberate differences:
   ``torch.randint`` at every read: the same distribution, but reproducible and exactly resumable. The reference
   log-likelihoods are cached once before training (for every forget answer and every (question, refusal) pair:
   ``K`` + 1 scoring passes over the forget questions, no backward) instead of running a frozen reference model
-  next to every step; the reference *is* the model before unlearning in both, so the values are the same.
+  next to every step; the reference *is* the model before unlearning in both (same values up to rounding).
 * The mean is over the pairs of the whole optimizer step (global :class:`~simnpo_fast.batch.StepCounts`), so
   gradient accumulation and data parallelism give the full-batch gradient; the references average per
   micro-batch (equal for one micro-batch per step).
