@@ -35,6 +35,14 @@ def chunked_backend(rows: int | None = None):
     return ChunkedBackend(rows)
 
 
+def lowp_gemm_report() -> dict:
+    """The library's measured probe of this CPU's 16-bit GEMMs (rates, and whether the chunked backend widens
+    bf16 / fp16 tiles to fp32 here: ``simnpo_fast/backends/lowp.py``)."""
+    from simnpo_fast.backends.lowp import report
+
+    return report("cpu")
+
+
 def oracle() -> Callable:
     """SimNPO computed in fp64 from full logits: the reference every method is checked against."""
     import torch

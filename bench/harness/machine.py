@@ -63,8 +63,18 @@ def git_revision() -> str | None:
         return None
 
 
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15-minute load averages (/proc/loadavg): how shared the machine was while it measured."""
+    try:
+        with open("/proc/loadavg") as fh:
+            return [float(v) for v in fh.read().split()[:3]]
+    except (OSError, ValueError):
+        return None
+
+
 def machine_info() -> dict:
-    """Where a result came from: host, CPU model + SIMD flags, cores, threads, GPU, versions, commit, date."""
+    """Where a result came from: host, CPU model + SIMD flags, the 16-bit GEMM probe, load average, cores,
+    threads, GPU, versions, commit, date."""
     import torch
 
     cpu, flags = cpu_model_and_flags()
@@ -82,6 +92,13 @@ def machine_info() -> dict:
         info["triton"] = triton.__version__
     except Exception:
         pass
+    try:  # the 16-bit GEMM probe: which tile products our CPU path runs, and why peers' bf16 may crawl here
+        from .library import lowp_gemm_report
+
+        info["lowp_gemm"] = lowp_gemm_report()
+    except Exception as e:  # an older library: the record says so
+        info["lowp_gemm"] = {"error": f"{type(e).__name__}: {e}"}
+    info["loadavg"] = load_average()
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["allow_tf32"] = torch.backends.cuda.matmul.allow_tf32

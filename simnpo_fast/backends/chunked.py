@@ -8,8 +8,9 @@ two passes over R-row token tiles (first its ``logp_sum``, then the gradient wit
 share of MdV). The generic path (``logprob_forward`` / ``logprob_backward``) runs over R-row token tiles.
 
 The packed rows are gathered tile by tile (``RowSource``) from the flat hidden states: no ``[M, d]`` copy.
-The three GEMMs run in the input dtype (fp32 accumulation inside); ``dW`` accumulates in fp32
-(``backends/grads.py``). The in-tile maths and its precision are in ``backends/tiles.py``; the retain KL in
+The three GEMMs run in the input dtype (fp32 accumulation inside) -- except 16-bit inputs on a CPU whose 16-bit
+GEMMs are slow (AVX2-only x86), whose tiles run in fp32 (``gemm_dtype``, ``backends/lowp.py``: one fp32 copy of
+``W`` per call) -- and ``dW`` accumulates in fp32 (``backends/grads.py``). The in-tile maths and its precision are in ``backends/tiles.py``; the retain KL in
 ``backends/kl.py``.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .base import Backend
 from .grads import TileGrads
 from .inputs import GradNeeds, HeadInputs, SeqWeightFn
 from .kl import chunked_kl
+from .lowp import gemm_dtype
 from .tiles import (RowSource, TileBuffer, acc_dtype, chunk_rows, factor_dlogits_, forward_exp_,
                     forward_masked_softmax_, forward_softmax_, put_targets_, relogits_fn, tile_logits)
 
@@ -37,10 +39,24 @@ class ChunkedBackend(Backend):
     def __init__(self, chunk_rows: Optional[int] = None):
         self._chunk_rows = chunk_rows
 
+    def gemm_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype of the tile GEMMs for inputs like ``x``: ``x.dtype``, or fp32 for 16-bit inputs on a CPU
+        whose 16-bit GEMMs are slow (``backends/lowp.py``; ``SIMNPO_FAST_LOWP_GEMM`` overrides)."""
+        return gemm_dtype(x)
+
+    def widen(self, inp: HeadInputs) -> HeadInputs:
+        """``inp`` with ``w`` and ``b`` in the GEMM dtype (an fp32 copy of ``W``: ``4 V d`` bytes, when widened;
+        ``inp`` itself otherwise). ``x`` stays as it is: its row tiles are converted one at a time."""
+        dt = self.gemm_dtype(inp.x)
+        if inp.w.dtype == dt:
+            return inp
+        return inp.replace(w=inp.w.to(dt), b=None if inp.b is None else inp.b.to(dt))
+
     def tile_rows(self, x: torch.Tensor, longest: int = 0) -> int:
-        """The tile height for hidden rows like ``x``: the chunk rule, raised to hold a sequence of ``longest``
-        rows whole (up to 4x) unless fixed by ``chunk_rows=`` / ``SIMNPO_FAST_CHUNK_ROWS``."""
-        base = chunk_rows(x.shape[1], self._chunk_rows, x.element_size())
+        """The tile height for hidden rows like ``x``: the chunk rule (for the GEMM dtype's element size), raised
+        to hold a sequence of ``longest`` rows whole (up to 4x) unless fixed by ``chunk_rows=`` /
+        ``SIMNPO_FAST_CHUNK_ROWS``."""
+        base = chunk_rows(x.shape[1], self._chunk_rows, torch.finfo(self.gemm_dtype(x)).bits // 8)
         if self._chunk_rows is not None or os.environ.get("SIMNPO_FAST_CHUNK_ROWS"):
             return base
         return min(max(base, longest), 4 * base)
@@ -87,13 +103,14 @@ class ChunkedBackend(Backend):
         x, w, b, M = inp.x, inp.w, inp.b, inp.num_rows
         R = self.tile_rows(x)
         buf = TileBuffer(min(R, M), x, w)
-        src = RowSource(x, inp.rows, R)
+        src = RowSource(x, inp.rows, R, w.dtype)
         for r0 in range(0, M, R):
             r1 = min(M, r0 + R)
             xc = src.get(r0, r1)
             yield r0, r1, xc, self.tile_logits(xc, w, b, out=buf.take(r1 - r0))
 
     def logprob_forward(self, inp: HeadInputs):
+        inp = self.widen(inp)
         x, w, b, targets = inp.x, inp.w, inp.b, inp.targets
         lp = torch.empty(inp.num_rows, dtype=acc_dtype(x), device=x.device)
         lse = torch.empty(inp.num_rows, dtype=acc_dtype(x), device=x.device)
@@ -102,6 +119,7 @@ class ChunkedBackend(Backend):
         return lp, lse
 
     def logprob_backward(self, inp: HeadInputs, lse, lp, grad_lp, needs: GradNeeds):
+        inp = self.widen(inp)
         x, w, b, targets = inp.x, inp.w, inp.b, inp.targets
         acc = self.grads_class(x, w, b, *needs)
         if not acc.any:
@@ -115,7 +133,8 @@ class ChunkedBackend(Backend):
 
     # -- scalar-loss path: sequence-aligned, gradients while the tile is live ------------------------------
     def fused_seq_loss(self, inp: HeadInputs, seq_weight_fn: SeqWeightFn, needs: GradNeeds):
-        x, offsets, dev = inp.x, inp.offsets, inp.x.device
+        inp = self.widen(inp)
+        x, offsets = inp.x, inp.offsets
         R = self.tile_rows(x, longest=max((e - s for s, e in zip(offsets, offsets[1:])), default=0))
         run = _SeqLossRun(self, inp, seq_weight_fn, self.grads_class(x, inp.w, inp.b, *needs), R)
         for kind, s0, s1 in _schedule(offsets, R):
@@ -129,7 +148,7 @@ class ChunkedBackend(Backend):
 
     def fused_kl(self, inp: HeadInputs, ref: HeadInputs, scale: float, needs: GradNeeds):
         R = chunk_rows(max(inp.x.shape[1], ref.x.shape[1]), self._chunk_rows, 4)
-        return chunked_kl(inp, ref, scale, needs, R)
+        return chunked_kl(self.widen(inp), self.widen(ref), scale, needs, R)
 
 
 class _SeqLossRun:
@@ -141,7 +160,7 @@ class _SeqLossRun:
         self.logp_sum = torch.zeros(inp.num_seqs, dtype=self.acc_t, device=inp.x.device)
         self.loss_sum = torch.zeros((), dtype=self.acc_t, device=inp.x.device)
         self.buf = TileBuffer(min(R, inp.num_rows), inp.x, inp.w)
-        self.src = RowSource(inp.x, inp.rows, R)
+        self.src = RowSource(inp.x, inp.rows, R, inp.w.dtype)
 
     def whole_sequences(self, s0: int, s1: int) -> None:
         be, inp, dev = self.be, self.inp, self.inp.x.device

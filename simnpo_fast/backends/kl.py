@@ -60,7 +60,7 @@ def chunked_kl(inp: HeadInputs, ref: HeadInputs, scale: float, needs: GradNeeds,
     n = min(R, M)
     zbuf = torch.empty(n * V, dtype=acc_t, device=x.device)
     rbuf = torch.empty(n * V, dtype=acc_t, device=x.device)
-    src, rsrc = RowSource(x, inp.rows, R), RowSource(ref.x, ref.rows, R)
+    src, rsrc = RowSource(x, inp.rows, R, w.dtype), RowSource(ref.x, ref.rows, R, ref.w.dtype)
     for r0 in range(0, M, R):
         r1 = min(M, r0 + R)
         xc = src.get(r0, r1)

@@ -94,28 +94,41 @@ class TileBuffer:
     """
 
     def __init__(self, rows: int, x: torch.Tensor, w: torch.Tensor):
-        self.rows, self.V, self.x, self._buf = rows, w.shape[0], x, None
+        # the tile takes w's dtype: the dtype of the tile GEMMs (fp32 for 16-bit x where they are widened)
+        self.rows, self.V, self.w, self._buf = rows, w.shape[0], w, None
 
     def take(self, r: int) -> torch.Tensor:
         if self._buf is None:
-            self._buf = torch.empty(self.rows * self.V, dtype=self.x.dtype, device=self.x.device)
+            self._buf = torch.empty(self.rows * self.V, dtype=self.w.dtype, device=self.w.device)
         return self._buf[: r * self.V].view(r, self.V)
 
 
 class RowSource:
     """Rows ``[r0, r1)`` of the packed matrix: a view of ``x`` when ``rows is None``, else gathered
-    (``x[rows[r0:r1]]``) into one ``[R, d]`` buffer reused by every tile."""
+    (``x[rows[r0:r1]]``) into one ``[R, d]`` buffer reused by every tile. With ``dtype`` other than ``x``'s
+    (16-bit inputs whose tile GEMMs run in fp32, ``backends/lowp.py``) the rows are converted into a reused
+    ``[R, d]`` buffer of that dtype."""
 
-    def __init__(self, x: torch.Tensor, rows: Optional[torch.Tensor], R: int):
-        self.x, self.rows, self.R, self._buf = x, rows, R, None
+    def __init__(self, x: torch.Tensor, rows: Optional[torch.Tensor], R: int, dtype: Optional[torch.dtype] = None):
+        self.x, self.rows, self.R, self._buf, self._wide = x, rows, R, None, None
+        self.dtype = x.dtype if dtype is None else dtype
 
-    def get(self, r0: int, r1: int) -> torch.Tensor:
+    def _gather(self, r0: int, r1: int) -> torch.Tensor:
         if self.rows is None:
             return self.x[r0:r1]
         if self._buf is None:
             self._buf = torch.empty(min(self.R, self.rows.shape[0]), self.x.shape[1], dtype=self.x.dtype,
                                     device=self.x.device)
         return torch.index_select(self.x, 0, self.rows[r0:r1], out=self._buf[: r1 - r0])
+
+    def get(self, r0: int, r1: int) -> torch.Tensor:
+        rows = self._gather(r0, r1)
+        if self.dtype == self.x.dtype:
+            return rows
+        if self._wide is None:
+            n = self.R if self.rows is None else min(self.R, self.rows.shape[0])
+            self._wide = torch.empty(max(n, r1 - r0), self.x.shape[1], dtype=self.dtype, device=self.x.device)
+        return self._wide[: r1 - r0].copy_(rows)
 
     def sub(self, r0: int, r1: int) -> "tuple[torch.Tensor, Optional[torch.Tensor]]":
         """``(x, rows)`` of the packed rows ``[r0, r1)`` for a nested pass."""

@@ -204,6 +204,9 @@ class TritonGemmBackend(ChunkedBackend):
     def supports(self, device) -> bool:
         return _kernels_run_on(device, "epilogue")
 
+    def gemm_dtype(self, x):
+        return x.dtype  # a GPU backend: its 16-bit tiles are what it is for (the CPU probe does not apply)
+
     @staticmethod
     def _kernels():
         from simnpo_fast.kernels import epilogue as E
