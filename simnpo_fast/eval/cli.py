@@ -181,9 +181,9 @@ def _notes(res: dict) -> str:
 
 
 def _rank0() -> bool:
-    from .runner import dist_info
+    from ..distributed import rank
 
-    return dist_info()[0] == 0
+    return rank() == 0
 
 
 def run_eval(args) -> int:

@@ -14,8 +14,9 @@ from typing import Optional
 
 import torch
 
+from ..distributed import broadcast_object, rank
 from .report import save_json
-from .runner import dist_info, unwrap
+from .runner import unwrap
 from .tofu import TofuEvalConfig, evaluate_tofu
 
 
@@ -31,15 +32,9 @@ def plain_model(model):
     """A non-sharded HF model with ``model``'s current weights (``model`` itself when it is not sharded)."""
     if not _is_sharded(model):
         return unwrap(model)
-    import torch.distributed as dist
+    from ..train.checkpoint import full_model_state_dict
 
-    from ..checkpoint import full_model_state_dict
-
-    sd = full_model_state_dict(model)  # collective; full tensors on rank 0
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [sd]
-        dist.broadcast_object_list(box, src=0)
-        sd = box[0]
+    sd = broadcast_object(full_model_state_dict(model))  # collective; full tensors on rank 0, then on every rank
     hf = unwrap(model)
     from transformers import AutoModelForCausalLM
 
@@ -75,7 +70,7 @@ class EvalHook:
                             progress=self.progress)
         self._done.add(step)
         self.history.append({"step": int(step), "summary": res["summary"]})
-        if self.out_path and dist_info()[0] == 0:
+        if self.out_path and rank() == 0:
             save_json(self.history, self.out_path)
         return res
 

@@ -51,8 +51,9 @@ from typing import Dict, Optional, Sequence, Union
 import numpy as np
 
 from ..data.formats import DataError, DataFileNotFoundError
+from ..distributed import world_size
 from . import metrics as M
-from .runner import dist_info, generate, pad_id_of, token_logprobs
+from .runner import generate, pad_id_of, token_logprobs
 
 MUSE_SUBSETS = ("verbmem_forget", "knowmem_forget", "knowmem_retain", "privleak")
 #: File roles needed by each subset.
@@ -291,7 +292,7 @@ def evaluate_muse(model, tokenizer, muse_dir: str, cfg: Optional[MuseEvalConfig]
     corpus = cfg.corpus or infer_corpus(muse_dir)
     ra = read_retrain_auc(retrain_auc) if retrain_auc is not None else (
         M.AUC_RETRAIN[corpus] if corpus in M.AUC_RETRAIN else None)
-    out = {"task": "muse", "data_dir": os.path.abspath(muse_dir), "world_size": dist_info()[1],
+    out = {"task": "muse", "data_dir": os.path.abspath(muse_dir), "world_size": world_size(),
            "config": {**asdict(cfg), "subsets": list(cfg.subsets), "corpus": corpus},
            "files": {role: d["path"] for role, d in data.items()}}
     summary = {}

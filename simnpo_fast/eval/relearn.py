@@ -17,9 +17,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..data import encode_qa, load_tofu
+from ..data import DataCollator, encode_qa, load_tofu
+from ..model import final_hidden
 from ..ops import nll_loss
-from .runner import backbone, head_params, model_device, pad_examples, pad_id_of, unwrap
+from .runner import head_params, model_device, pad_id_of, unwrap
 from .tofu import TofuEvalConfig, evaluate_tofu
 
 
@@ -73,10 +74,10 @@ def finetune_nll(model, examples, cfg: RelearnConfig, pad_id: int, *, progress: 
         while len(order) < cfg.batch_size:
             order += torch.randperm(len(examples), generator=g).tolist()
         idx, order = order[: cfg.batch_size], order[cfg.batch_size:]
-        ids, mask, labels = (t.to(dev) for t in pad_examples([examples[i] for i in idx], pad_id))
-        h = backbone(model)(input_ids=ids, attention_mask=mask).last_hidden_state
+        batch = {k: t.to(dev) for k, t in DataCollator(pad_id).pad([examples[i] for i in idx]).items()}
+        h = final_hidden(model, batch["input_ids"], batch["attention_mask"])
         w, b = head_params(model)
-        loss = nll_loss(h, w, labels, bias=b)
+        loss = nll_loss(h, w, batch["labels"], bias=b)
         if not torch.isfinite(loss.detach()):
             from ..errors import NonFiniteError
 

@@ -4,7 +4,9 @@ world-size-independent sharding that makes 1-rank and N-rank evaluation give bit
 Sharding rule: the examples are ordered by length (stable), cut into *global* batches of ``batch_size`` and
 batch ``b`` goes to rank ``b % world_size``. Every batch therefore has the same composition, padding and shapes
 whatever the world size, so each number is computed by exactly the same ops; the per-example results are then
-gathered (``all_gather_object``) and re-assembled in input order on every rank (rank 0 writes the reports).
+gathered and re-assembled in input order on every rank (rank 0 writes the reports). The plan and the gather
+live in :mod:`simnpo_fast.likelihood`; padding is the data collator's; the backbone and its final hidden
+states come from :mod:`simnpo_fast.model`.
 
 Likelihoods never materialise ``[tokens, V]`` logits: hidden states come from the backbone and go through
 :func:`simnpo_fast.sequence_logprob` (or the backend's per-token log-prob kernel for Min-K%). Generation only
@@ -13,14 +15,17 @@ ever holds the ``[B, V]`` logits of the last position.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from .._inputs import pack
 from ..backends import get_backend
+from ..data import DataCollator
+from ..distributed import rank, world_size
+from ..likelihood import global_batches, rank_share, run_sharded, sharded_logps
+from ..model import backbone_of, final_hidden, last_hidden_state
 from ..ops import sequence_logprob
 
 IGNORE = -100
@@ -42,32 +47,9 @@ def unwrap(model):
     return model
 
 
-def backbone(model) -> torch.nn.Module:
-    """The decoder stack returning final hidden states (``model.<base_model_prefix>``, e.g. ``model.model``)."""
-    prefix = getattr(model, "base_model_prefix", None) or "model"
-    base = getattr(model, prefix, None)
-    if base is None or base is model:
-        base = getattr(model, "model", None)
-    if base is None:
-        raise TypeError(f"cannot find the backbone of {type(model).__name__} (expected .{prefix} or .model)")
-    return base
-
-
 def head_params(model):
     head = model.get_output_embeddings()
     return head.weight, getattr(head, "bias", None)
-
-
-def _last_hidden(out):
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, tuple):
-        return out[0]
-    return out.last_hidden_state
-
-
-def hidden_states(model, input_ids, attention_mask, **kw):
-    return _last_hidden(backbone(model)(input_ids=input_ids, attention_mask=attention_mask, **kw))
 
 
 @contextlib.contextmanager
@@ -90,80 +72,38 @@ def model_device(model) -> torch.device:
 
 # ----------------------------------------------------------------------------- sharding
 
-def dist_info() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+def _progress(desc: str, progress: bool):
+    """A rank-0 progress bar over a rank's batches (``None``: no bar)."""
+    if not (progress and rank() == 0):
+        return None
+    from tqdm.auto import tqdm
+
+    return lambda it: tqdm(it, desc=desc, leave=False, unit="batch")
 
 
-def global_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches by descending length (stable); independent of the world size."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
-
-
-def run_sharded(n_items: int, lengths: Sequence[int], batch_size: int, fn: Callable[[list[int]], list],
-                *, desc: str = "eval", progress: bool = False) -> list:
-    """Apply ``fn(batch_indices) -> per-item results`` over this rank's share of the global batches and return
-    all ``n_items`` results in input order, gathered from every rank."""
-    rank, world = dist_info()
-    batches = global_batches(lengths, batch_size)
-    mine = batches[rank::world]
-    local: dict[int, object] = {}
-    it = mine
-    if progress and rank == 0:
-        from tqdm.auto import tqdm
-
-        it = tqdm(mine, desc=desc, leave=False, unit="batch")
-    for b in it:
-        for i, r in zip(b, fn(b)):
-            local[i] = r
-    if world > 1:
-        parts: list = [None] * world
-        dist.all_gather_object(parts, local)
-        merged: dict[int, object] = {}
-        for p in parts:
-            merged.update(p)
-        local = merged
-    if len(local) != n_items:  # pragma: no cover - a bug, not a user error
-        raise RuntimeError(f"gathered {len(local)} results for {n_items} items")
-    return [local[i] for i in range(n_items)]
+def shard_by_length(lengths: Sequence[int], batch_size: int, fn, *, desc: str = "eval",
+                    progress: bool = False) -> list:
+    """``fn(batch_indices) -> per-item results`` over this rank's share of the length-sorted global batches
+    (:func:`~simnpo_fast.likelihood.global_batches`), all results in input order on every rank."""
+    mine = rank_share(global_batches(lengths, batch_size), rank(), world_size())
+    return run_sharded(fn, mine, len(lengths), each=_progress(desc, progress))
 
 
 # ----------------------------------------------------------------------------- likelihoods
 
-def pad_examples(examples: Sequence[dict], pad_id: int, side: str = "right"):
-    """``input_ids``, ``attention_mask``, ``labels`` tensors of encoded ``{"input_ids", "labels"}`` examples."""
-    width = max(len(e["input_ids"]) for e in examples)
-    n = len(examples)
-    ids = torch.full((n, width), pad_id, dtype=torch.long)
-    labels = torch.full((n, width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    for i, e in enumerate(examples):
-        L = len(e["input_ids"])
-        sl = slice(0, L) if side == "right" else slice(width - L, width)
-        ids[i, sl] = torch.as_tensor(e["input_ids"])
-        labels[i, sl] = torch.as_tensor(e.get("labels", e["input_ids"]))
-        mask[i, sl] = 1
-    return ids, mask, labels
-
-
 def _final_hidden(model, examples: Sequence[dict], pad_id: int):
     """Pad a list of examples on the model's device and return (final hidden states, head W, head b, labels)."""
     dev = model_device(model)
-    ids, mask, labels = (t.to(dev) for t in pad_examples(examples, pad_id))
-    return (hidden_states(model, ids, mask), *head_params(model), labels)
+    b = {k: t.to(dev) for k, t in DataCollator(pad_id).pad(examples).items()}
+    return (final_hidden(model, b["input_ids"], b["attention_mask"]), *head_params(model), b["labels"])
 
 
-def batch_logprob(model, examples: Sequence[dict], pad_id: int, backend=None) -> list[tuple[float, int]]:
-    """``[(sum of answer-token log p, answer-token count)]`` for each example (fused; no logits held)."""
+def batch_logprob(model, examples: Sequence[dict], pad_id: int, backend=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum of answer-token log p [B], answer-token count [B])`` of the examples (fused; no logits held)."""
     model = unwrap(model)
     with eval_mode(model):
         h, w, b, labels = _final_hidden(model, examples, pad_id)
-        lp, n = sequence_logprob(h, w, labels, bias=b, backend=backend)
-    return [(float(x), int(c)) for x, c in zip(lp.double().cpu(), n.cpu())]
+        return sequence_logprob(h, w, labels, bias=b, backend=backend)
 
 
 def batch_token_logprobs(model, examples: Sequence[dict], pad_id: int, backend=None) -> list[list[float]]:
@@ -180,17 +120,19 @@ def batch_token_logprobs(model, examples: Sequence[dict], pad_id: int, backend=N
 
 def logprobs(model, examples: Sequence[dict], pad_id: int, batch_size: int = 16, *, desc: str = "log-likelihood",
              progress: bool = False, backend=None) -> list[tuple[float, int]]:
-    """:func:`batch_logprob` over all examples, sharded over the ranks, results in input order on every rank."""
-    return run_sharded(len(examples), [len(e["input_ids"]) for e in examples], batch_size,
-                       lambda b: batch_logprob(model, [examples[i] for i in b], pad_id, backend),
-                       desc=desc, progress=progress)
+    """``[(sum of answer-token log p, answer-token count)]`` of every example, in input order on every rank:
+    :func:`~simnpo_fast.likelihood.sharded_logps` on the length-sorted global batches."""
+    lp = sharded_logps(lambda b: batch_logprob(model, [examples[i] for i in b], pad_id, backend),
+                       len(examples), batch_size, lengths=[len(e["input_ids"]) for e in examples],
+                       each=_progress(desc, progress))
+    return [(float(s), int(n)) for s, n in lp.tolist()]
 
 
 def token_logprobs(model, examples: Sequence[dict], pad_id: int, batch_size: int = 8, *, desc: str = "token log p",
                    progress: bool = False, backend=None) -> list[list[float]]:
-    return run_sharded(len(examples), [len(e["input_ids"]) for e in examples], batch_size,
-                       lambda b: batch_token_logprobs(model, [examples[i] for i in b], pad_id, backend),
-                       desc=desc, progress=progress)
+    return shard_by_length([len(e["input_ids"]) for e in examples], batch_size,
+                           lambda b: batch_token_logprobs(model, [examples[i] for i in b], pad_id, backend),
+                           desc=desc, progress=progress)
 
 
 # ----------------------------------------------------------------------------- generation
@@ -206,32 +148,17 @@ def batch_greedy(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: Uni
     limits = [int(max_new_tokens)] * n if isinstance(max_new_tokens, int) else [int(x) for x in max_new_tokens]
     if len(limits) != n:
         raise ValueError(f"{len(limits)} generation limits for {n} prompts")
-    width = max(len(p) for p in prompts)
-    ids = torch.full((n, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.as_tensor(list(p))
-        mask[i, width - len(p):] = 1
-    ids, mask = ids.to(dev), mask.to(dev)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    w, b = head_params(model)
+    b = DataCollator(pad_id, padding_side="left").pad([{"input_ids": list(p)} for p in prompts])
+    ids, mask = b["input_ids"].to(dev), b["attention_mask"].to(dev)
     out_tokens = [[] for _ in range(n)]
     done = torch.tensor([lim <= 0 for lim in limits], dtype=torch.bool, device=dev)
     if bool(done.all()):
         return out_tokens
     with eval_mode(model):
-        base = backbone(model)
-        out = base(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-        cache = _cache_of(out)
-        cache_kw = _cache_kwarg(base)
-        h = _last_hidden(out)[:, -1]
+        step = _Decoder(model, ids, mask)
         for _ in range(max(limits)):
-            logits = F.linear(h, w, b).float()  # [B, V]: the last position only
-            nxt = logits.argmax(-1)
-            if eos_id is not None:
-                newly = (nxt == eos_id) & ~done
-            else:
-                newly = torch.zeros_like(done)
+            nxt = step.next_tokens()
+            newly = (nxt == eos_id) & ~done if eos_id is not None else torch.zeros_like(done)
             for i in torch.nonzero(~done & ~newly).flatten().tolist():
                 out_tokens[i].append(int(nxt[i]))
                 if len(out_tokens[i]) >= limits[i]:
@@ -239,20 +166,42 @@ def batch_greedy(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: Uni
             done |= newly
             if bool(done.all()):
                 break
-            nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-            mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=dev)], dim=1)
-            pos = pos[:, -1:] + 1
-            if cache is None:  # no KV cache support: recompute on the full sequence
-                ids = torch.cat([ids, nxt[:, None]], dim=1)
-                full_pos = (mask.cumsum(-1) - 1).clamp(min=0)
-                out = base(input_ids=ids, attention_mask=mask, position_ids=full_pos)
-            else:
-                out = base(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True,
-                           **{cache_kw: cache})
-                c = _cache_of(out)
-                cache = c if c is not None else cache
-            h = _last_hidden(out)[:, -1]
+            step.feed(torch.where(done, torch.full_like(nxt, pad_id), nxt))
     return out_tokens
+
+
+class _Decoder:
+    """Greedy decoding state of a left-padded batch: the backbone's KV cache (or, for a backbone without one,
+    the whole sequence so far), the attention mask, the positions and the last position's hidden state. Only
+    the ``[B, V]`` logits of the last position are ever built."""
+
+    def __init__(self, model, ids, mask):
+        self.base = backbone_of(model)
+        self.w, self.b = head_params(model)
+        self.ids, self.mask = ids, mask
+        self.pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.base(input_ids=ids, attention_mask=mask, position_ids=self.pos, use_cache=True)
+        self.cache = _cache_of(out)
+        self.cache_kw = _cache_kwarg(self.base)
+        self.h = last_hidden_state(out)[:, -1]
+
+    def next_tokens(self) -> torch.Tensor:
+        return F.linear(self.h, self.w, self.b).float().argmax(-1)  # [B, V]: the last position only
+
+    def feed(self, nxt: torch.Tensor) -> None:
+        ones = torch.ones((self.mask.shape[0], 1), dtype=self.mask.dtype, device=self.mask.device)
+        self.mask = torch.cat([self.mask, ones], dim=1)
+        self.pos = self.pos[:, -1:] + 1
+        if self.cache is None:  # no KV cache support: recompute on the full sequence
+            self.ids = torch.cat([self.ids, nxt[:, None]], dim=1)
+            full_pos = (self.mask.cumsum(-1) - 1).clamp(min=0)
+            out = self.base(input_ids=self.ids, attention_mask=self.mask, position_ids=full_pos)
+        else:
+            out = self.base(input_ids=nxt[:, None], attention_mask=self.mask, position_ids=self.pos, use_cache=True,
+                            **{self.cache_kw: self.cache})
+            c = _cache_of(out)
+            self.cache = c if c is not None else self.cache
+        self.h = last_hidden_state(out)[:, -1]
 
 
 def _cache_of(out):
@@ -282,10 +231,10 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: Union[i
     limits = [int(max_new_tokens)] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     if len(limits) != len(prompts):
         raise ValueError(f"{len(limits)} generation limits for {len(prompts)} prompts")
-    return run_sharded(len(prompts), [len(p) for p in prompts], batch_size,
-                       lambda b: batch_greedy(model, [prompts[i] for i in b], max_new_tokens=[limits[i] for i in b],
-                                              pad_id=pad_id, eos_id=eos_id),
-                       desc=desc, progress=progress)
+    return shard_by_length([len(p) for p in prompts], batch_size,
+                           lambda b: batch_greedy(model, [prompts[i] for i in b],
+                                                  max_new_tokens=[limits[i] for i in b], pad_id=pad_id, eos_id=eos_id),
+                           desc=desc, progress=progress)
 
 
 def prompt_of(example: dict) -> list[int]:
@@ -298,7 +247,5 @@ def prompt_of(example: dict) -> list[int]:
 
 
 def pad_id_of(tokenizer) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise ValueError("the tokenizer has neither a pad nor an eos token")
-    return int(pad)
+    """The padding id of the data collator (:meth:`DataCollator.from_tokenizer`: pad, else EOS)."""
+    return DataCollator.from_tokenizer(tokenizer).pad_token_id

@@ -49,8 +49,9 @@ import numpy as np
 
 from ..data.template import PromptTemplate, get_template
 from ..data.views import encode_candidates, load_candidates
+from ..distributed import world_size
 from . import metrics as M
-from .runner import IGNORE, dist_info, generate, logprobs, pad_id_of, prompt_of
+from .runner import IGNORE, generate, logprobs, pad_id_of, prompt_of
 
 SETS = ("forget", "retain", "real_authors", "world_facts")
 UTILITY_SETS = ("retain", "real_authors", "world_facts")
@@ -292,7 +293,7 @@ def evaluate_tofu(model, tokenizer, data_dir: str, cfg: Optional[TofuEvalConfig]
     tpl = get_template(cfg.template, tokenizer)
     conf = {k: (v if not isinstance(v, PromptTemplate) else v.name) for k, v in asdict(cfg).items()}
     conf.update(sets=list(cfg.sets), resolved=settings, template_used=tpl.name)
-    result = {"task": "tofu", "data_dir": os.path.abspath(data_dir), "world_size": dist_info()[1],
+    result = {"task": "tofu", "data_dir": os.path.abspath(data_dir), "world_size": world_size(),
               "protocol": cfg.protocol, "config": conf, "sets": {}}
     for name in cfg.sets:
         rows = _set_rows(data_dir, cfg, name)
