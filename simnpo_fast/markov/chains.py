@@ -25,6 +25,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 import torch
 
+from ..data.collate import DataCollator
 from ..errors import ConfigError
 
 CHAINS = ("retain", "forget1", "forget2")
@@ -147,13 +148,10 @@ def make_data(*, seed: int, n_states: int, leakage: float, test_frac: float, siz
 
 
 def batch(seqs: Sequence[np.ndarray]) -> Dict[str, torch.Tensor]:
-    """Right-padded ``input_ids`` / ``attention_mask`` / HF-aligned ``labels`` (first state and padding -100)."""
-    L = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), L, dtype=torch.long)
-    mask = torch.zeros(len(seqs), L, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.as_tensor(np.asarray(s), dtype=torch.long)
-        mask[i, : len(s)] = 1
-    labels = ids.masked_fill(mask == 0, -100)
-    labels[:, 0] = -100
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    """Right-padded ``input_ids`` / ``attention_mask`` / HF-aligned ``labels`` (first state and padding -100;
+    pad id 0), by the data collator."""
+    rows = []
+    for s in seqs:
+        ids = np.asarray(s).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * min(1, len(ids)) + ids[1:]})
+    return DataCollator(0).pad(rows)

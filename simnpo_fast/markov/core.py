@@ -34,6 +34,7 @@ from torch import nn
 
 from ..batch import ForgetRetainBatch
 from ..errors import NonFiniteError
+from ..likelihood import sharded_logps
 from ..model import ModelConfig, UnlearnModel, build_hf_model, logprob_head, nll_head
 from ..modules import UnlearningLoss
 from ..ops import kl_loss, sequence_logprob
@@ -168,13 +169,13 @@ def cache_ref_logp(model: UnlearnModel, forget: List[np.ndarray], idx: Sequence[
                    bs: int = 256) -> Dict[int, float]:
     """Summed target log-likelihood of the forget sequences ``idx`` under ``model`` (NPO's reference)."""
     idx = sorted(set(int(i) for i in idx))
-    out = {}
-    for k in range(0, len(idx), bs):
-        part = idx[k:k + bs]
-        b = batch([forget[i] for i in part])
-        logp, _ = model(b["input_ids"], _mask(b), logprob_head, labels=b["labels"])
-        out.update({i: float(v) for i, v in zip(part, logp)})
-    return out
+
+    def score(ks):
+        b = batch([forget[idx[k]] for k in ks])
+        return model(b["input_ids"], _mask(b), logprob_head, labels=b["labels"])
+
+    lp = sharded_logps(score, len(idx), bs)
+    return {i: float(lp[k, 0]) for k, i in enumerate(idx)}
 
 
 def make_schedule(n_forget: int, n_retain: int, iterations: int, batch_size: int, seed: int) -> List[tuple]:
