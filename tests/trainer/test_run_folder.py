@@ -76,7 +76,7 @@ def _snapshot(folder):
 # ============================================================================ one run per folder
 
 def test_every_checkpoint_records_the_run_id(straight):
-    from simnpo_fast.checkpoint import list_checkpoints
+    from simnpo_fast.train.checkpoint import list_checkpoints
 
     run = json.load(open(straight["out"] / "run.json"))
     assert run["run_id"] == straight["run_id"] and len(run["run_id"]) == 32
@@ -178,7 +178,7 @@ def test_resume_refuses_a_changed_config_and_names_the_keys(corpus, straight, tm
 
 def test_finished_finetune_stage_with_another_config_is_not_reused(corpus, tmp_path):
     from simnpo_fast.errors import RunFolderError
-    from simnpo_fast.run_folder import write_run_file
+    from simnpo_fast.train.run_folder import write_run_file
     from simnpo_fast.trainer import config_to_dict, finetune_config, train
 
     cfg = _cfg(corpus, tmp_path / "run", **{"finetune.enabled": True, "finetune.lr": 1e-2})
@@ -196,7 +196,7 @@ def test_finished_finetune_stage_with_another_config_is_not_reused(corpus, tmp_p
 
 def test_lock_live_stale_and_foreign(tmp_path):
     from simnpo_fast.errors import RunFolderError
-    from simnpo_fast.run_folder import RunLock, read_lock
+    from simnpo_fast.train.run_lock import RunLock, read_lock
 
     folder = str(tmp_path / "f")
     a = RunLock(folder).acquire()
@@ -277,7 +277,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_verified_one(corpu
     rejected = out / "checkpoints" / "step_00000004.rejected"
     assert rejected.is_dir() and reason.split()[0] in (rejected / "REJECTED").read_text()
     assert res.checkpoint.endswith("step_00000004")  # rewritten by this run, verified below
-    from simnpo_fast.checkpoint import verify_checkpoint
+    from simnpo_fast.train.checkpoint import verify_checkpoint
 
     assert verify_checkpoint(res.checkpoint, run_id=straight["run_id"]).ok
 
@@ -318,7 +318,7 @@ class _Evil:
 def test_crafted_metadata_is_never_unpickled(corpus, straight, tmp_path, monkeypatch, capfd):
     """Issue item 4: a .metadata whose pickle calls a function (with a manifest rewritten to match, as an
     attacker with write access would) is refused by the reader before the call; the run falls back."""
-    from simnpo_fast.checkpoint import MANIFEST, MARKER, read_dcp_metadata
+    from simnpo_fast.train.checkpoint import MANIFEST, MARKER, read_dcp_metadata
     from simnpo_fast.trainer import train
 
     mark = tmp_path / "code-ran"
@@ -346,7 +346,7 @@ def test_dcp_non_tensor_entries_are_read_weights_only(tmp_path, monkeypatch):
     """The second pickle in DCP's reader (optimizer hyper-parameters, torch.load(weights_only=False) upstream)."""
     import io
 
-    from simnpo_fast.checkpoint import SafeLoadPlanner
+    from simnpo_fast.train.checkpoint import SafeLoadPlanner
 
     mark = tmp_path / "code-ran"
     monkeypatch.setenv("SIMNPO_EVIL_MARK", str(mark))

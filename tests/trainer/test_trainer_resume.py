@@ -27,7 +27,7 @@ def _overrides(corpus, out, **kw):
 
 
 def test_sigkill_then_resume_equals_uninterrupted(corpus, tmp_path):
-    from simnpo_fast.checkpoint import latest_checkpoint
+    from simnpo_fast.train.checkpoint import latest_checkpoint
     from simnpo_fast.trainer import load_config, train
 
     out = str(tmp_path / "killed")
@@ -92,7 +92,7 @@ def test_sigkill_then_resume_equals_uninterrupted(corpus, tmp_path):
 
 
 def test_non_finite_gradient_stops_and_keeps_last_checkpoint(corpus, tmp_path):
-    from simnpo_fast.checkpoint import latest_checkpoint, list_checkpoints
+    from simnpo_fast.train.checkpoint import latest_checkpoint, list_checkpoints
     from simnpo_fast.trainer import NonFiniteError, load_config, train
 
     out = str(tmp_path / "nan")
