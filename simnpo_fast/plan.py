@@ -3,10 +3,11 @@
     simnpo-fast plan --model llama-3.1-8b --gpus 8 --seq 1024 --batch 4
     simnpo-fast plan --model path/to/config.json --gpus 1 --lora --card a100-40gb
     simnpo-fast plan --model tiny --device cpu --seq 256 --batch 4 --logits naive
+    simnpo-fast plan --table [--rates bench/results/gpu-<gpu>-<date>.json]   # 7-8B / 70B on 1, 8, 64 GPUs
 
 The model is a Llama-style decoder (Llama / Mistral / Qwen2 configs: embeddings, L x [RMSNorm, GQA attention,
 RMSNorm, SwiGLU MLP], final RMSNorm, LM head, optionally tied). Per-GPU bytes, ``G`` = number of GPUs (FSDP2
-full sharding: every persistent term is divided by G):
+full sharding: every persistent term is divided by G; on CPU, ``gpus`` counts the gloo processes):
 
 * parameters: ``P * storage bytes / G``. GPU default: fp32 sharded master parameters (FSDP2 mixed precision
   with bf16 compute); ``--param-dtype bf16`` stores bf16 only. LoRA: the frozen base in bf16 + fp32 adapters.
@@ -25,16 +26,21 @@ full sharding: every persistent term is divided by G):
   ``tokens * V * (12 + (c if c != 4 else 0))`` bytes (c = compute bytes); fused (simnpo-fast) = one ``rows x V`` fp32 logits tile and its dlogits (rows = the chunked
   backend's ``max(128, h / 2)``; on GPU the Triton kernels keep tiles on chip, an fp32 ``[V, h]`` dW accumulator
   counts instead) + the fp32 ``[tokens, h]`` hidden gradient computed in the forward; the LM-head gradient buffer is the LM head's own gradient (counted in gradients).
-* reference model: a method with ``reference="logp"`` (NPO) needs the frozen reference log-likelihoods: another
-  copy of the parameters in the compute dtype (sharded), no activations (no_grad). SimNPO is reference-free: none.
+* reference model: a method with ``reference="logp"`` (NPO) needs the frozen reference log-likelihoods.
+  ``reference="cached"`` (this trainer: one pass over the forget set before the first step stores one number per
+  example): nothing during training. ``reference="live"`` (frameworks that run a frozen reference model next to
+  every step): another copy of the parameters in the compute dtype (sharded), no activations (no_grad). SimNPO
+  is reference-free: none either way.
 * overhead: CUDA context + allocator fragmentation (``--overhead-gib``, default 1.5 GiB on GPU, 0 on CPU).
 
 The peak of a steady-state step is ``max(forward/backward peak, optimizer-step peak)``:
 ``fwd/bwd = params + optimizer states + FSDP buffers + activations + logits + LM-head grad`` (the backward starts at
 the loss with every activation alive), ``optimizer = params + states + all grads + step temporaries``.
-``device="cpu"`` models one CPU process exactly as ``bench/plan_validate.py`` measures it: no sharding, fp32
-everything, single-tensor AdamW (its temporaries are ~2 x the largest parameter: ``denom`` and the update),
-no overhead; that script compares it with the RSS high-water mark of real steps (results: README).
+``device="cpu"`` models CPU processes as ``bench/plan_validate.py`` (one process) and ``bench/memory_scaling.py``
+(1, 2, 4 gloo ranks) measure them: fp32 everything, single-tensor AdamW (its temporaries are ~2 x the largest
+parameter: ``denom`` and the update), no overhead; those scripts compare it with the measured RSS (results:
+README). :func:`sharded_state_bytes` is the persistent per-rank state (parameters + gradients + AdamW states).
+``simnpo_fast.plan_table``: the table for 7-8B and 70B models and the expected tokens/s.
 """
 from __future__ import annotations
 
@@ -167,12 +173,15 @@ class PlanConfig:
     compute_dtype: Optional[str] = None  # default bf16 on GPU, fp32 on CPU
     overhead_gib: Optional[float] = None
     fused_rows: Optional[int] = None  # row tile of the fused loss; default: the chunked backend's max(128, h/2)
+    reference: str = "cached"  # NPO's reference log-likelihoods: cached before training | live (a reference model)
 
 
 def plan(model: ModelShape, cfg: PlanConfig) -> dict:
     """Per-device memory terms (bytes) and the peak."""
     cpu = cfg.device == "cpu"
-    G = 1 if cpu else max(1, cfg.gpus)
+    if cfg.reference not in ("cached", "live"):
+        raise ValueError(f"reference must be cached or live, got {cfg.reference!r}")
+    G = max(1, cfg.gpus)
     c = DTYPE_BYTES[cfg.compute_dtype or ("fp32" if cpu else "bf16")]
     pbytes = DTYPE_BYTES[cfg.param_dtype or "fp32"]
     P = model.params()
@@ -215,7 +224,8 @@ def plan(model: ModelShape, cfg: PlanConfig) -> dict:
             t["logits"] = rows * V * 4 * 2 + tokens * h * 4
         else:  # Triton kernels: on-chip tiles; the fp32 hidden grad + an fp32 dW accumulator (bf16 weights)
             t["logits"] = tokens * h * 4 + (V * h * 4 if c != 4 else 0)
-    t["reference_model"] = P * c / G if get_method(cfg.loss).reference == "logp" else 0.0
+    live = get_method(cfg.loss).reference == "logp" and cfg.reference == "live"
+    t["reference_model"] = P * c / G if live else 0.0
     t["overhead"] = (cfg.overhead_gib if cfg.overhead_gib is not None else (0.0 if cpu else 1.5)) * GiB
 
     lm_head_grad = (0 if cfg.lora else V * h * grad_bytes / G)
@@ -226,6 +236,12 @@ def plan(model: ModelShape, cfg: PlanConfig) -> dict:
     return {"model": model.name, "params": P, "trainable": trainable, "config": asdict(cfg),
             "terms_bytes": t, "fwd_bwd_bytes": fwd_bwd, "optimizer_step_bytes": opt, "peak_bytes": peak,
             "peak_phase": "forward/backward" if fwd_bwd >= opt else "optimizer step"}
+
+
+def sharded_state_bytes(result: dict) -> float:
+    """Persistent per-device state of a plan: parameters + gradients + AdamW states (bytes)."""
+    t = result["terms_bytes"]
+    return t["parameters"] + t["gradients"] + t["optimizer_states"]
 
 
 def fits(result: dict, card_gib: float) -> bool:
@@ -239,7 +255,7 @@ def format_plan(model: ModelShape, res: dict, cards=None, compare: Optional[dict
     out = [f"{model.name}: {res['params'] / 1e9:.3f} B params ({res['trainable'] / 1e6:.1f} M trainable), "
            f"L={model.num_hidden_layers} h={model.hidden_size} I={model.intermediate_size} V={model.vocab_size} "
            f"heads={model.num_attention_heads}/{model.num_key_value_heads}",
-           f"{cfg['device']} x{cfg['gpus'] if cfg['device'] == 'gpu' else 1}, seq {cfg['seq']} x batch {cfg['batch']}"
+           f"{cfg['device']} x{cfg['gpus']}, seq {cfg['seq']} x batch {cfg['batch']}"
            f" per device, loss {cfg['loss']}, logits {cfg['logits']}, checkpointing {cfg['checkpointing']}"
            f", LoRA {'r=' + str(cfg['lora_r']) if cfg['lora'] else 'off'}",
            "", f"{'term':<24}{'per device':>14}" + (f"{'naive logits':>16}" if compare else "")]
@@ -262,7 +278,12 @@ def format_plan(model: ModelShape, res: dict, cards=None, compare: Optional[dict
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help=f"a local HF config.json (or its folder) or a preset: {', '.join(PRESETS)}")
+    p.add_argument("--model", default=None,
+                   help=f"a local HF config.json (or its folder) or a preset: {', '.join(PRESETS)}")
+    p.add_argument("--table", action="store_true", help="the 7-8B / 70B table on 1, 8 and 64 GPUs (Markdown)")
+    p.add_argument("--rates", default=None, help="with --table: a make gpu-check JSON for expected tokens/s")
+    p.add_argument("--reference", default="cached", choices=["cached", "live"],
+                   help="NPO's reference log-likelihoods: cached before training (this trainer) or a live model")
     p.add_argument("--gpus", type=int, default=1)
     p.add_argument("--seq", type=int, default=1024, help="tokens per sequence")
     p.add_argument("--batch", type=int, default=4, help="sequences per GPU per micro-step (forget + retain)")
@@ -283,10 +304,18 @@ def config_from_args(args) -> PlanConfig:
     return PlanConfig(gpus=args.gpus, seq=args.seq, batch=args.batch, lora=args.lora, lora_r=args.lora_r,
                       loss=args.loss, logits=args.logits, checkpointing=not args.no_checkpointing,
                       device=args.device, param_dtype=args.param_dtype, compute_dtype=args.compute_dtype,
-                      overhead_gib=args.overhead_gib)
+                      overhead_gib=args.overhead_gib, reference=args.reference)
 
 
 def run(args) -> int:
+    if args.table:
+        from .plan_table import format_table, load_rates, scale_table
+
+        rates = load_rates(args.rates) if args.rates else None
+        print(format_table(scale_table(seq=args.seq, batch=args.batch, rates=rates), rates))
+        return 0
+    if args.model is None:
+        raise ValueError("plan needs --model (a preset or a config.json) or --table")
     model = load_model(args.model)
     cfg = config_from_args(args)
     res = plan(model, cfg)
