@@ -112,20 +112,17 @@ def _require_folder(args) -> None:
 
 def _setup(args):
     import torch
-    import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
     from ..data import load_tokenizer
+    from ..distributed import init_distributed
     from ..errors import ModelError
 
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
-        cuda = torch.cuda.is_available() and args.device != "cpu"
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if cuda else "gloo")
     dev = args.device
-    if dev == "auto":
-        dev = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun: the sets are sharded over the ranks
+        dev = init_distributed(args.device, timeout_s=1800).device
+    elif dev == "auto":
+        dev = "cuda:0" if torch.cuda.is_available() else "cpu"
     try:
         model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True)
     except Exception as e:  # noqa: BLE001 - transformers / safetensors raise many types
