@@ -69,7 +69,8 @@ def main(out_dir: str = "demo_out", config: str = "demo", overrides=None, with_s
     from .eval import evaluate_tofu
     from .eval.hook import EvalHook
     from .eval.report import text_table, write_report
-    from .study import eval_config, finetune, load_hf, load_study_config, prepare_data, set_threads, unlearn
+    from .study import (eval_config, finetune, load_hf, load_study_config, prepare_corpus, retain_split, set_threads,
+                        unlearn)
 
     t0 = time.perf_counter()
     cfg = load_study_config(config, overrides)
@@ -78,12 +79,11 @@ def main(out_dir: str = "demo_out", config: str = "demo", overrides=None, with_s
     seed = int(cfg.get("seed", 0))
     print(f"simnpo-fast demo -> {out_dir}")
     print("[1/5] corpus + tokenizer", flush=True)
-    data_dir, kind, tok_dir, tok = prepare_data(cfg, out_dir)
+    data_dir, kind, tok_dir, tok = prepare_corpus(cfg, out_dir)
     print("[2/5] finetune the target model on the full corpus (+ real-authors / world-facts QA)", flush=True)
     target = finetune(cfg, data_dir, kind, tok_dir, os.path.join(out_dir, "target"), "pretrain_full", seed)
-    print("[3/5] finetune the retain-only model (retain90)", flush=True)
-    retain_split = "retain" + str(100 - int(cfg["forget_split"][-2:]))
-    retain = finetune(cfg, data_dir, kind, tok_dir, os.path.join(out_dir, "retain"), f"pretrain_{retain_split}",
+    print(f"[3/5] finetune the retain-only model ({retain_split(cfg)})", flush=True)
+    retain = finetune(cfg, data_dir, kind, tok_dir, os.path.join(out_dir, "retain"), f"pretrain_{retain_split(cfg)}",
                       seed)
     print("[4/5] evaluate retain + target, then unlearn forget10 with SimNPO (evaluated during training)",
           flush=True)

@@ -33,8 +33,9 @@ from .modules import ReferenceHead
 from .objectives import NLL
 from .ops import fused_sequence_loss, sequence_logprob
 
-#: The embedded default model: a tiny Llama (vocab comes from the trained tokenizer).
-PRESETS: Dict[str, Dict[str, Any]] = {
+#: ``model.preset`` name -> the HF config of a model built from scratch (the embedded default: a tiny Llama; its
+#: vocab comes from the trained tokenizer). Not :data:`simnpo_fast.plan.PRESETS` (architecture shapes for the planner).
+PRESET_CONFIGS: Dict[str, Dict[str, Any]] = {
     "tiny-llama": dict(model_type="llama", hidden_size=64, intermediate_size=176, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                        rms_norm_eps=1e-5, tie_word_embeddings=False, vocab_size=1024),
@@ -62,8 +63,8 @@ class ModelConfig:
             raise ValueError("model: give model.path (a local HF folder) or model.preset / model.config")
         if self.path is not None and not os.path.isdir(self.path):
             raise FileNotFoundError(f"model.path {self.path!r} is not a local folder (no hub downloads)")
-        if self.preset is not None and self.path is None and self.preset not in PRESETS:
-            raise ValueError(f"unknown model.preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+        if self.preset is not None and self.path is None and self.preset not in PRESET_CONFIGS:
+            raise ValueError(f"unknown model.preset {self.preset!r}; choose one of {sorted(PRESET_CONFIGS)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
 
@@ -98,7 +99,7 @@ def build_hf_model(cfg: ModelConfig, *, vocab_size: Optional[int] = None, specia
 
             raise ModelError(f"model.path {cfg.path!r}: cannot load the model: {type(e).__name__}: {e}") from e
     else:
-        kw = dict(PRESETS.get(cfg.preset, {})) if cfg.preset else {}
+        kw = dict(PRESET_CONFIGS.get(cfg.preset, {})) if cfg.preset else {}
         kw.update(cfg.config)
         if vocab_size is not None:
             kw["vocab_size"] = int(vocab_size)

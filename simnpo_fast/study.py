@@ -34,7 +34,10 @@ METHODS: Dict[str, str] = {"GA": "ga", "GradDiff": "graddiff", "NPO": "npo", "Si
 # ============================================================================= config
 
 def load_study_config(name_or_path: str, overrides: Optional[List[str]] = None) -> dict:
-    """A study YAML (``tofu-mini`` -> ``configs/study_tofu_mini.yaml``, ``demo`` -> ``configs/demo.yaml``)."""
+    """A study YAML (``tofu-mini`` -> ``configs/study_tofu_mini.yaml``, ``demo`` -> ``configs/demo.yaml``) with
+    the ``key.sub=value`` overrides of :func:`simnpo_fast.train.config_io.apply_overrides`."""
+    from .train.config_io import apply_overrides
+
     path = name_or_path
     if not os.path.isfile(path):
         stem = name_or_path.replace("-", "_")
@@ -46,31 +49,27 @@ def load_study_config(name_or_path: str, overrides: Optional[List[str]] = None) 
         else:
             raise FileNotFoundError(f"no study config {name_or_path!r} (looked in {CONFIG_DIR})")
     with open(path, encoding="utf-8") as f:
-        cfg = yaml.safe_load(f) or {}
-    for ov in overrides or []:
-        if "=" not in ov:
-            raise ValueError(f"override {ov!r} is not key=value")
-        key, val = ov.split("=", 1)
-        d = cfg
-        parts = key.split(".")
-        for p in parts[:-1]:
-            d = d.setdefault(p, {})
-        d[parts[-1]] = yaml.safe_load(val)
+        cfg = apply_overrides(yaml.safe_load(f) or {}, overrides or [])
     cfg["_source"] = path
     return cfg
+
+
+def retain_split(cfg: dict) -> str:
+    """The study's retain split: ``retain_split``, else the complement of ``forget_split`` (forget10 -> retain90)."""
+    return cfg.get("retain_split") or "retain" + str(100 - int(cfg["forget_split"][-2:]))
 
 
 # ============================================================================= stages
 
 def set_threads(cfg: dict) -> None:
-    """``threads`` of the config (default 1). Tiny models gain nothing from intra-op threads, and on a shared
-    2-core machine two spinning OpenMP threads per process made a 70 ms step take 5 s (measured)."""
+    """``threads`` of the config (default 1): tiny models gain nothing from intra-op threads, and the spinning
+    OpenMP threads of processes sharing a few cores slow each other down."""
     import torch
 
     torch.set_num_threads(int(cfg.get("threads", 1)))
 
 
-def prepare_data(cfg: dict, out_dir: str):
+def prepare_corpus(cfg: dict, out_dir: str):
     """The data folder and the tokenizer. The synthetic corpus is generated into ``<out>/data``; a TOFU folder
     (``data.path``) is copied there (its JSON files, a few MB), never written to.
 
@@ -94,13 +93,12 @@ def prepare_data(cfg: dict, out_dir: str):
         kind = "synthetic"
         if not os.path.isfile(os.path.join(data_dir, synthetic.META_FILE)):
             synthetic.generate(data_dir, **d.get("synthetic", {}))
-    retain_split = cfg.get("retain_split") or "retain" + str(100 - int(cfg["forget_split"][-2:]))
     controls = []
     if d.get("world_knowledge", True):
         for name in ("real_authors", "world_facts"):
             if os.path.isfile(os.path.join(data_dir, name + ".json")):
                 controls += [{"question": r["question"], "answer": r["answer"]} for r in load_tofu(data_dir, name)]
-    for split in ("full", retain_split):
+    for split in ("full", retain_split(cfg)):
         path = os.path.join(data_dir, f"pretrain_{split}.json")
         if not os.path.isfile(path):
             rows = [{"question": r["question"], "answer": r["answer"]} for r in load_tofu(data_dir, split)]
@@ -124,7 +122,7 @@ def _base_train_config(cfg: dict, data_dir: str, kind: str, tok_dir: str, out_di
     t.data.path = data_dir
     t.data.tokenizer = tok_dir
     t.data.forget_split = cfg["forget_split"]
-    t.data.retain_split = cfg.get("retain_split") or "retain" + str(100 - int(cfg["forget_split"][-2:]))
+    t.data.retain_split = retain_split(cfg)
     t.data.max_length = int(cfg["data"].get("max_length", 128))
     t.data.synthetic = dict(cfg["data"].get("synthetic", {}))
     t.checkpoint.every = 0
@@ -256,7 +254,7 @@ def run_study(cfg: dict, out_dir: str, *, seeds: Optional[List[int]] = None, met
     methods = list(methods or cfg.get("methods", list(METHODS)))
     relearn_methods = set(cfg.get("relearn", {}).get("methods", []))
     os.makedirs(out_dir, exist_ok=True)
-    data_dir, kind, tok_dir, tok = prepare_data(cfg, out_dir)
+    data_dir, kind, tok_dir, tok = prepare_corpus(cfg, out_dir)
     ecfg = eval_config(cfg)
     per_seed: Dict[str, List[dict]] = {}
 
@@ -266,9 +264,8 @@ def run_study(cfg: dict, out_dir: str, *, seeds: Optional[List[int]] = None, met
     for seed in seeds:
         sd = os.path.join(out_dir, f"seed{seed}")
         target = finetune(cfg, data_dir, kind, tok_dir, os.path.join(sd, "target"), "pretrain_full", seed)
-        retain_split = cfg.get("retain_split") or "retain" + str(100 - int(cfg["forget_split"][-2:]))
-        retain = finetune(cfg, data_dir, kind, tok_dir, os.path.join(sd, "retain"), f"pretrain_{retain_split}",
-                          seed)
+        retain = finetune(cfg, data_dir, kind, tok_dir, os.path.join(sd, "retain"),
+                          f"pretrain_{retain_split(cfg)}", seed)
         ref = evaluate_tofu(load_hf(retain), tok, data_dir, copy.deepcopy(ecfg), progress=True)
         ref = _with_fq(ref, ref)
         save_json(ref, os.path.join(sd, "eval_retain.json"))
@@ -305,16 +302,10 @@ def _machine() -> str:
     """CPU model and core count (wall times depend on them; the CPU may be shared)."""
     import platform
 
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores"
+    from .train.metrics import machine_info
+
+    info = machine_info()
+    return f"{info.get('cpu') or platform.processor() or platform.machine()}, {info['cores']} cores"
 
 
 def _with_fq(res: dict, ref: dict) -> dict:
@@ -382,11 +373,12 @@ def run_study_cli(args) -> int:
     import shlex
     import sys
 
-    cfg = load_study_config(args.config, args.overrides)
-    if cfg.get("kind") == "markov":  # the mixture-of-Markov-chains study (simnpo_fast/markov/) has its own driver
+    raw = load_study_config(args.config)
+    if raw.get("kind") == "markov":  # the mixture-of-Markov-chains study (simnpo_fast/markov/) has its own driver
         from .markov.study import run_cli
 
-        return run_cli(args)
+        return run_cli(args, raw)
+    cfg = load_study_config(args.config, args.overrides)
     if getattr(args, "quick", False):
         from .errors import ConfigError
 

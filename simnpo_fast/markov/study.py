@@ -22,6 +22,7 @@ import torch
 
 from ..errors import ConfigError
 from ..methods import get_method
+from ..train.metrics import load_average, machine_info
 from .chains import CHAINS, make_chain, transition_chi2
 from .core import (EvalSet, TrueChain, UnlearnData, build_model, cache_ref_logp, evaluate, make_evalset,
                    make_schedule, pretrain, unlearn)
@@ -141,29 +142,6 @@ def pool_map(fn, jobs: List[dict], workers: int) -> List[dict]:
         return list(ex.map(fn, jobs))
 
 
-def machine() -> dict:
-    """CPU model and vector flags, cores, load average (the CPU may be shared: the wall time depends on it)."""
-    info = {"cores": os.cpu_count(), "torch": torch.__version__}
-    try:
-        with open("/proc/cpuinfo") as f:
-            text = f.read()
-        info["cpu"] = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
-        flags = next(line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags"))
-        info["flags"] = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    except (OSError, StopIteration):
-        pass
-    info["loadavg"] = _loadavg()
-    return info
-
-
-def _loadavg() -> Optional[List[float]]:
-    try:
-        with open("/proc/loadavg") as f:
-            return [float(x) for x in f.read().split()[:3]]
-    except OSError:
-        return None
-
-
 def resolve(cfg: dict, *, quick: bool = False, overrides: Optional[List[str]] = None) -> dict:
     """The study config: ``quick`` merged over it when asked, then the ``key=value`` overrides."""
     from ..train.config_io import apply_overrides
@@ -214,7 +192,7 @@ def run_markov(cfg: dict, out_dir: str, *, seeds: Optional[List[int]] = None, me
     the JSON, plots and Markdown there. Returns the study dict (``runs`` = one entry per seed and setting)."""
     from . import report
 
-    t0, load0 = time.perf_counter(), _loadavg()
+    t0, load0 = time.perf_counter(), load_average()
     date = time.strftime("%Y-%m-%d", time.gmtime())
     seeds = [int(s) for s in (seeds if seeds is not None else cfg["seeds"])]
     methods = list(methods or cfg["methods"])
@@ -242,8 +220,8 @@ def run_markov(cfg: dict, out_dir: str, *, seeds: Optional[List[int]] = None, me
     study = {"name": cfg.get("name", "markov"), "command": command, "seeds": seeds, "methods": methods,
              "config": cfg, "runs": runs, "models": model_stats,
              "timing": {"date": date, "elapsed_s": elapsed, "models_s": t1 - t0, "unlearn_s": elapsed - (t1 - t0),
-                        "jobs_cpu_s": cpu, "workers": workers, "loadavg_start": load0, "loadavg_end": _loadavg()},
-             "machine": machine()}
+                        "jobs_cpu_s": cpu, "workers": workers, "loadavg_start": load0, "loadavg_end": load_average()},
+             "machine": machine_info()}
     study["summary"] = report.summarize(study)
     report.save_json(study, os.path.join(out_dir, "study.json"))
     if results_dir:
@@ -251,17 +229,16 @@ def run_markov(cfg: dict, out_dir: str, *, seeds: Optional[List[int]] = None, me
     return study
 
 
-def run_cli(args) -> int:
-    """``simnpo-fast study markov [--quick] [--seeds ...] [--methods ...] [--out DIR] [--results DIR] [k=v ...]``."""
+def run_cli(args, config: dict) -> int:
+    """``simnpo-fast study markov [--quick] [--seeds ...] [--methods ...] [--out DIR] [--results DIR] [k=v ...]``:
+    ``config`` is the study config as read from its file (``--quick`` and the overrides not applied yet)."""
     import shlex
     import sys
-
-    from ..study import load_study_config
 
     if getattr(args, "data", None):
         raise ConfigError("study markov generates its own data: --data does not apply")
     quick = bool(getattr(args, "quick", False))
-    cfg = resolve(load_study_config(args.config), quick=quick, overrides=args.overrides)
+    cfg = resolve(config, quick=quick, overrides=args.overrides)
     name = cfg.get("name", "markov")
     out = args.out or os.path.join("runs", f"study-{name}")
     results = args.results or (os.path.join(out, "results") if quick else os.path.join("docs", "results"))

@@ -1,9 +1,10 @@
-"""What a run reports: a rank-0 progress bar, a JSONL step log, a PNG plot of the curves, peak memory."""
+"""What a run reports: a rank-0 progress bar, a JSONL step log, a PNG plot of the curves, peak memory, and the
+machine it ran on."""
 from __future__ import annotations
 
 import json
 import os
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -119,3 +120,28 @@ def peak_memory_mb(dev: torch.device) -> float:
     except OSError:
         pass
     return float("nan")
+
+
+def machine_info() -> dict:
+    """CPU model and vector flags, cores, torch version, load average (a run's wall time depends on them; the CPU
+    may be shared)."""
+    info = {"cores": os.cpu_count(), "torch": torch.__version__}
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
+        flags = next(line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags"))
+        info["flags"] = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    except (OSError, StopIteration):
+        pass
+    info["loadavg"] = load_average()
+    return info
+
+
+def load_average() -> Optional[List[float]]:
+    """``/proc/loadavg``'s 1, 5 and 15 minute load averages (None where there is none)."""
+    try:
+        with open("/proc/loadavg") as f:
+            return [float(x) for x in f.read().split()[:3]]
+    except OSError:
+        return None
