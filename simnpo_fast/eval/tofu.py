@@ -154,30 +154,10 @@ def evaluate_set(model, tokenizer, rows: Sequence[dict], name: str, cfg: TofuEva
     is the denominator there) and every perturbed answer (``perturbed_*``, lists), then ``probability``,
     ``truth_ratio``, and with generation ``rouge_l_recall``, ``generation``, ``ground_truth``."""
     settings = cfg.resolved()
-    multiple_choice = name in ("real_authors", "world_facts")
     tpl = get_template(cfg.template, tokenizer)
     ds = encode_candidates(rows, tokenizer, template=tpl, max_length=settings["max_length"], source=name)
-    pad = pad_id_of(tokenizer)
-    flat, tags = [], []
-    for q, it in enumerate(ds.items):
-        flat.append(it["answer"])
-        tags.append((q, "answer"))
-        if it["paraphrased"] is not None:
-            flat.append(it["paraphrased"])
-            tags.append((q, "paraphrased"))
-        for p in it["perturbed"]:
-            flat.append(p)
-            tags.append((q, "perturbed"))
-    res = logprobs(model, flat, pad, cfg.batch_size, desc=f"{name}: log p", progress=progress)
-    per_q = [{"answer": None, "paraphrased": None, "perturbed": []} for _ in ds.items]
-    for (q, kind), (lp, n) in zip(tags, res):
-        if n <= 0:
-            raise ValueError(f"{name}: question row {ds.items[q]['row']} has a {kind} answer with no target token")
-        cand = (float(lp) / n, int(n))
-        if kind == "perturbed":
-            per_q[q]["perturbed"].append(cand)
-        else:
-            per_q[q][kind] = cand
+    per_q = _candidate_logps(model, ds, name, pad_id_of(tokenizer), cfg.batch_size, progress)
+    multiple_choice = name in ("real_authors", "world_facts")
     prob, tr = [], []
     for d in per_q:
         p_ans = math.exp(d["answer"][0])
@@ -203,22 +183,57 @@ def evaluate_set(model, tokenizer, rows: Sequence[dict], name: str, cfg: TofuEva
               "perturbed_n_tokens": [[c[1] for c in d["perturbed"]] for d in per_q],
               "probability": [float(p) for p in prob], "truth_ratio": [float(t) for t in tr]}
     if cfg.generation:
-        prompts = [prompt_of(it["answer"]) for it in ds.items]
-        budgets = generation_budgets([len(p) for p in prompts], settings)
-        gens = generate(model, prompts, max_new_tokens=budgets, pad_id=pad, eos_id=tokenizer.eos_token_id,
-                        batch_size=cfg.gen_batch_size, desc=f"{name}: generate", progress=progress)
-        texts = [tokenizer.decode(g, skip_special_tokens=True).strip() for g in gens]
-        truths = [_answer_text(tokenizer, it["answer"], tpl) for it in ds.items]
-        rouge = [M.rouge_l_recall(gt, t) for gt, t in zip(truths, texts)]
-        out["rouge_l_recall"] = float(np.mean(rouge))
-        per_ex["rouge_l_recall"] = rouge
-        per_ex["prompt_tokens"] = [len(p) for p in prompts]
-        per_ex["max_new_tokens"] = budgets
-        if cfg.keep_generations:
-            per_ex["generation"] = texts
-            per_ex["ground_truth"] = truths
+        out["rouge_l_recall"] = _generation_metrics(model, tokenizer, ds, tpl, name, cfg, settings, per_ex, progress)
     out["per_example"] = per_ex
     return out
+
+
+def _candidate_logps(model, ds, name: str, pad: int, batch_size: int, progress: bool) -> list[dict]:
+    """Per question ``{"answer": (mean log p, n), "paraphrased": (...) | None, "perturbed": [(...), ...]}``: every
+    candidate of the set scored in one sharded pass; a candidate without target tokens is an error."""
+    flat, tags = [], []
+    for q, it in enumerate(ds.items):
+        flat.append(it["answer"])
+        tags.append((q, "answer"))
+        if it["paraphrased"] is not None:
+            flat.append(it["paraphrased"])
+            tags.append((q, "paraphrased"))
+        for p in it["perturbed"]:
+            flat.append(p)
+            tags.append((q, "perturbed"))
+    res = logprobs(model, flat, pad, batch_size, desc=f"{name}: log p", progress=progress)
+    per_q = [{"answer": None, "paraphrased": None, "perturbed": []} for _ in ds.items]
+    for (q, kind), (lp, n) in zip(tags, res):
+        if n <= 0:
+            raise ValueError(f"{name}: question row {ds.items[q]['row']} has a {kind} answer with no target token")
+        cand = (float(lp) / n, int(n))
+        if kind == "perturbed":
+            per_q[q]["perturbed"].append(cand)
+        else:
+            per_q[q][kind] = cand
+    return per_q
+
+
+def _generation_metrics(model, tokenizer, ds, tpl: PromptTemplate, name: str, cfg: TofuEvalConfig, settings: dict,
+                        per_ex: dict, progress: bool) -> float:
+    """Greedy generations of every question within the protocol's budgets; their ROUGE-L recall against the
+    answers (per question into ``per_ex``, with the prompt lengths, budgets and, when kept, the texts); returns
+    the mean."""
+    prompts = [prompt_of(it["answer"]) for it in ds.items]
+    budgets = generation_budgets([len(p) for p in prompts], settings)
+    gens = generate(model, prompts, max_new_tokens=budgets, pad_id=pad_id_of(tokenizer),
+                    eos_id=tokenizer.eos_token_id, batch_size=cfg.gen_batch_size, desc=f"{name}: generate",
+                    progress=progress)
+    texts = [tokenizer.decode(g, skip_special_tokens=True).strip() for g in gens]
+    truths = [_answer_text(tokenizer, it["answer"], tpl) for it in ds.items]
+    rouge = [M.rouge_l_recall(gt, t) for gt, t in zip(truths, texts)]
+    per_ex["rouge_l_recall"] = rouge
+    per_ex["prompt_tokens"] = [len(p) for p in prompts]
+    per_ex["max_new_tokens"] = budgets
+    if cfg.keep_generations:
+        per_ex["generation"] = texts
+        per_ex["ground_truth"] = truths
+    return float(np.mean(rouge))
 
 
 def truth_ratios_from_candidates(per_example: dict, mean: str = "geometric") -> list[float]:
