@@ -1,4 +1,4 @@
-"""`make demo`: the main job on the embedded default, no downloads, a few minutes on a 2-core CPU.
+"""`make demo`: the main job on the embedded default, no downloads, CPU only.
 
 1. generate the fictitious-author corpus (TOFU layout) and train its BPE tokenizer;
 2. finetune a tiny Llama on all of it (the *target*) and a retain-only twin (the forget-quality reference);
@@ -8,7 +8,8 @@
    the unlearned HF model were written.
 
 Sizes and hyper-parameters: ``simnpo_fast/configs/demo.yaml``. ``python -m simnpo_fast.cli demo --out DIR``.
-The old fused-loss showcase is kept as :func:`showcase` (``--showcase``).
+The fused-loss showcase (full logits vs the chunked backend: agreement, time, largest tensor held) is
+:func:`showcase` (``--showcase``).
 """
 from __future__ import annotations
 
