@@ -107,8 +107,9 @@ def prepare_corpus(cfg: dict, out_dir: str):
                     f.write(json.dumps(r) + "\n")
     tok_dir = os.path.join(out_dir, "tokenizer")
     if not os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
-        files = [f for f in ("full.json", "real_authors.json", "world_facts.json", f"{cfg['forget_split']}_perturbed.json",
-                             "retain_perturbed.json") if os.path.isfile(os.path.join(data_dir, f))]
+        files = [f for f in ("full.json", "real_authors.json", "world_facts.json",
+                             f"{cfg['forget_split']}_perturbed.json", "retain_perturbed.json")
+                 if os.path.isfile(os.path.join(data_dir, f))]
         train_tokenizer(data_dir, tok_dir, vocab_size=int(d.get("vocab_size", 1024)), files=files)
     return data_dir, kind, tok_dir, load_tokenizer(tok_dir)
 

@@ -80,7 +80,8 @@ def text_table(rows: Mapping[str, Mapping], columns=None) -> str:
     return "\n".join([line(header), "  ".join("-" * w for w in widths)] + [line(c) for c in cells])
 
 
-def _plt():
+def pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -93,7 +94,7 @@ def bar_chart(rows: Mapping[str, Mapping], path: str, columns=None, title: str =
               errors: Optional[Mapping[str, Mapping]] = None) -> str:
     """One panel per metric, one bar per row (model / method); ``errors`` (same shape) adds error bars;
     forget quality is drawn on a log scale."""
-    plt = _plt()
+    plt = pyplot()
     columns = [c for c in (columns or columns_for(list(rows.values())))
                if any(s.get(c[0]) is not None for s in rows.values())]
     n = max(1, len(columns))
@@ -113,10 +114,10 @@ def bar_chart(rows: Mapping[str, Mapping], path: str, columns=None, title: str =
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, rotation=40, ha="right", fontsize=7)
         ax.set_title(head, fontsize=9)
-    return _save(plt, fig, path, title)
+    return save_figure(plt, fig, path, title)
 
 
-def _save(plt, fig, path: str, title: str = "") -> str:
+def save_figure(plt, fig, path: str, title: str = "") -> str:
     """Title, layout, write ``path`` (folders created) and close the figure."""
     if title:
         fig.suptitle(title, fontsize=10)
@@ -129,7 +130,7 @@ def _save(plt, fig, path: str, title: str = "") -> str:
 
 def curves(history: Sequence[Mapping], path: str, keys: Optional[Sequence[str]] = None, title: str = "") -> str:
     """Metrics over training: ``history`` = ``[{"step": s, "summary": {...}}, ...]`` (see ``eval.hook``)."""
-    plt = _plt()
+    plt = pyplot()
     keys = keys or [k for k, _ in TOFU_COLUMNS]
     keys = [k for k in keys if any(h["summary"].get(k) is not None for h in history)]
     n = max(1, len(keys))
@@ -141,7 +142,7 @@ def curves(history: Sequence[Mapping], path: str, keys: Optional[Sequence[str]] 
             ax.set_yscale("log")
         ax.set_title(dict(TOFU_COLUMNS).get(k, k), fontsize=9)
         ax.set_xlabel("step", fontsize=8)
-    return _save(plt, fig, path, title)
+    return save_figure(plt, fig, path, title)
 
 
 def write_report(results: Mapping[str, Mapping], out_dir: str, *, title: str = "Evaluation",

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from ..eval.report import _plt, _save, save_json  # noqa: F401  (save_json re-exported for the driver)
+from ..eval.report import pyplot, save_figure, save_json  # noqa: F401  (save_json re-exported for the driver)
 from ..methods import get_method
 
 KL_KEYS = [f"kl_{k}/{c}" for k in ("retrain", "true") for c in ("retain", "forget1", "forget2", "forget")]
@@ -79,7 +79,7 @@ def _style(m: str, i: int):
 
 def plot_tradeoff(study: dict, path: str) -> str:
     """Forget KL vs retain KL (to the retrained model) per setting: pooled forget, forget1, forget2."""
-    plt = _plt()
+    plt = pyplot()
     settings = list(study["summary"])
     cols = (("forget", "forget (pooled)"), ("forget1", "forget1"), ("forget2", "forget2"))
     fig, axes = plt.subplots(len(settings), 3, figsize=(13, 3.8 * len(settings)), squeeze=False)
@@ -102,13 +102,13 @@ def plot_tradeoff(study: dict, path: str) -> str:
             ax.set_title(f"{study['config']['settings'][setting].get('title', setting)}", fontsize=8)
             ax.grid(alpha=0.3, which="both")
         axes[row, 0].legend(fontsize=7)
-    return _save(plt, fig, path, f"{study['name']}: mean over seeds {study['seeds']} (band: lowest to highest "
+    return save_figure(plt, fig, path, f"{study['name']}: mean over seeds {study['seeds']} (band: lowest to highest "
                                  f"seed's forget KL; x = end of run)")
 
 
 def plot_weights(study: dict, path: str) -> str:
     """Forget1 / forget2 KL over iterations, NPO vs SimNPO per-sequence weights, forget1's share of the push."""
-    plt = _plt()
+    plt = pyplot()
     settings = list(study["summary"])
     fig, axes = plt.subplots(len(settings), 4, figsize=(16, 3.6 * len(settings)), squeeze=False)
     for row, setting in enumerate(settings):
@@ -135,7 +135,8 @@ def plot_weights(study: dict, path: str) -> str:
                 ax.set_yscale("log")
         axes[row, 2].legend(fontsize=6)
         axes[row, 3].legend(fontsize=6)
-    return _save(plt, fig, path, f"{study['name']}: mean over seeds {study['seeds']} (band: lowest to highest seed)")
+    return save_figure(plt, fig, path,
+                       f"{study['name']}: mean over seeds {study['seeds']} (band: lowest to highest seed)")
 
 
 def _f(d: Optional[dict], digits: int = 3) -> str:
