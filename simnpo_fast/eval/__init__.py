@@ -22,8 +22,9 @@ Benchmarks, attack, reports::
     write_report({name: result}, out_dir, history=None) -> {name: json, "markdown", "plot", "curves"}
     EvalHook(data_dir, tokenizer, every=N)     trainer hook (``hooks={"after_backward": hook}``)
 
-Models: any HF causal LM (``model.model`` backbone + ``get_output_embeddings()``), an ``UnlearnModel`` (``.lm``),
-or a DDP/FSDP wrapper; in ``torch.distributed`` every rank must call the same functions (results are gathered).
+Models: any HF causal LM (its backbone by :func:`simnpo_fast.model.backbone_of` + ``get_output_embeddings()``), an
+``UnlearnModel`` (``.lm``), or a DDP/FSDP wrapper; in ``torch.distributed`` every rank must call the same functions
+(results are gathered).
 """
 from . import metrics
 from .hook import EvalHook
