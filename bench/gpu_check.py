@@ -46,7 +46,7 @@ DRY_METHODS = ("naive", "triton", "triton-gemm", "torch_lce")
 DEVICE_TESTS = "tests/test_gpu_check.py::test_device_backend_matches_fp64"
 DRY_KERNEL_TESTS = [DEVICE_TESTS, "-k", "float32 and simnpo"]
 
-_HIDER = '''"""Written by bench.gpu_check --hide: these packages are absent (find_spec None), as on a machine without them."""
+_HIDER = '''"""Written by bench.gpu_check --hide: these packages are absent (find_spec gives None)."""
 import os, sys
 
 _HIDE = set(filter(None, os.environ.get("SIMNPO_GPU_CHECK_HIDE", "").split(",")))
@@ -244,7 +244,8 @@ def build_stages(ctx: Context, only: set) -> List[Stage]:
                              *(["--skip-check"] if i else [])], parse=_parse_bench))
     for v in ("hf", "ours"):
         stages.append(Stage(f"unlearn-{v}", "unlearn", 60 if dry else 75,
-                            [py, "-m", "bench.gpu_unlearn", "--worker", "--variant", v, *(["--dry-run"] if dry else [])],
+                            [py, "-m", "bench.gpu_unlearn", "--worker", "--variant", v,
+                             *(["--dry-run"] if dry else [])],
                             parse=_parse_last_json))
     for s in stages:
         (ctx.scratch / s.name).mkdir(exist_ok=True)

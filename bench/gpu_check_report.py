@@ -130,7 +130,8 @@ def _unlearn_md(payload: dict) -> list:
     if not u:
         return []
     out = ["", "**1-GPU unlearning run** (bench.gpu_unlearn: bf16 mixed precision, activation checkpointing)", "",
-           "| variant | params | tokens/step | median step s | tokens/s | peak GiB | loss step 1 |", "|---|---|---|---|---|---|---|"]
+           "| variant | params | tokens/step | median step s | tokens/s | peak GiB | loss step 1 |",
+           "|---|---|---|---|---|---|---|"]
     for v in ("hf", "ours"):
         r = u.get(v)
         if r:

@@ -23,9 +23,10 @@ full sharding: every persistent term is divided by G; on CPU, ``gpus`` counts th
 * logits: naive (HF / unlearning frameworks: ``logits = lm_head(h).float()``, per-token ``cross_entropy``) = at
   the start of backward the fp32 log-softmax kept for backward, the fp32 gradient of the per-token loss w.r.t.
   it and the fp32 logits gradient, plus the compute-dtype logits gradient when that is bf16:
-  ``tokens * V * (12 + (c if c != 4 else 0))`` bytes (c = compute bytes); fused (simnpo-fast) = one ``rows x V`` fp32 logits tile and its dlogits (rows = the chunked
-  backend's ``max(128, h / 2)``; on GPU the Triton kernels keep tiles on chip, an fp32 ``[V, h]`` dW accumulator
-  counts instead) + the fp32 ``[tokens, h]`` hidden gradient computed in the forward; the LM-head gradient buffer is the LM head's own gradient (counted in gradients).
+  ``tokens * V * (12 + (c if c != 4 else 0))`` bytes (c = compute bytes); fused (simnpo-fast) = one ``rows x V``
+  fp32 logits tile and its dlogits (rows = the chunked backend's ``max(128, h / 2)``; on GPU the Triton kernels
+  keep tiles on chip, an fp32 ``[V, h]`` dW accumulator counts instead) + the fp32 ``[tokens, h]`` hidden gradient
+  computed in the forward; the LM-head gradient buffer is the LM head's own gradient (counted in gradients).
 * reference model: a method with ``reference="logp"`` (NPO) needs the frozen reference log-likelihoods.
   ``reference="cached"`` (this trainer: one pass over the forget set before the first step stores one number per
   example): nothing during training. ``reference="live"`` (frameworks that run a frozen reference model next to
@@ -128,7 +129,8 @@ class ModelShape:
     def largest_param(self) -> int:
         return max(self.vocab_size * self.hidden_size, self.hidden_size * self.intermediate_size)
 
-    def lora_params(self, r: int, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")) -> int:
+    def lora_params(self, r: int,
+                    targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")) -> int:
         h, I = self.hidden_size, self.intermediate_size
         shapes = {"q_proj": (h, self.a), "k_proj": (h, self.kv), "v_proj": (h, self.kv), "o_proj": (self.a, h),
                   "gate_proj": (h, I), "up_proj": (h, I), "down_proj": (I, h)}

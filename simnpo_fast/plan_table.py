@@ -133,7 +133,8 @@ def _gib(v: float) -> str:
 
 def format_table(rows: list, rates: Optional[dict] = None) -> str:
     """Markdown: peak GiB per GPU (``*``: over an 80 GB H100) and, with rates, expected tokens/s."""
-    head = ("| model | GPUs | training | AC, fused | AC, naive | no AC, fused | no AC, naive | NPO live ref (AC, fused) |"
+    head = ("| model | GPUs | training | AC, fused | AC, naive | no AC, fused | no AC, naive "
+            "| NPO live ref (AC, fused) |"
             + (" tokens/s (AC, fused) | tokens/s (AC, naive) |" if rates else ""))
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
