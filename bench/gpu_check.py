@@ -50,6 +50,9 @@ _HIDER = '''"""Written by bench.gpu_check --hide: these packages are absent (fin
 import os, sys
 
 _HIDE = set(filter(None, os.environ.get("SIMNPO_GPU_CHECK_HIDE", "").split(",")))
+if os.environ.get("SIMNPO_GPU_CHECK_UNINSTALLED"):  # drop an editable install's finder: a bare source tree
+    sys.meta_path[:] = [f for f in sys.meta_path if not (getattr(f, "__module__", None) or
+                                                         type(f).__module__).startswith("__editable__")]
 
 
 class _Hide:
@@ -136,18 +139,21 @@ def make_context(args, scratch: Path) -> tuple:
 
     notes, paths, env = {}, [], {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     cwd = ROOT
-    if args.overlay == "always" or (args.overlay == "auto" and needs_overlay()):
-        cwd = _link_tree(scratch / "src")
-        paths.append(str(cwd))
-        sys.path.insert(0, str(cwd))
-        notes["overlay"] = f"simnpo_fast run from the source tree through {cwd}"
-    if args.hide:
+    if args.hide or args.as_uninstalled:
         hide = scratch / "hide"
         hide.mkdir()
         (hide / "sitecustomize.py").write_text(_HIDER)
-        paths.insert(0, str(hide))
-        env["SIMNPO_GPU_CHECK_HIDE"] = args.hide
-        notes["hidden"] = f"packages made absent in every stage: {args.hide}"
+        paths.append(str(hide))
+        env.update(SIMNPO_GPU_CHECK_HIDE=args.hide, SIMNPO_GPU_CHECK_UNINSTALLED="1" if args.as_uninstalled else "")
+        os.environ.update(env)
+        exec(compile(_HIDER, "sitecustomize", "exec"), {})  # this process too
+        notes["hidden"] = f"packages made absent in every stage: {args.hide or 'none'}" + (
+            "; the package's editable install ignored" if args.as_uninstalled else "")
+    if args.overlay == "always" or (args.overlay == "auto" and needs_overlay()):
+        cwd = _link_tree(scratch / "src")
+        paths.insert(0, str(cwd))
+        sys.path.insert(0, str(cwd))
+        notes["overlay"] = f"simnpo_fast run from the source tree through {cwd}"
     wheels = Path(args.wheels) if args.wheels else ROOT / "bench" / "wheels"
     if wheels.is_dir():
         got = unpack_wheels(wheels, scratch / "site")
@@ -265,6 +271,8 @@ def _parse(argv):
     p.add_argument("--overlay", default="auto", choices=["auto", "always", "never"],
                    help="run from a symlink overlay of the source tree (auto: when the package is not installed)")
     p.add_argument("--hide", default="", help="comma list of packages made absent in every stage (tests)")
+    p.add_argument("--as-uninstalled", action="store_true",
+                   help="ignore an editable install of the package (tests: as on a machine without one)")
     return p.parse_args(argv)
 
 
