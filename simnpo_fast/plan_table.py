@@ -81,7 +81,7 @@ def rates_from_gpu_check(result: dict) -> Optional[dict]:
     run = (result.get("unlearn") or {}).get("ours")
     if not (head["fused"] and head["naive"] and run and run.get("tokens_per_s")):
         return None
-    shape = ModelShape(**run["model"])
+    shape = ModelShape(**{k: v for k, v in run["model"].items() if k in ModelShape.__dataclass_fields__})
     t_head = _head_rate({"head_s_per_token_dV": head}, "fused", shape.vocab_size) * shape.hidden_size \
         * shape.vocab_size
     t_body = 1.0 / run["tokens_per_s"] - t_head

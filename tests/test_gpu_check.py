@@ -120,6 +120,17 @@ def test_stage_budget_kills_and_keeps_output(tmp_path):
     bad = Stage("bad", "tests", 30, [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"])
     rec = run_stage(bad, _ctx(tmp_path), 30.0)
     assert (rec["status"], rec["returncode"]) == ("failed", 3) and "boom" in rec["output_tail"]
+    # pytest killed half-way: its -v lines still count (no JUnit XML is written)
+    from bench.gpu_check import _parse_junit
+
+    lines = "tests/k.py::test_a[x] PASSED [ 33%]\ntests/k.py::test_b FAILED [ 66%]\ntests/k.py::test_c SKIPPED"
+    part = Stage("part", "tests", 2, [sys.executable, "-c", f"print({lines!r}, flush=True); import time; "
+                                                            "time.sleep(60)"], parse=_parse_junit)
+    (tmp_path / "part").mkdir()
+    rec = run_stage(part, _ctx(tmp_path), 2.0)
+    assert rec["status"] == "timeout"
+    assert rec["result"] == {"tests": 3, "passed": 1, "failures": 1, "errors": 0, "skipped": 1,
+                             "failed": ["tests/k.py::test_b"], "partial": True}
 
 
 def test_partial_results_are_written(tmp_path):
