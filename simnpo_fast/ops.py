@@ -1,9 +1,15 @@
 """Functional API: fused LM head + log-softmax + target gather + per-sequence reduction + objective.
 
 None of these functions holds a ``[tokens, V]`` logits tensor unless the ``reference`` backend is asked for.
+
+``grad_filter=`` (every loss and ``sequence_logprob``): skip backward terms that are provably small -- sequences
+whose weight ``g_i`` has collapsed (row filter), softmax entries below ``eps`` (softmax filter); thresholds,
+error bounds and the ``"auto"`` default in ``simnpo_fast/backends/filter.py``. Backends that do not implement it
+(``reference``) compute the exact gradients.
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Optional, Union
 
@@ -11,6 +17,7 @@ import torch
 
 from ._inputs import check_inputs, check_reference, pack
 from .backends import Backend, ChunkedBackend, HeadInputs, get_backend
+from .backends.filter import FilterSpec, resolve
 from .objectives import GA, NLL, NPO, SequenceObjective, SimNPO
 from .objectives.base import check_reduction
 
@@ -31,12 +38,13 @@ def _seq_weight_fn(objective: SequenceObjective, n_tokens: torch.Tensor, extras:
     return fn
 
 
-def _head_inputs(hidden, weight, labels, bias, ignore_index, shift):
+def _head_inputs(hidden, weight, labels, bias, ignore_index, shift, grad_filter: FilterSpec = None):
     """``(HeadInputs, n_tokens [B])`` of the valid target rows, after checking the inputs."""
     check_inputs(hidden, weight, labels, bias, ignore_index)
+    flt = resolve(grad_filter, hidden.dtype)
     pk = pack(hidden, labels, ignore_index=ignore_index, shift=shift)
     inp = HeadInputs(pk.src, weight, bias, pk.targets, rows=pk.rows, seq_ids=pk.seq_ids, offsets=pk.offsets,
-                     num_seqs=pk.num_seqs)
+                     num_seqs=pk.num_seqs, grad_filter=flt)
     return inp, pk.n_tokens
 
 
@@ -49,13 +57,15 @@ def sequence_logprob(
     ignore_index: int = -100,
     shift: bool = True,
     backend: BackendArg = None,
+    grad_filter: FilterSpec = "auto",
 ):
     """Summed answer log-likelihood and answer-token count of each sequence.
 
     Returns ``(logp_sum [B] fp32, n_tokens [B] int64)``. Differentiable w.r.t. hidden, weight and bias;
-    the backward recomputes the logits tiles (no ``[B*T, V]`` tensor is ever held).
+    the backward recomputes the logits tiles (no ``[B*T, V]`` tensor is ever held). ``grad_filter``: module
+    docstring (the row filter compares each token's upstream weight with the call's largest).
     """
-    inp, n_tokens = _head_inputs(hidden, weight, labels, bias, ignore_index, shift)
+    inp, n_tokens = _head_inputs(hidden, weight, labels, bias, ignore_index, shift, grad_filter)
     return get_backend(backend, hidden.device).sequence_logprob(inp), n_tokens
 
 
@@ -72,15 +82,17 @@ def fused_sequence_loss(
     shift: bool = True,
     backend: BackendArg = None,
     return_logp: bool = False,
+    grad_filter: FilterSpec = "auto",
     **extras: torch.Tensor,
 ):
     """Any :class:`SequenceObjective` on top of the fused LM head (see ``objectives/base.py``).
 
     With ``return_logp=True`` also returns the detached ``(logp_sum [B], n_tokens [B])`` that were computed
-    on the way (free: e.g. the trainer logs the forget-set log-likelihood from them).
+    on the way (free: e.g. the trainer logs the forget-set log-likelihood from them). ``grad_filter``: module
+    docstring.
     """
     check_reduction(reduction, normalizer)
-    inp, n_tokens = _head_inputs(hidden, weight, labels, bias, ignore_index, shift)
+    inp, n_tokens = _head_inputs(hidden, weight, labels, bias, ignore_index, shift, grad_filter)
     be = get_backend(backend, hidden.device)
     B = inp.num_seqs
     for k, v in extras.items():
@@ -101,51 +113,58 @@ def fused_sequence_loss(
     if inp.num_rows == 0:
         warnings.warn("every label is ignore_index: the loss is 0 and all gradients are zero", stacklevel=2)
     scale = 1.0 / denom if denom > 0 else 0.0
+    if inp.grad_filter is not None and inp.grad_filter.rows > 0 and inp.grad_filter.rows_ref == "bound":
+        bound = objective.weight_bound(n_tokens)
+        inp = inp.replace(weight_bound=None if bound is None else bound.to(hidden.device) * scale)
     loss, logp = be.sequence_loss(inp, _seq_weight_fn(objective, n_tokens, extras, scale), scale)
     return (loss, logp, n_tokens) if return_logp else loss
 
 
 def simnpo_loss(hidden, weight, labels, *, beta: float = 2.5, gamma: float = 0.0, bias=None,
                 ignore_index: int = -100, reduction: str = "mean", normalizer=None, shift: bool = True,
-                backend: BackendArg = None):
+                backend: BackendArg = None, grad_filter: FilterSpec = "auto"):
     """SimNPO: ``-(2/beta) * logsigmoid(-(beta/|y|) * log p(y|x) - gamma)``, mean over forget sequences."""
     return fused_sequence_loss(hidden, weight, labels, SimNPO(beta, gamma), bias=bias,
                                ignore_index=ignore_index, reduction=reduction, normalizer=normalizer,
-                               shift=shift, backend=backend)
+                               shift=shift, backend=backend, grad_filter=grad_filter)
 
 
 def npo_loss(hidden, weight, labels, ref_logp_sum, *, beta: float = 0.1, bias=None, ignore_index: int = -100,
-             reduction: str = "mean", normalizer=None, shift: bool = True, backend: BackendArg = None):
+             reduction: str = "mean", normalizer=None, shift: bool = True, backend: BackendArg = None,
+             grad_filter: FilterSpec = "auto"):
     """NPO: ``-(2/beta) * logsigmoid(-beta * (log p - log p_ref))`` with summed log-likelihoods."""
     return fused_sequence_loss(hidden, weight, labels, NPO(beta), bias=bias, ignore_index=ignore_index,
                                reduction=reduction, normalizer=normalizer, shift=shift, backend=backend,
-                               ref_logp_sum=ref_logp_sum)
+                               grad_filter=grad_filter, ref_logp_sum=ref_logp_sum)
 
 
 def nll_loss(hidden, weight, labels, *, bias=None, ignore_index: int = -100, reduction: str = "mean",
-             normalizer=None, shift: bool = True, backend: BackendArg = None):
+             normalizer=None, shift: bool = True, backend: BackendArg = None, grad_filter: FilterSpec = "auto"):
     """Retain NLL: token-mean cross-entropy over answer tokens (or the sum divided by ``normalizer``)."""
     return fused_sequence_loss(hidden, weight, labels, NLL(), bias=bias, ignore_index=ignore_index,
-                               reduction=reduction, normalizer=normalizer, shift=shift, backend=backend)
+                               reduction=reduction, normalizer=normalizer, shift=shift, backend=backend,
+                               grad_filter=grad_filter)
 
 
 def ga_loss(hidden, weight, labels, *, bias=None, ignore_index: int = -100, reduction: str = "mean",
-            normalizer=None, shift: bool = True, backend: BackendArg = None):
+            normalizer=None, shift: bool = True, backend: BackendArg = None, grad_filter: FilterSpec = "auto"):
     """Gradient ascent: the negated token-mean NLL of the forget answers."""
     return fused_sequence_loss(hidden, weight, labels, GA(), bias=bias, ignore_index=ignore_index,
-                               reduction=reduction, normalizer=normalizer, shift=shift, backend=backend)
+                               reduction=reduction, normalizer=normalizer, shift=shift, backend=backend,
+                               grad_filter=grad_filter)
 
 
 def kl_loss(hidden, weight, labels, ref_hidden, ref_weight, *, bias=None, ref_bias=None, ignore_index: int = -100,
             reduction: str = "mean", normalizer=None, shift: bool = True, backend: BackendArg = None,
-            chunk_rows: Optional[int] = None):
+            chunk_rows: Optional[int] = None, grad_filter: FilterSpec = "auto"):
     """Retain KL: ``sum_t KL(p_ref(.|t) || p(.|t))`` over the answer tokens, token-mean by default (or the sum
     divided by ``normalizer``), where ``p`` comes from ``hidden`` / ``weight`` / ``bias`` and the frozen
     reference ``p_ref`` from ``ref_hidden [B, T, d_ref]`` / ``ref_weight [V, d_ref]`` / ``ref_bias`` (no
     gradient flows to them). Fused like the other losses: two logits tiles at a time, never ``[tokens, V]``
     (8NdV flops: the reference logits are recomputed from its hidden states), on the backend's ``fused_kl``
     (chunked and Triton backends: the chunked schedule; ``reference``: materialised). ``chunk_rows`` fixes the
-    chunked backend's tile height (instead of ``backend=``).
+    chunked backend's tile height (instead of ``backend=``). ``grad_filter``: only its softmax filter applies
+    (entries with ``|p - p_ref| < eps`` left out of the products); a row threshold is an error.
     """
     check_reduction(reduction, normalizer)
     if reduction == "none":
@@ -154,7 +173,12 @@ def kl_loss(hidden, weight, labels, ref_hidden, ref_weight, *, bias=None, ref_bi
         if backend is not None:
             raise ValueError("kl_loss: give chunk_rows= (the chunked backend's tile height) or backend=, not both")
         backend = ChunkedBackend(chunk_rows=chunk_rows)
-    inp, _ = _head_inputs(hidden, weight, labels, bias, ignore_index, shift)
+    inp, _ = _head_inputs(hidden, weight, labels, bias, ignore_index, shift, grad_filter)
+    if grad_filter == "auto" and inp.grad_filter is not None:  # the default's softmax part only
+        inp = inp.replace(grad_filter=resolve(dataclasses.replace(inp.grad_filter, rows=0.0), hidden.dtype))
+    if inp.grad_filter is not None and inp.grad_filter.rows > 0:
+        raise ValueError("kl_loss: grad_filter.rows has no meaning for the retain KL (no per-sequence weight); "
+                         "give probs only")
     check_reference(hidden, weight, ref_hidden, ref_weight, ref_bias)
     ref = inp.replace(x=ref_hidden.detach().reshape(-1, ref_hidden.shape[-1]), w=ref_weight.detach(),
                       b=None if ref_bias is None else ref_bias.detach())

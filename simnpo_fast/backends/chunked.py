@@ -23,9 +23,10 @@ import torch
 from .base import Backend
 from .grads import TileGrads
 from .inputs import GradNeeds, HeadInputs, SeqWeightFn
+from .filter import GradFilter, RowRule, entry_threshold
 from .kl import chunked_kl
 from .lowp import gemm_dtype
-from .tiles import (RowSource, TileBuffer, acc_dtype, chunk_rows, factor_dlogits_, forward_exp_,
+from .tiles import (RowSource, TileBuffer, acc_dtype, chunk_rows, compact_rows_, factor_dlogits_, forward_exp_,
                     forward_masked_softmax_, forward_softmax_, put_targets_, relogits_fn, tile_logits)
 
 
@@ -35,6 +36,8 @@ class ChunkedBackend(Backend):
 
     name = "chunked"
     grads_class = TileGrads
+    #: what the gradient filter kept in the last call (benchmarks read it; one dict per backend instance)
+    last_filter_stats: dict = {}
 
     def __init__(self, chunk_rows: Optional[int] = None):
         self._chunk_rows = chunk_rows
@@ -98,14 +101,17 @@ class ChunkedBackend(Backend):
         return self.tile_dlogits(z, state, tgt, g)
 
     # -- generic path -------------------------------------------------------------------------------------
-    def _token_tiles(self, inp: HeadInputs):
-        """``(r0, r1, xc, z)`` over ``R``-row token tiles of the packed rows: inputs and logits (one reused buffer)."""
+    def _token_tiles(self, inp: HeadInputs, keep: Optional[torch.Tensor] = None):
+        """``(r0, r1, xc, z)`` over ``R``-row token tiles of the packed rows: inputs and logits (one reused buffer);
+        tiles with no row in the bool mask ``keep`` are skipped."""
         x, w, b, M = inp.x, inp.w, inp.b, inp.num_rows
         R = self.tile_rows(x)
         buf = TileBuffer(min(R, M), x, w)
         src = RowSource(x, inp.rows, R, w.dtype)
         for r0 in range(0, M, R):
             r1 = min(M, r0 + R)
+            if keep is not None and not bool(keep[r0:r1].any()):
+                continue
             xc = src.get(r0, r1)
             yield r0, r1, xc, self.tile_logits(xc, w, b, out=buf.take(r1 - r0))
 
@@ -125,10 +131,19 @@ class ChunkedBackend(Backend):
         if not acc.any:
             return None, None, None
         grad_lp = grad_lp.to(acc_dtype(x))
-        for r0, r1, xc, z in self._token_tiles(inp):
+        flt, keep = inp.grad_filter, None
+        if flt is not None and flt.rows > 0 and grad_lp.numel():  # per token: the call's largest weight
+            a = grad_lp.abs()
+            keep = a >= flt.rows * a.max()
+        for r0, r1, xc, z in self._token_tiles(inp, None if keep is None else keep):
             p, row_scale = self.tile_dlogits_from_logits(z, lse[r0:r1], lp[r0:r1], targets[r0:r1], grad_lp[r0:r1],
                                                          relogits_fn(self, xc, w, b))
-            acc.add_tile(p, xc, w, r0, r1, inp.rows, scale=row_scale)
+            if flt is None:
+                acc.add_tile(p, xc, w, r0, r1, inp.rows, scale=row_scale)
+            else:
+                filtered_backward(acc, flt, p, row_scale, grad_lp[r0:r1], xc, w, targets[r0:r1],
+                                  inp.dst_rows(r0, r1), None if keep is None else keep[r0:r1])
+        self.last_filter_stats = filter_stats(acc, None, keep)
         return acc.finish()
 
     # -- scalar-loss path: sequence-aligned, gradients while the tile is live ------------------------------
@@ -143,6 +158,7 @@ class ChunkedBackend(Backend):
             else:  # one long sequence: two passes over token tiles
                 run.long_sequence(s0)
         run.buf = None
+        self.last_filter_stats = filter_stats(run.acc, run.rule, None)
         # Sequences with no answer token never enter a tile; the objective defines their (zero) loss.
         return (run.loss_sum, run.logp_sum, *run.acc.finish())
 
@@ -161,6 +177,8 @@ class _SeqLossRun:
         self.loss_sum = torch.zeros((), dtype=self.acc_t, device=inp.x.device)
         self.buf = TileBuffer(min(R, inp.num_rows), inp.x, inp.w)
         self.src = RowSource(inp.x, inp.rows, R, inp.w.dtype)
+        self.flt = inp.grad_filter
+        self.rule = RowRule(self.flt, inp.weight_bound)
 
     def whole_sequences(self, s0: int, s1: int) -> None:
         be, inp, dev = self.be, self.inp, self.inp.x.device
@@ -174,9 +192,18 @@ class _SeqLossRun:
         self.logp_sum[s0:s1] = seq_lp
         f, g = self.fn(seq_lp, torch.arange(s0, s1, device=dev))
         self.loss_sum += f.sum()
-        if self.acc.any:
-            p, row_scale = be.tile_dlogits(z, state, tgt, g.index_select(0, local))
+        if not self.acc.any:
+            return
+        keep = self.rule.keep(g, torch.arange(s0, s1, device=dev)) if self.flt is not None else None
+        if keep is not None and not bool(keep.any()):  # every sequence of the tile filtered out
+            return
+        g_rows = g.index_select(0, local)
+        p, row_scale = be.tile_dlogits(z, state, tgt, g_rows)
+        if self.flt is None:
             self.acc.add_tile(p, xc, w, r0, r1, inp.rows, scale=row_scale)
+        else:
+            filtered_backward(self.acc, self.flt, p, row_scale, g_rows, xc, w, tgt, inp.dst_rows(r0, r1),
+                              None if keep is None else keep.index_select(0, local))
 
     def long_sequence(self, s: int) -> None:
         be, inp, R = self.be, self.inp, self.R
@@ -192,15 +219,51 @@ class _SeqLossRun:
         self.loss_sum += f.sum()
         if not self.acc.any:
             return
+        if self.flt is not None and self.rule.keep(g, torch.arange(s, s + 1, device=inp.x.device)) is not None:
+            return  # filtered out: no second pass
         for t0 in range(r0, r1, R):
             t1 = min(r1, t0 + R)
             xc = self.src.get(t0, t1)
             z = be.tile_logits(xc, w, b, out=self.buf.take(t1 - t0))
+            g_rows = g.expand(t1 - t0).contiguous()
             p, row_scale = be.tile_dlogits_from_logits(
-                z, lse[t0 - r0 : t1 - r0], lp[t0 - r0 : t1 - r0], inp.targets[t0:t1],
-                g.expand(t1 - t0).contiguous(), relogits_fn(be, xc, w, b))
-            self.acc.add_tile(p, xc, w, t0, t1, inp.rows, scale=row_scale)
+                z, lse[t0 - r0 : t1 - r0], lp[t0 - r0 : t1 - r0], inp.targets[t0:t1], g_rows, relogits_fn(be, xc, w, b))
+            if self.flt is None:
+                self.acc.add_tile(p, xc, w, t0, t1, inp.rows, scale=row_scale)
+            else:
+                filtered_backward(self.acc, self.flt, p, row_scale, g_rows, xc, w, inp.targets[t0:t1],
+                                  inp.dst_rows(t0, t1), None)
             del z, p
+
+
+def filtered_backward(acc, flt: GradFilter, p, row_scale, g_rows, xc, w, tgt, dst, keep_rows) -> None:
+    """The ``dX`` / ``dW`` / ``db`` of a factorised tile ``diag(row_scale) p`` under the filter ``flt``
+    (``backends/filter.py``): the rows not in ``keep_rows`` (a bool mask, ``None`` = all) are left out (the kept
+    rows are moved to the front of the tile, in place), then the softmax filter's sparse products, or the dense
+    ones when it is off."""
+    if keep_rows is not None:
+        idx = keep_rows.nonzero().squeeze(1)
+        p = compact_rows_(p, idx)
+        xc, tgt, dst, g_rows = xc.index_select(0, idx), tgt.index_select(0, idx), dst.index_select(0, idx), \
+            g_rows.index_select(0, idx)
+        row_scale = None if row_scale is None else row_scale.index_select(0, idx)
+    if flt.probs <= 0:
+        acc.add_tile(p, xc, w, 0, p.shape[0], dst, scale=row_scale)
+        return
+    thr = entry_threshold(flt, g_rows, row_scale)
+    acc.add_tile_sparse(p, xc, w, dst, row_scale, thr, tgt, flt.block_rows)
+
+
+def filter_stats(acc, rule: Optional[RowRule], keep: Optional[torch.Tensor]) -> dict:
+    """Kept fractions of the last call: sequences (or rows) of the row filter, tile entries of the softmax filter."""
+    out = {}
+    if rule is not None and rule.seen:
+        out["rows_kept"] = rule.kept / rule.seen
+    elif keep is not None and keep.numel():
+        out["rows_kept"] = float(keep.float().mean())
+    if acc.cols_seen:
+        out["entries_kept"] = acc.cols_kept / acc.cols_seen
+    return out
 
 
 def _schedule(offsets: "list[int]", R: int):

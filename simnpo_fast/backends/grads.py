@@ -44,6 +44,7 @@ class TileGrads:
         self._dw_fresh = True
         self.db = torch.zeros(w.shape[0], dtype=self.acc, device=w.device) if (need_db and b is not None) else None
         self.any = need_dx or need_dw or self.db is not None
+        self.cols_kept = self.cols_seen = 0  # softmax filter: tile entries (rows x columns) kept / looked at
 
     def dx_dtype(self, x) -> torch.dtype:
         return torch.float32 if x.dtype == torch.float16 else x.dtype
@@ -121,6 +122,46 @@ class TileGrads:
                     else:
                         self.dw[v0 : v0 + n].add_(self._wide[:n].copy_(prod), alpha=alpha)
             self._dw_fresh = False
+
+    def add_tile_sparse(self, p: torch.Tensor, xc: torch.Tensor, w: torch.Tensor, dst: torch.Tensor,
+                        scale: Optional[torch.Tensor], thr: torch.Tensor, tgt: Optional[torch.Tensor],
+                        block_rows: int) -> None:
+        """``add_tile`` of the tile rows ``p`` (``dX`` rows ``dst``) without the entries ``|p_rv| < thr_r`` (the
+        softmax filter, ``backends/filter.py``): per block of ``block_rows`` rows, only the vocabulary columns
+        where some row has ``|p_rv| >= thr_r`` (or its target ``tgt_r``) enter the two products, on gathered
+        ``W[cols]`` / ``p[:, cols]``, and ``dW[cols]`` (``db[cols]``) is added to. ``p`` must have ``w``'s dtype."""
+        alpha, sn = 1.0, scale
+        if scale is not None and p.dtype == torch.float16:
+            alpha, sn = pow2_split(scale)
+        if self.dw is not None and self._dw_fresh:
+            self.dw.zero_()
+            self._dw_fresh = False
+        V = p.shape[1]
+        for b0 in range(0, p.shape[0], block_rows):
+            b1 = min(p.shape[0], b0 + block_rows)
+            pb = p[b0:b1]
+            keep = (pb.abs() >= thr[b0:b1].to(pb.dtype).unsqueeze(1)).any(0)
+            if tgt is not None:
+                keep[tgt[b0:b1]] = True
+            cols = keep.nonzero().squeeze(1)
+            self.cols_kept += cols.numel() * (b1 - b0)
+            self.cols_seen += V * (b1 - b0)
+            if cols.numel() == 0:
+                continue
+            pc = pb.index_select(1, cols)
+            sb = None if scale is None else scale[b0:b1]
+            if self.dx is not None:
+                prod = torch.mm(pc, w.index_select(0, cols))
+                if sb is not None:
+                    prod = prod.float().mul_(sb.unsqueeze(1))
+                self.dx.index_copy_(0, dst[b0:b1], prod.to(self.dx.dtype))
+            snb = None if sn is None else sn[b0:b1]
+            if self.db is not None:
+                part = pc.sum(dim=0, dtype=self.acc) if snb is None else torch.mv(pc.t(), snb.to(pc.dtype)).to(self.acc)
+                self.db.index_add_(0, cols, part, alpha=alpha)
+            if self.dw is not None:
+                xs = xc[b0:b1] if snb is None else torch.mul(xc[b0:b1], snb.unsqueeze(1)).to(xc.dtype)
+                self.dw.index_add_(0, cols, torch.mm(pc.t(), xs).to(self.acc), alpha=alpha)
 
     def _scaled_rows(self, xc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """``scale * xc`` (rows scaled in fp32, rounded once to ``xc``'s dtype) in a reused ``[R, d]`` buffer."""

@@ -8,6 +8,8 @@ from typing import Callable, List, NamedTuple, Optional
 
 import torch
 
+from .filter import GradFilter
+
 #: ``seq_weight_fn(logp_sum_chunk [k] fp32, seq_index_chunk [k] int64) -> (f [k], scale * df/dlogp_sum [k])``:
 #: the per-sequence loss ``f_i`` (unscaled) and the weight ``g_i`` of the logits gradient (scaled).
 SeqWeightFn = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
@@ -32,6 +34,8 @@ class HeadInputs:
     Packed row ``r`` is ``x[rows[r]]`` (``x`` itself, in order, when ``rows is None``): the hidden states are
     never copied to form it. ``seq_ids`` / ``offsets`` / ``num_seqs`` group the rows into sequences (CSR:
     sequence ``s`` owns rows ``offsets[s]:offsets[s+1]``); per-token methods do not read them.
+    ``grad_filter`` / ``weight_bound``: the optional gradient filter of ``backends/filter.py`` (backends that do
+    not implement it compute the exact gradients).
     """
 
     x: torch.Tensor  # [N, d]
@@ -42,6 +46,8 @@ class HeadInputs:
     seq_ids: Optional[torch.Tensor] = None  # [M] int64, non-decreasing
     offsets: Optional[List[int]] = None  # len num_seqs + 1, host ints
     num_seqs: int = 0
+    grad_filter: Optional[GradFilter] = None  # backward filtering (backends/filter.py); None = exact
+    weight_bound: Optional[torch.Tensor] = None  # [S] fp32: the largest |g_i| the objective allows (row filter)
 
     @property
     def num_rows(self) -> int:
@@ -50,6 +56,12 @@ class HeadInputs:
     def packed_x(self) -> torch.Tensor:
         """``[M, d]``: the packed rows materialised (a gather; ``x`` itself when ``rows is None``)."""
         return self.x if self.rows is None else self.x.index_select(0, self.rows)
+
+    def dst_rows(self, r0: int, r1: int) -> torch.Tensor:
+        """The rows of ``x`` (and of ``dx``) that packed rows ``[r0, r1)`` stand for."""
+        if self.rows is None:
+            return torch.arange(r0, r1, device=self.x.device)
+        return self.rows[r0:r1]
 
     def unpack_rows(self, packed: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """A ``[M, d]`` per-row result (e.g. ``dx`` of the packed rows) placed into a zero tensor shaped like ``x``."""

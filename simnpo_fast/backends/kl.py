@@ -48,7 +48,8 @@ def chunked_kl(inp: HeadInputs, ref: HeadInputs, scale: float, needs: GradNeeds,
     of the larger hidden size: both tiles together take at most the bytes of the fp32 ``dW``): the two logits
     tiles, then, a few rows at a time, the two log-softmaxes, ``KL_r = sum_v p_ref (log p_ref - log p)`` and the
     logits gradient ``scale (p - p_ref)`` written over the policy tile, which feeds the dX / dW GEMMs while it is
-    live. Nothing ``[M, V]``.
+    live. Nothing ``[M, V]``. With ``inp.grad_filter`` (its ``probs`` only) the products leave out the entries with
+    ``|p - p_ref| < eps`` (per element of ``dW``: an error below ``eps * scale * sum_r |x_rk|``).
     """
     x, w, b = inp.x, inp.w, inp.b
     acc_t = acc_dtype(x)
@@ -60,6 +61,9 @@ def chunked_kl(inp: HeadInputs, ref: HeadInputs, scale: float, needs: GradNeeds,
     n = min(R, M)
     zbuf = torch.empty(n * V, dtype=acc_t, device=x.device)
     rbuf = torch.empty(n * V, dtype=acc_t, device=x.device)
+    flt = inp.grad_filter
+    # the filter needs the tile in the GEMM dtype (fp32 / fp64 inputs, or 16-bit ones widened to fp32)
+    sparse = flt is not None and flt.probs > 0 and w.dtype == acc_t
     src, rsrc = RowSource(x, inp.rows, R, w.dtype), RowSource(ref.x, ref.rows, R, ref.w.dtype)
     for r0 in range(0, M, R):
         r1 = min(M, r0 + R)
@@ -67,6 +71,11 @@ def chunked_kl(inp: HeadInputs, ref: HeadInputs, scale: float, needs: GradNeeds,
         z = _fp32_logits(xc, w, b, zbuf[: (r1 - r0) * V].view(r1 - r0, V))
         zr = _fp32_logits(rsrc.get(r0, r1), ref.w, ref.b, rbuf[: (r1 - r0) * V].view(r1 - r0, V))
         _kl_tile_(z, zr, scale, acc.any, total)
-        if acc.any:
+        if not acc.any:
+            continue
+        if sparse:  # softmax filter: entries with |p - p_ref| < eps left out of the products
+            thr = torch.full((r1 - r0,), flt.probs * abs(scale), dtype=acc_t, device=x.device)
+            acc.add_tile_sparse(z, xc, w, inp.dst_rows(r0, r1), None, thr, None, flt.block_rows)
+        else:
             acc.add_tile(z, xc, w, r0, r1, inp.rows)
     return (total * scale, *acc.finish())

@@ -135,6 +135,25 @@ class RowSource:
         return (self.x[r0:r1], None) if self.rows is None else (self.x, self.rows[r0:r1])
 
 
+def compact_rows_(z: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Move rows ``idx`` (increasing) of the tile ``z`` to its front, in place and in order; returns
+    ``z[:len(idx)]``. Runs of consecutive rows move as blocks, in pieces that never overlap their source."""
+    idx_l = idx.tolist()
+    dst, i = 0, 0
+    while i < len(idx_l):
+        j = i
+        while j + 1 < len(idx_l) and idx_l[j + 1] == idx_l[j] + 1:
+            j += 1
+        src, n = idx_l[i], j - i + 1
+        if src != dst:
+            step = src - dst  # > 0: a piece of <= step rows never overlaps where it comes from
+            for k in range(0, n, step):
+                m = min(step, n - k)
+                z[dst + k : dst + k + m].copy_(z[src + k : src + k + m])
+        dst, i = dst + n, j + 1
+    return z[:dst]
+
+
 def pow2_split(scale: torch.Tensor) -> "tuple[float, torch.Tensor]":
     """``(alpha, scale / alpha)``: ``alpha`` a power of two (a host float) with ``max |scale / alpha|`` in [1/2, 1);
     ``alpha = 1`` for an all-zero or non-finite ``scale`` (exact: only exponents change)."""

@@ -36,6 +36,11 @@ class SequenceObjective:
         f = self.per_sequence(logp_sum, n_tokens, **extra)
         return torch.where(valid, f, torch.zeros_like(f))
 
+    def weight_bound(self, n_tokens: torch.Tensor) -> Optional[torch.Tensor]:
+        """``[B]``: the largest ``|d f_i / d logp_sum_i|`` the objective can give each sequence (the row filter's
+        reference, ``backends/filter.py``), or ``None`` when there is none (no row filtering by bound)."""
+        return None
+
     def denominator(self, n_tokens: torch.Tensor) -> int:
         if self.per == "token":
             return int(n_tokens.sum())

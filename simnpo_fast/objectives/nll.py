@@ -5,7 +5,13 @@ NLL and ``+logp_sum_i`` for GA, divided by the number of answer tokens (or ``nor
 """
 from __future__ import annotations
 
+import torch
+
 from .base import SequenceObjective
+
+
+def _ones(n_tokens):
+    return torch.ones(n_tokens.shape, dtype=torch.float32, device=n_tokens.device)
 
 
 class NLL(SequenceObjective):
@@ -14,6 +20,9 @@ class NLL(SequenceObjective):
 
     def per_sequence(self, logp_sum, n_tokens, **extra):
         return -logp_sum
+
+    def weight_bound(self, n_tokens):  # constant weight: never below a fraction of itself
+        return _ones(n_tokens)
 
 
 class GA(SequenceObjective):
@@ -24,3 +33,6 @@ class GA(SequenceObjective):
 
     def per_sequence(self, logp_sum, n_tokens, **extra):
         return logp_sum
+
+    def weight_bound(self, n_tokens):
+        return _ones(n_tokens)

@@ -5,10 +5,11 @@
 ``gamma`` is the paper's reward margin and is *not* multiplied by beta. The authors' reference code
 computes ``logsigmoid(-beta * (loss/|y|) - beta * gamma)`` style margins (gamma scaled by beta); to
 reproduce such a run with margin ``gamma_code`` pass ``gamma = beta * gamma_code`` here.
-d f_i / d logp_sum_i = (2 / |y_i|) * sigmoid((beta / |y_i|) * logp_sum_i + gamma).
+d f_i / d logp_sum_i = (2 / |y_i|) * sigmoid((beta / |y_i|) * logp_sum_i + gamma), at most 2 / |y_i|.
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 from .base import SequenceObjective, check_beta, check_finite
@@ -25,3 +26,6 @@ class SimNPO(SequenceObjective):
     def per_sequence(self, logp_sum, n_tokens, **extra):
         n = n_tokens.clamp(min=1).to(logp_sum.dtype)
         return -(2.0 / self.beta) * F.logsigmoid(-(self.beta / n) * logp_sum - self.gamma)
+
+    def weight_bound(self, n_tokens):
+        return 2.0 / n_tokens.clamp(min=1).to(torch.float32)
