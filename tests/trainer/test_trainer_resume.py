@@ -126,7 +126,7 @@ ERRORS = [
     ("data.path=/nonexistent/tofu", "does not exist"),
     ("model.path=/nonexistent/model", "not a local folder"),
     ("optim.lrr=1e-5", "unknown config key"),
-    ("batch_size=6", "multiple of micro_batch_size"),
+    ("batch_size=7", "multiple of micro_batch_size"),
 ]
 
 
