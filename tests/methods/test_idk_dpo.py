@@ -267,7 +267,7 @@ def _naive_step(cfg):
     d = (la - la.detach()) - (lf - lf.detach())
     loss = L.forget_weight * (-(2 / L.beta) * F.logsigmoid(L.beta * d)).mean() + L.retain_weight * hf(**rb).loss
     loss.backward()
-    return {"lm." + k: p.grad for k, p in hf.named_parameters()}, float(loss)
+    return {"lm." + k: p.grad for k, p in hf.named_parameters()}, float(loss.detach())
 
 
 def _trainer_grads(cfg):
