@@ -1,8 +1,8 @@
 """Slow 16-bit GEMMs: a measured probe, and the dtype the chunked backend's tile products run in.
 
 On CPUs without native bf16 / fp16 GEMM instructions (x86 with AVX2 only: no AVX-512 BF16 / AMX, no AVX-512
-FP16) torch's bf16 and fp16 matmuls fall back to slow kernels: 1-16 GFLOP/s against ~50-90 GFLOP/s in fp32 on
-a 2-core AMD EPYC VM, 25-50x slower. There the chunked backend computes the tiles of 16-bit inputs in fp32
+FP16) torch's bf16 and fp16 matmuls fall back to slow kernels, many times slower than fp32 (the measured ratios
+are in bench/results/ and the README). There the chunked backend computes the tiles of 16-bit inputs in fp32
 (``gemm_dtype``): one fp32 copy of ``W`` (and ``b``) per call -- ``4 V d`` bytes more, the size of the fp32
 ``dW`` accumulator every training step holds anyway -- fp32 row tiles of ``x`` (``4 R d`` bytes), and an fp32
 logits tile at the fp32 tile height (the same bytes as the 16-bit tile at its doubled height). The results are
@@ -11,9 +11,8 @@ in the input dtype as before.
 
 Decision (``lowp_gemm_slow``): a probe at first use, cached per process and (device type, dtype): the best of
 a few ``[128, 512] x [512, 256]^T`` products in the 16-bit dtype against the same in fp32 (~34 MFLOP each, on one
-thread, interleaved: ~0.1 s on a slow CPU, a few ms on one with native bf16); "slow" when the 16-bit product
-takes more than ``SLOW_RATIO`` times the fp32 one. CUDA devices are never probed (tensor cores). ``SIMNPO_FAST_LOWP_GEMM``
-overrides it: ``auto`` (default, the probe), ``native`` (always the input dtype), ``fp32`` (always widen).
+thread, interleaved); "slow" when the 16-bit product takes more than ``SLOW_RATIO`` times the fp32 one. CUDA
+devices are never probed (tensor cores). ``SIMNPO_FAST_LOWP_GEMM`` overrides it: ``auto`` (default, the probe), ``native`` (always the input dtype), ``fp32`` (always widen).
 """
 from __future__ import annotations
 
