@@ -12,7 +12,8 @@ in the input dtype as before.
 Decision (``lowp_gemm_slow``): a probe at first use, cached per process and (device type, dtype): the best of
 a few ``[128, 512] x [512, 256]^T`` products in the 16-bit dtype against the same in fp32 (~34 MFLOP each, on one
 thread, interleaved); "slow" when the 16-bit product takes more than ``SLOW_RATIO`` times the fp32 one. CUDA
-devices are never probed (tensor cores). ``SIMNPO_FAST_LOWP_GEMM`` overrides it: ``auto`` (default, the probe), ``native`` (always the input dtype), ``fp32`` (always widen).
+devices are never probed (tensor cores). ``SIMNPO_FAST_LOWP_GEMM`` overrides it: ``auto`` (default, the probe),
+``native`` (always the input dtype), ``fp32`` (always widen).
 """
 from __future__ import annotations
 
