@@ -132,18 +132,11 @@ def run_ours(args, device: str) -> dict:
 def run_hf(args, device: str, tmp: str) -> dict:
     """``transformers.Trainer.train()`` with the naive SimNPO ``compute_loss``; a callback times every step."""
     import torch
-    import torch.nn.functional as F
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import TrainerCallback, TrainingArguments
 
-    class NaiveSimNPOTrainer(Trainer):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            f, r = inputs["forget"], inputs["retain"]
-            logits = model(input_ids=f["input_ids"], attention_mask=f["attention_mask"]).logits
-            tgt = f["labels"][:, 1:]
-            m = tgt != -100
-            lp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, tgt.clamp_min(0)[..., None])[..., 0]
-            seq = (lp * m).sum(1) / m.sum(1)
-            return (-(2 / BETA) * F.logsigmoid(-BETA * seq)).mean() + model(**r).loss
+    from bench.methods import naive_simnpo_trainer
+
+    NaiveSimNPOTrainer = naive_simnpo_trainer(beta=BETA, gamma=0.0)
 
     out = {"times_s": [], "losses": [], "allocated_before_timed_bytes": 0}
 

@@ -78,6 +78,27 @@ def simnpo_from_logp_sum(logp_sum, n_tokens, beta: float = BETA, gamma: float = 
     return f.sum() / valid.sum().clamp(min=1)
 
 
+def naive_simnpo_trainer(beta: float = BETA, gamma: float = GAMMA):
+    """A ``transformers.Trainer`` subclass as an HF user writes SimNPO: full ``[B, T, V]`` logits, fp32
+    log-softmax, the answer-token mean log-probability per forget sequence, plus the retain NLL. Its inputs are
+    ``{"forget": batch, "retain": batch}`` (HF-aligned labels, -100 outside the answers)."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import Trainer
+
+    class NaiveSimNPOTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            f, r = inputs["forget"], inputs["retain"]
+            logits = model(input_ids=f["input_ids"], attention_mask=f["attention_mask"]).logits
+            tgt = f["labels"][:, 1:]
+            m = tgt != -100
+            lp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, tgt.clamp_min(0)[..., None])[..., 0]
+            seq = (lp * m).sum(1) / m.sum(1)
+            return (-(2 / beta) * F.logsigmoid(-beta * seq - gamma)).mean() + model(**r).loss
+
+    return NaiveSimNPOTrainer
+
+
 def simnpo_from_token_ce(ce_fn: Callable) -> Callable:
     """``ce_fn(x [M, d], w [V, d], targets [M]) -> per-token CE [M]`` -> a SimNPO method."""
     import torch

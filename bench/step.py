@@ -82,20 +82,11 @@ def _ours(args):
 
 def _hf(args, tmp):
     import torch
-    import torch.nn.functional as F
-    from transformers import LlamaForCausalLM, Trainer, TrainingArguments
+    from transformers import LlamaForCausalLM, TrainingArguments
 
-    class NaiveSimNPOTrainer(Trainer):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            f, r = inputs["forget"], inputs["retain"]
-            logits = model(input_ids=f["input_ids"], attention_mask=f["attention_mask"]).logits
-            tgt = f["labels"][:, 1:]
-            m = tgt != -100
-            lp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, tgt.clamp_min(0)[..., None])[..., 0]
-            seq = (lp * m).sum(1) / m.sum(1)
-            forget = (-(2 / 2.5) * F.logsigmoid(-2.5 * seq - 0.0)).mean()
-            retain = model(**r).loss
-            return forget + retain
+    from bench.methods import naive_simnpo_trainer
+
+    NaiveSimNPOTrainer = naive_simnpo_trainer(beta=2.5, gamma=0.0)
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(_config(args))
