@@ -227,7 +227,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tag", default="", help="suffix of the JSON name (e.g. 'before')")
     a = ap.parse_args(argv)
 
-    from bench.common import RESULTS, machine_info, machine_tag
+    from bench.harness import RESULTS, machine_info, machine_tag
 
     shape = (a.B, a.n, a.d, a.V)
     rows = []
