@@ -163,15 +163,40 @@ def seq_logprob_fwd(x, w, b, targets, offsets, ignore_index: int = -100, **kw):
     return logp_sum, n_tokens, lp, lse
 
 
+def _bwd_row_terms(lse, lp, g, targets, ignore_index: int, eps: Optional[float]):
+    """The O(M) per-row operands of the backward kernels: ``(lo, r, rn, pow2, thr)``.
+
+    ``lo`` the non-target log-sum-exp (``+inf`` where ``1 - p_t = 0``), ``r = -g (1 - p_t)`` (0 on ignored rows:
+    ``d_logits = r (q - onehot)``), ``rn = r / pow2`` with ``pow2`` the power of two that puts ``max |rn|`` in
+    [1/2, 1) (the dw kernel's dot operand stays inside fp16's range; ``pow2`` is re-applied in fp32), ``thr`` the
+    softmax filter's cut on ``q``: ``q >= eps / (1 - p_t)  <=>  p >= eps`` (``+inf`` where ``1 - p_t = 0``: such a
+    row has nothing but its target, of factor ``r = 0``); ``lo`` itself (never read) when ``eps`` is None.
+    """
+    lo, omp = other_lse(lse.to(torch.float32), lp.to(torch.float32))
+    valid = targets != ignore_index
+    r = torch.where(valid, -g.to(torch.float32) * omp, 0.0).contiguous()
+    lo = lo.contiguous()
+    amax = r.abs().amax().reshape(1)
+    pow2 = torch.ldexp(torch.ones_like(amax), torch.frexp(amax).exponent)
+    pow2 = torch.where((amax > 0) & torch.isfinite(amax), pow2, torch.ones_like(pow2))
+    rn = (r / pow2).contiguous()
+    if eps is None:
+        return lo, r, rn, pow2, lo
+    thr = torch.where(omp > 0, eps / torch.where(omp > 0, omp, torch.ones_like(omp)), float("inf"))
+    return lo, r, rn, pow2, thr.contiguous()
+
+
 def logits_grad_bwd(x, w, b, targets, lse, g, ignore_index: int = -100, *, lp, need_dx: bool = True,
                     need_dw: bool = True, need_db: Optional[bool] = None,
                     blocks: Optional[Sequence[int]] = None, split_v: Optional[int] = None,
-                    split_m: Optional[int] = None):
+                    split_m: Optional[int] = None, eps: Optional[float] = None):
     """Gradients of ``sum_t g_t lp_t``: ``(dx [M, d], dw [V, d], db [V])`` in fp32 (``None`` if not needed).
 
     ``lse`` and ``lp`` are the forward's per-token logsumexp and target log-probability (``lse_target_fwd``);
     ``g`` the per-token scale (e.g. SimNPO's ``2/|y_i| sigmoid(beta/|y_i| logp_sum_i + gamma) / normalizer``
     broadcast to the tokens of sequence i). ``ignore_index`` rows get zero gradient whatever their ``g``.
+    ``eps``: the gradient filter (kernel module docstring): tiles whose entries all have ``p < eps`` (and no
+    target) skip their products, token blocks of rows with ``g = 0`` are skipped whole (``eps = 0``: only that).
     """
     _check(x, w, b, targets)
     if need_db is None:
@@ -185,15 +210,8 @@ def logits_grad_bwd(x, w, b, targets, lse, g, ignore_index: int = -100, *, lp, n
     if M == 0 or not (need_dx or need_dw or need_db):
         return dx, dw, db
     targets = targets.contiguous()
-    lo, omp = other_lse(lse.to(torch.float32), lp.to(torch.float32))
-    valid = targets != ignore_index
-    r = torch.where(valid, -g.to(torch.float32) * omp, 0.0).contiguous()  # d_logits = r (q - onehot)
-    lo = lo.contiguous()
-    # dw: the dot operand is q * r / pow2 (max |r / pow2| in [1/2, 1): inside fp16's range), pow2 re-applied in fp32
-    amax = r.abs().amax().reshape(1)
-    pow2 = torch.ldexp(torch.ones_like(amax), torch.frexp(amax).exponent)
-    pow2 = torch.where((amax > 0) & torch.isfinite(amax), pow2, torch.ones_like(pow2))
-    rn = (r / pow2).contiguous()
+    lo, r, rn, pow2, thr = _bwd_row_terms(lse, lp, g, targets, ignore_index, eps)
+    filt = eps is not None
     bm, bv, bd, kw = _blocks(x, blocks)
     dot_dtype, ieee = _dot_cfg(x)
     common = (M, V, D, x.stride(0), x.stride(1), w.stride(0), w.stride(1))
@@ -205,8 +223,8 @@ def logits_grad_bwd(x, w, b, targets, lse, g, ignore_index: int = -100, *, lp, n
         tps = triton.cdiv(n_vt, split)
         split = triton.cdiv(n_vt, tps)
         _bwd_dx_kernel[(grid_m, split)](
-            x, w, bias, targets, lo, r, dx, *common, tps, ignore_index,
-            HAS_BIAS=b is not None, DOT_DTYPE=dot_dtype, IEEE=ieee, ATOMIC=split > 1,
+            x, w, bias, targets, lo, r, thr, dx, *common, tps, ignore_index,
+            HAS_BIAS=b is not None, DOT_DTYPE=dot_dtype, IEEE=ieee, ATOMIC=split > 1, FILTER=filt,
             BLOCK_M=bm, BLOCK_V=bv, BLOCK_D=bd, **kw)
     if need_dw or need_db:
         n_mt = triton.cdiv(M, bm)
@@ -215,10 +233,10 @@ def logits_grad_bwd(x, w, b, targets, lse, g, ignore_index: int = -100, *, lp, n
         tps = triton.cdiv(n_mt, split)
         split = triton.cdiv(n_mt, tps)
         _bwd_dw_kernel[(grid_v, split)](
-            x, w, bias, targets, lo, r, rn, pow2, dw if need_dw else x, db if need_db else lo, *common, tps,
+            x, w, bias, targets, lo, r, rn, pow2, thr, dw if need_dw else x, db if need_db else lo, *common, tps,
             ignore_index,
             HAS_BIAS=b is not None, NEED_DW=need_dw, NEED_DB=need_db, DOT_DTYPE=dot_dtype, IEEE=ieee,
-            ATOMIC=split > 1, BLOCK_M=bm, BLOCK_V=bv, BLOCK_D=bd, **kw)
+            ATOMIC=split > 1, FILTER=filt, BLOCK_M=bm, BLOCK_V=bv, BLOCK_D=bd, **kw)
     return dx, dw, db
 
 

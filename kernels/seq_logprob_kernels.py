@@ -36,6 +36,11 @@ Kernels
                      ``db``); it loops over token tiles, recomputes the logits tile, and adds
                      ``d_logits^T @ x[tile]`` into its rows of ``dw``.
 
+Gradient filter (``FILTER``, ``simnpo_fast/backends/filter.py``): a token block whose rows all have ``r = 0``
+(dropped by the row filter) is skipped whole, recompute included; a ``(token block x vocabulary block)`` tile
+whose live rows' entries are all below their ``thr`` (``q < eps / (1 - p_t)``, i.e. ``p < eps``) and hold no target
+skips its gradient product (the recompute that found it out is spent).
+
 Race-free accumulation
 ----------------------
 With ``SPLIT_V == 1`` (dx) and ``SPLIT_M == 1`` (dw, db) every output element is owned by exactly one
@@ -87,6 +92,14 @@ def _qtile(z, tgt, lo, row_ok, offs_v, V):
     q = tl.exp(z - lo[:, None])
     t = tl.where(offs_v[None, :] == tgt[:, None], -1.0, q)
     return tl.where(row_ok[:, None] & (offs_v < V)[None, :], t, 0.0)
+
+
+@triton.jit
+def _tile_needed(qt, thr, live):
+    """Whether a ``q - onehot`` tile holds an entry of a live row (``r != 0``) that the softmax filter keeps:
+    ``q >= thr`` (``thr = eps / (1 - p_t)``, i.e. ``p >= eps``) or the target entry (-1)."""
+    keep = live[:, None] & ((qt >= thr[:, None]) | (qt < 0.0))
+    return tl.sum(keep.to(tl.int32)) > 0
 
 
 @triton.jit
@@ -179,10 +192,10 @@ def _seq_sum_kernel(lp_ptr, tgt_ptr, off_ptr, out_ptr, cnt_ptr, ignore_index, BL
 # backward
 # ------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _bwd_dx_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, lo_ptr, r_ptr, dx_ptr, M, V, D, sxm, sxk, swv, swk,
+def _bwd_dx_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, lo_ptr, r_ptr, thr_ptr, dx_ptr, M, V, D, sxm, sxk, swv, swk,
                    tiles_per_split, ignore_index,
                    HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, ATOMIC: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+                   FILTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -191,41 +204,61 @@ def _bwd_dx_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, lo_ptr, r_ptr, dx_ptr, M, V, D,
     row_ok = m_ok & (tgt != ignore_index)
     lo = tl.load(lo_ptr + offs_m, mask=row_ok, other=float("inf"))  # q = 0 on masked rows
     r = tl.load(r_ptr + offs_m, mask=row_ok, other=0.0).to(tl.float32)
-    offs_d = tl.arange(0, BLOCK_D)
     dx_rows = dx_ptr + offs_m.to(tl.int64)[:, None] * D
     t0 = pid_s * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(V, BLOCK_V))
+    live = row_ok & (r != 0.0)  # rows the row filter dropped have r = 0
+    if FILTER:
+        thr = tl.load(thr_ptr + offs_m, mask=row_ok, other=float("inf"))
+        block_live = tl.sum(live.to(tl.int32)) > 0
+    else:
+        thr = r
+        block_live = True
     for t in range(t0, t1):
         offs_v = t * BLOCK_V + tl.arange(0, BLOCK_V)
         v_ok = offs_v < V
-        z = _logits_tile(x_ptr, w_ptr, b_ptr, offs_m, offs_v, M, V, D, sxm, sxk, swv, swk,
-                         HAS_BIAS, DOT_DTYPE, IEEE, BLOCK_M, BLOCK_V, BLOCK_D)
-        dz = _qtile(z, tgt, lo, row_ok, offs_v, V).to(DOT_DTYPE)
-        w_rows = w_ptr + offs_v.to(tl.int64)[:, None] * swv
-        for k0 in range(0, D, BLOCK_D):
-            dk = k0 + offs_d
-            d_ok = dk < D
-            wt = tl.load(w_rows + dk[None, :] * swk, mask=v_ok[:, None] & d_ok[None, :], other=0.0)
-            upd = _dot_acc(dz, wt.to(tl.float32).to(DOT_DTYPE), IEEE) * r[:, None]  # [BLOCK_M, BLOCK_D], fp32
-            ptrs = dx_rows + dk[None, :]
-            msk = m_ok[:, None] & d_ok[None, :]
-            if ATOMIC:
-                tl.atomic_add(ptrs, upd, mask=msk)
-            else:  # this program owns these rows: plain read-modify-write
-                tl.store(ptrs, tl.load(ptrs, mask=msk, other=0.0) + upd, mask=msk)
+        if block_live:  # a block of filtered-out rows is skipped whole (no recompute)
+            z = _logits_tile(x_ptr, w_ptr, b_ptr, offs_m, offs_v, M, V, D, sxm, sxk, swv, swk,
+                             HAS_BIAS, DOT_DTYPE, IEEE, BLOCK_M, BLOCK_V, BLOCK_D)
+            qt = _qtile(z, tgt, lo, row_ok, offs_v, V)
+            if FILTER:
+                need = _tile_needed(qt, thr, live)
+            else:
+                need = True
+            if need:
+                _dx_tile_update(qt.to(DOT_DTYPE), r, w_ptr, dx_rows, offs_v, v_ok, m_ok, D, swv, swk, DOT_DTYPE,
+                                IEEE, ATOMIC, BLOCK_D)
 
 
 @triton.jit
-def _bwd_dw_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, lo_ptr, r_ptr, rn_ptr, pow2_ptr, dw_ptr, db_ptr, M, V, D,
+def _dx_tile_update(dz, r, w_ptr, dx_rows, offs_v, v_ok, m_ok, D, swv, swk, DOT_DTYPE: tl.constexpr,
+                    IEEE: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``dx[rows] += r * (dz @ w[offs_v])`` over ``BLOCK_D`` slices of ``d`` (fp32 in global memory)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    w_rows = w_ptr + offs_v.to(tl.int64)[:, None] * swv
+    for k0 in range(0, D, BLOCK_D):
+        dk = k0 + offs_d
+        d_ok = dk < D
+        wt = tl.load(w_rows + dk[None, :] * swk, mask=v_ok[:, None] & d_ok[None, :], other=0.0)
+        upd = _dot_acc(dz, wt.to(tl.float32).to(DOT_DTYPE), IEEE) * r[:, None]  # [BLOCK_M, BLOCK_D], fp32
+        ptrs = dx_rows + dk[None, :]
+        msk = m_ok[:, None] & d_ok[None, :]
+        if ATOMIC:
+            tl.atomic_add(ptrs, upd, mask=msk)
+        else:  # this program owns these rows: plain read-modify-write
+            tl.store(ptrs, tl.load(ptrs, mask=msk, other=0.0) + upd, mask=msk)
+
+
+@triton.jit
+def _bwd_dw_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, lo_ptr, r_ptr, rn_ptr, pow2_ptr, thr_ptr, dw_ptr, db_ptr, M, V, D,
                    sxm, sxk, swv, swk, tiles_per_split, ignore_index,
                    HAS_BIAS: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
-                   DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, ATOMIC: tl.constexpr,
+                   DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, ATOMIC: tl.constexpr, FILTER: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_v = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     v_ok = offs_v < V
-    offs_d = tl.arange(0, BLOCK_D)
     dw_rows = dw_ptr + offs_v.to(tl.int64)[:, None] * D
     db_acc = tl.zeros((BLOCK_V,), tl.float32)
     pow2 = tl.load(pow2_ptr)  # rn = r / pow2: the dot operand stays in range, pow2 comes back in fp32
@@ -236,30 +269,52 @@ def _bwd_dw_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, lo_ptr, r_ptr, rn_ptr, pow2_ptr
         m_ok = offs_m < M
         tgt = tl.load(tgt_ptr + offs_m, mask=m_ok, other=ignore_index)
         row_ok = m_ok & (tgt != ignore_index)
-        lo = tl.load(lo_ptr + offs_m, mask=row_ok, other=float("inf"))  # q = 0 on masked rows
-        z = _logits_tile(x_ptr, w_ptr, b_ptr, offs_m, offs_v, M, V, D, sxm, sxk, swv, swk,
-                         HAS_BIAS, DOT_DTYPE, IEEE, BLOCK_M, BLOCK_V, BLOCK_D)
-        qt = _qtile(z, tgt, lo, row_ok, offs_v, V)
-        if NEED_DB:
-            r = tl.load(r_ptr + offs_m, mask=row_ok, other=0.0)
-            db_acc += tl.sum(qt * r[:, None], axis=0)
-        if NEED_DW:
-            rn = tl.load(rn_ptr + offs_m, mask=row_ok, other=0.0)
-            dzt = tl.trans((qt * rn[:, None]).to(DOT_DTYPE))  # [BLOCK_V, BLOCK_M]
-            x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * sxm
-            for k0 in range(0, D, BLOCK_D):
-                dk = k0 + offs_d
-                d_ok = dk < D
-                xt = tl.load(x_rows + dk[None, :] * sxk, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-                upd = _dot_acc(dzt, xt.to(tl.float32).to(DOT_DTYPE), IEEE) * pow2  # [BLOCK_V, BLOCK_D]
-                ptrs = dw_rows + dk[None, :]
-                msk = v_ok[:, None] & d_ok[None, :]
-                if ATOMIC:
-                    tl.atomic_add(ptrs, upd, mask=msk)
-                else:  # this program owns these rows of dw
-                    tl.store(ptrs, tl.load(ptrs, mask=msk, other=0.0) + upd, mask=msk)
+        r = tl.load(r_ptr + offs_m, mask=row_ok, other=0.0)
+        live = row_ok & (r != 0.0)  # rows the row filter dropped have r = 0
+        if FILTER:
+            thr = tl.load(thr_ptr + offs_m, mask=row_ok, other=float("inf"))
+            block_live = tl.sum(live.to(tl.int32)) > 0
+        else:
+            thr = r
+            block_live = True
+        if block_live:  # a token block of filtered-out rows: no recompute
+            lo = tl.load(lo_ptr + offs_m, mask=row_ok, other=float("inf"))  # q = 0 on masked rows
+            z = _logits_tile(x_ptr, w_ptr, b_ptr, offs_m, offs_v, M, V, D, sxm, sxk, swv, swk,
+                             HAS_BIAS, DOT_DTYPE, IEEE, BLOCK_M, BLOCK_V, BLOCK_D)
+            qt = _qtile(z, tgt, lo, row_ok, offs_v, V)
+            if FILTER:
+                need = _tile_needed(qt, thr, live)
+            else:
+                need = True
+            if need:
+                if NEED_DB:
+                    db_acc += tl.sum(qt * r[:, None], axis=0)
+                if NEED_DW:
+                    rn = tl.load(rn_ptr + offs_m, mask=row_ok, other=0.0)
+                    dzt = tl.trans((qt * rn[:, None]).to(DOT_DTYPE))  # [BLOCK_V, BLOCK_M]
+                    _dw_tile_update(dzt, pow2, x_ptr, dw_rows, offs_m, m_ok, v_ok, D, sxm, sxk, DOT_DTYPE, IEEE,
+                                    ATOMIC, BLOCK_D)
     if NEED_DB:
         if ATOMIC:
             tl.atomic_add(db_ptr + offs_v, db_acc, mask=v_ok)
         else:
             tl.store(db_ptr + offs_v, db_acc, mask=v_ok)
+
+
+@triton.jit
+def _dw_tile_update(dzt, pow2, x_ptr, dw_rows, offs_m, m_ok, v_ok, D, sxm, sxk, DOT_DTYPE: tl.constexpr,
+                    IEEE: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``dw[offs_v] += pow2 * (dzt @ x[offs_m])`` over ``BLOCK_D`` slices of ``d`` (fp32 in global memory)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * sxm
+    for k0 in range(0, D, BLOCK_D):
+        dk = k0 + offs_d
+        d_ok = dk < D
+        xt = tl.load(x_rows + dk[None, :] * sxk, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        upd = _dot_acc(dzt, xt.to(tl.float32).to(DOT_DTYPE), IEEE) * pow2  # [BLOCK_V, BLOCK_D]
+        ptrs = dw_rows + dk[None, :]
+        msk = v_ok[:, None] & d_ok[None, :]
+        if ATOMIC:
+            tl.atomic_add(ptrs, upd, mask=msk)
+        else:  # this program owns these rows of dw
+            tl.store(ptrs, tl.load(ptrs, mask=msk, other=0.0) + upd, mask=msk)
