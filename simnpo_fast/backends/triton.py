@@ -8,6 +8,13 @@ token rows; dw/db: a program owns a block of vocabulary rows), as ``q - onehot``
 dot operand never underflows). Flops: 2 MdV forward + 8 MdV backward (see the kernel module docstring).
 
 ``fused_seq_loss`` is the base-class composition (forward, O(S) per-sequence weights, backward): 10 MdV.
+
+``grad_filter`` (``backends/filter.py``): the row filter gives a dropped sequence (``fused_seq_loss``: the rule of
+``filter.RowRule``, ``rows_ref`` "bound" or "batch" -- the call's largest weight) or token (generic path: the call's
+largest token weight, as the chunked backend) the weight 0, and the kernels skip every token block whose rows all
+have weight 0; the softmax filter (``eps``) skips each ``(token block x vocabulary block)`` tile of the backward
+whose kept rows' entries are all ``p < eps`` and hold no target (``kernels/seq_logprob_kernels.py``). Both drop a
+subset of what the per-entry rule allows, so the chunked backend's error bounds hold.
 ``TritonGemmBackend`` (``"triton-gemm"``, below) is the 6 MdV variant: the chunked sequence-aligned schedule
 with torch/cuBLAS GEMMs and the Triton tile epilogue of ``simnpo_fast.kernels.epilogue`` (``bench/gpu.py``
 times both). The retain KL (``fused_kl``) of both is the chunked torch implementation (``backends/kl.py``),
@@ -23,11 +30,13 @@ chunked backend, which keeps fp64 accumulation.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import torch
 
 from .base import Backend, other_lse, target_terms
 from .chunked import ChunkedBackend
+from .filter import RowRule
 from .grads import TileGrads
 from .inputs import GradNeeds, HeadInputs, SeqWeightFn
 from .tiles import pow2_split
@@ -51,6 +60,8 @@ def _kernels_run_on(device, module: str) -> bool:
 
 class TritonBackend(Backend):
     name = "triton"
+    #: what the row filter kept in the last filtered call (``rows_kept``; benchmarks read it)
+    last_filter_stats: dict = {}
 
     def __init__(self, ignore_index: int = -100):
         self.ignore_index = ignore_index
@@ -75,9 +86,17 @@ class TritonBackend(Backend):
             return self._chunked.logprob_backward(inp, lse, lp, grad_lp, needs)
         if not needs.any:
             return None, None, None
+        flt, eps = inp.grad_filter, None
+        if flt is not None:  # the row filter per token, against the call's largest weight (as chunked)
+            eps, self.last_filter_stats = flt.probs, {}
+            if flt.rows > 0 and grad_lp.numel():
+                a = grad_lp.abs()
+                keep = a >= flt.rows * a.max()
+                grad_lp = torch.where(keep, grad_lp, torch.zeros_like(grad_lp))
+                self.last_filter_stats = {"rows_kept": float(keep.float().mean())}
         dx, dw, db = self._kernels().logits_grad_bwd(
             inp.packed_x(), inp.w, inp.b, inp.targets, lse, grad_lp, self.ignore_index, lp=lp,
-            need_dx=needs.dx, need_dw=needs.dw, need_db=needs.db,
+            need_dx=needs.dx, need_dw=needs.dw, need_db=needs.db, eps=eps,
         )
         return inp.unpack_rows(dx), dw, db
 
@@ -85,7 +104,22 @@ class TritonBackend(Backend):
         # Not a speed override: fp64 inputs keep fp64 sums end to end in the chunked backend.
         if inp.x.dtype == torch.float64:
             return self._chunked.fused_seq_loss(inp, seq_weight_fn, needs)
-        return super().fused_seq_loss(inp, seq_weight_fn, needs)
+        flt = inp.grad_filter
+        if flt is None or flt.rows <= 0:
+            return super().fused_seq_loss(inp, seq_weight_fn, needs)
+        # the row filter per sequence (filter.RowRule, every weight known at once: "batch" is the call's largest);
+        # a dropped sequence's weight is 0, so the kernels skip its rows; the softmax filter stays on (eps)
+        rule = RowRule(flt, inp.weight_bound)
+
+        def filtered_weights(logp_sum, idx):
+            f, g = seq_weight_fn(logp_sum, idx)
+            keep = rule.keep(g, idx)
+            return f, (g if keep is None else torch.where(keep, g, torch.zeros_like(g)))
+
+        out = super().fused_seq_loss(inp.replace(grad_filter=replace(flt, rows=0.0)), filtered_weights, needs)
+        if rule.seen:
+            self.last_filter_stats = {"rows_kept": rule.kept / rule.seen}
+        return out
 
     def fused_kl(self, inp: HeadInputs, ref: HeadInputs, scale: float, needs: GradNeeds):
         return self._chunked.fused_kl(inp, ref, scale, needs)

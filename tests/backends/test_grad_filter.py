@@ -12,10 +12,10 @@ from simnpo_fast.backends import ChunkedBackend
 from simnpo_fast.backends.filter import ON, GradFilter, resolve
 
 BACKENDS = ["chunked", "chunked16"]
-TRITON = ["triton-gemm"] if os.environ.get("TRITON_INTERPRET") == "1" else []
-#: the Triton backends run in the interpreter (slow): one filter, SimNPO only
+TRITON = ["triton-gemm", "triton"] if os.environ.get("TRITON_INTERPRET") == "1" else []
+#: the Triton backends run in the interpreter (slow): SimNPO only; the fused kernels both row references
 CASES = [(n, o, f) for n in BACKENDS for o in ("simnpo", "nll") for f in ("on", "batch", "coarse")] + \
-    [(n, "simnpo", "on") for n in TRITON]
+    [(n, "simnpo", "on") for n in TRITON] + [("triton", "simnpo", "batch") for _ in TRITON[:1]]
 OBJECTIVES = {"simnpo": sf.objectives.SimNPO(2.5, 0.0), "nll": sf.objectives.NLL()}
 FILTERS = {"on": GradFilter(rows=1e-3, probs=2.0 ** -12, block_rows=16),
            "batch": GradFilter(rows=0.2, probs=1e-2, rows_ref="batch", block_rows=4),
