@@ -29,7 +29,9 @@ setup(
         "triton; platform_system=='Linux'",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-benchmark", "pytest-timeout", "peft"],
+        # the external check of the multiple-choice evaluation (tests/eval/test_mcq_lmeval.py) runs in `make test`
+        "dev": ["pytest>=8", "pytest-benchmark", "pytest-timeout", "peft", "lm_eval==0.4.13"],
+        "test-lmeval": ["lm_eval==0.4.13"],
         "bench": ["liger-kernel", "cut-cross-entropy", "matplotlib", "pytest-benchmark"],
         "gpu": ["flash-attn"],
         "lora": ["peft"],

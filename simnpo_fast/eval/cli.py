@@ -4,6 +4,7 @@
     torchrun --nproc_per_node 2 -m simnpo_fast.cli eval --model ... --data ...     # sharded, same numbers
     simnpo-fast eval --task muse --model ... --data muse_bench/data/bbc --corpus news [--sets privleak]
     simnpo-fast eval --task muse --model ... --data ... --retrain-auc 0.4772 | runs/retrain/eval/eval.json
+    simnpo-fast eval --task mcq --model ... --data wmdp-bio.parquet [--subject auto] [--mcq-format letters|text]
     simnpo-fast relearn --model runs/x/hf --data ... --n-examples 20 --steps 10 --reference ...
 
 Each writes ``<out>/eval.json`` (or ``relearn.json``), ``summary.md`` and ``metrics.png`` (rank 0) and prints
@@ -13,7 +14,9 @@ TOFU protocols (``--protocol``, recorded in the JSON): ``tofu`` (default; locusl
 each set, candidates cut at 200 tokens, greedy generation up to 200 tokens in total) or ``open-unlearning`` (all
 questions, 512 tokens, 200 new tokens). ``--max-new-tokens`` / ``--max-length`` / ``--max-examples`` override
 the protocol. MUSE: the files of the selected ``--sets`` are checked before the model is loaded;
-``--max-new-tokens`` sets the VerbMem and KnowMem budgets (default 128 / 32, MUSE's).
+``--max-new-tokens`` sets the VerbMem and KnowMem budgets (default 128 / 32, MUSE's). MCQ (WMDP / MMLU,
+lm-evaluation-harness's zero-shot log-likelihood protocol): ``--data`` is a question file (JSON, JSONL, parquet)
+or a folder of them; ``--max-length`` is lm-eval's context limit (default: the model's), ``--sets`` picks files.
 """
 from __future__ import annotations
 
@@ -24,7 +27,8 @@ import os
 def _common(p):
     p.add_argument("--model", required=True, help="a local HF model folder")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model folder)")
-    p.add_argument("--data", required=True, help="TOFU-layout folder (or the MUSE corpus folder)")
+    p.add_argument("--data", required=True, help="TOFU-layout folder (the MUSE corpus folder; MCQ: a question file "
+                                                 "or folder)")
     p.add_argument("--out", default=None, help="report folder (default <model>/eval)")
     p.add_argument("--forget-split", default="forget10")
     p.add_argument("--template", default=None, help="prompt template (plain, llama2, phi, zephyr, chat)")
@@ -50,7 +54,7 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="TOFU / MUSE metrics of a model (JSON + Markdown + PNG)", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(p)
-    p.add_argument("--task", choices=("tofu", "muse"), default="tofu")
+    p.add_argument("--task", choices=("tofu", "muse", "mcq"), default="tofu")
     p.add_argument("--sets", "--subsets", nargs="*", default=None,
                    help="TOFU sets (forget retain real_authors world_facts) or MUSE subsets (verbmem_forget "
                         "knowmem_forget knowmem_retain privleak)")
@@ -65,6 +69,13 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--max-text-tokens", type=int, default=None,
                    help="MUSE, memory only: cut VerbMem prompts to their last N tokens and PrivLeak texts to their "
                         "first N (MUSE uses the whole texts; the numbers then differ from MUSE's)")
+    p.add_argument("--mcq-format", choices=("letters", "text"), default="letters",
+                   help="MCQ: letters (WMDP / MMLU templates: ' A'..' D' after 'Answer:') or text (MMLU continuation "
+                        "template: the choice texts)")
+    p.add_argument("--subject", default="auto",
+                   help="MCQ description 'The following are multiple choice questions (with answers) about "
+                        "SUBJECT.': auto (a row's MMLU subject, or bio / cyber / chem in the file name), none, or "
+                        "the subject")
     p.set_defaults(func=run_eval)
     return p
 
@@ -165,6 +176,10 @@ def _muse_cfg(args):
 
 def _notes(res: dict) -> str:
     """How to read the numbers (printed and written under the table)."""
+    if res.get("task") == "mcq":
+        return ("Multiple-choice accuracy with lm-evaluation-harness's zero-shot log-likelihood protocol "
+                f"({res['protocol']['format']}): acc = the highest-likelihood choice is the answer; acc_norm divides "
+                "by the choice's length in characters. Chance is 1 / number of choices (0.25 for WMDP / MMLU).")
     if res.get("task") == "muse":
         pl = res.get("privleak", {})
         return ("MUSE metrics as swj0419/muse_bench computes them: VerbMem / KnowMem = mean ROUGE-L F1 (MUSE's tables "
@@ -198,6 +213,15 @@ def run_eval(args) -> int:
         cfg.resolved()  # a bad protocol / option fails here, before the model is loaded
         model, tok = _setup(args)
         res = evaluate_tofu(model, tok, args.data, cfg, reference=args.reference, progress=progress)
+    elif args.task == "mcq":
+        from .mcq import McqEvalConfig, evaluate_mcq, load_mcq
+
+        cfg = McqEvalConfig(format=args.mcq_format, subject=None if args.subject == "none" else args.subject,
+                            sets=args.sets or None, batch_size=args.batch_size, max_examples=args.max_examples,
+                            max_length=args.max_length)
+        data = load_mcq(args.data, cfg)  # every file checked before the model is loaded
+        model, tok = _setup(args)
+        res = evaluate_mcq(model, tok, args.data, cfg, data=data, progress=progress)
     else:
         from .muse import evaluate_muse, load_muse_files, read_retrain_auc
 
