@@ -186,10 +186,21 @@ def _bwd_row_terms(lse, lp, g, targets, ignore_index: int, eps: Optional[float])
     return lo, r, rn, pow2, thr.contiguous()
 
 
+def _tile_counter(counts: Optional[dict], key: str, n_programs: int, n_tiles: int, x, filt: bool):
+    """The ``cnt`` operand of a backward kernel: int32 ``[n_programs]`` zeros, recorded as ``counts[key] =
+    (cnt, n_tiles)`` when ``counts`` is a dict; ``x`` (a dummy pointer, never written) without the filter."""
+    if not filt:
+        return x
+    cnt = torch.zeros(n_programs, dtype=torch.int32, device=x.device)
+    if counts is not None:
+        counts[key] = (cnt, n_tiles)
+    return cnt
+
+
 def logits_grad_bwd(x, w, b, targets, lse, g, ignore_index: int = -100, *, lp, need_dx: bool = True,
                     need_dw: bool = True, need_db: Optional[bool] = None,
                     blocks: Optional[Sequence[int]] = None, split_v: Optional[int] = None,
-                    split_m: Optional[int] = None, eps: Optional[float] = None):
+                    split_m: Optional[int] = None, eps: Optional[float] = None, counts: Optional[dict] = None):
     """Gradients of ``sum_t g_t lp_t``: ``(dx [M, d], dw [V, d], db [V])`` in fp32 (``None`` if not needed).
 
     ``lse`` and ``lp`` are the forward's per-token logsumexp and target log-probability (``lse_target_fwd``);
@@ -197,6 +208,9 @@ def logits_grad_bwd(x, w, b, targets, lse, g, ignore_index: int = -100, *, lp, n
     broadcast to the tokens of sequence i). ``ignore_index`` rows get zero gradient whatever their ``g``.
     ``eps``: the gradient filter (kernel module docstring): tiles whose entries all have ``p < eps`` (and no
     target) skip their products, token blocks of rows with ``g = 0`` are skipped whole (``eps = 0``: only that).
+    ``counts`` (with ``eps``): a dict that receives ``{"dx": (kept, tiles), "dw": (kept, tiles)}``, ``kept`` an
+    int32 tensor of the tiles whose product each program ran (sum it) and ``tiles`` the number of
+    ``(token block x vocabulary block)`` tiles of that kernel.
     """
     _check(x, w, b, targets)
     if need_db is None:
@@ -222,8 +236,9 @@ def logits_grad_bwd(x, w, b, targets, lse, g, ignore_index: int = -100, *, lp, n
         split = _split(grid_m, n_vt, x.device, split_v)
         tps = triton.cdiv(n_vt, split)
         split = triton.cdiv(n_vt, tps)
+        cnt = _tile_counter(counts, "dx", grid_m * split, grid_m * n_vt, x, filt)
         _bwd_dx_kernel[(grid_m, split)](
-            x, w, bias, targets, lo, r, thr, dx, *common, tps, ignore_index,
+            x, w, bias, targets, lo, r, thr, cnt, dx, *common, tps, ignore_index,
             HAS_BIAS=b is not None, DOT_DTYPE=dot_dtype, IEEE=ieee, ATOMIC=split > 1, FILTER=filt,
             BLOCK_M=bm, BLOCK_V=bv, BLOCK_D=bd, **kw)
     if need_dw or need_db:
@@ -232,8 +247,9 @@ def logits_grad_bwd(x, w, b, targets, lse, g, ignore_index: int = -100, *, lp, n
         split = _split(grid_v, n_mt, x.device, split_m)
         tps = triton.cdiv(n_mt, split)
         split = triton.cdiv(n_mt, tps)
+        cnt = _tile_counter(counts, "dw", grid_v * split, grid_v * n_mt, x, filt)
         _bwd_dw_kernel[(grid_v, split)](
-            x, w, bias, targets, lo, r, rn, pow2, thr, dw if need_dw else x, db if need_db else lo, *common, tps,
+            x, w, bias, targets, lo, r, rn, pow2, thr, cnt, dw if need_dw else x, db if need_db else lo, *common, tps,
             ignore_index,
             HAS_BIAS=b is not None, NEED_DW=need_dw, NEED_DB=need_db, DOT_DTYPE=dot_dtype, IEEE=ieee,
             ATOMIC=split > 1, FILTER=filt, BLOCK_M=bm, BLOCK_V=bv, BLOCK_D=bd, **kw)

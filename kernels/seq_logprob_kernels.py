@@ -39,7 +39,8 @@ Kernels
 Gradient filter (``FILTER``, ``simnpo_fast/backends/filter.py``): a token block whose rows all have ``r = 0``
 (dropped by the row filter) is skipped whole, recompute included; a ``(token block x vocabulary block)`` tile
 whose live rows' entries are all below their ``thr`` (``q < eps / (1 - p_t)``, i.e. ``p < eps``) and hold no target
-skips its gradient product (the recompute that found it out is spent).
+skips its gradient product (the recompute that found it out is spent). Each program writes the number of tiles
+whose product it ran to its slot of ``cnt`` (``[grid_0 * grid_1]`` int32; read only under ``FILTER``).
 
 Race-free accumulation
 ----------------------
@@ -192,7 +193,8 @@ def _seq_sum_kernel(lp_ptr, tgt_ptr, off_ptr, out_ptr, cnt_ptr, ignore_index, BL
 # backward
 # ------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _bwd_dx_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, lo_ptr, r_ptr, thr_ptr, dx_ptr, M, V, D, sxm, sxk, swv, swk,
+def _bwd_dx_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, lo_ptr, r_ptr, thr_ptr, cnt_ptr, dx_ptr, M, V, D, sxm, sxk, swv,
+                   swk,
                    tiles_per_split, ignore_index,
                    HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, ATOMIC: tl.constexpr,
                    FILTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -214,6 +216,7 @@ def _bwd_dx_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, lo_ptr, r_ptr, thr_ptr, dx_ptr,
     else:
         thr = r
         block_live = True
+    n_kept = 0
     for t in range(t0, t1):
         offs_v = t * BLOCK_V + tl.arange(0, BLOCK_V)
         v_ok = offs_v < V
@@ -226,8 +229,11 @@ def _bwd_dx_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, lo_ptr, r_ptr, thr_ptr, dx_ptr,
             else:
                 need = True
             if need:
+                n_kept += 1
                 _dx_tile_update(qt.to(DOT_DTYPE), r, w_ptr, dx_rows, offs_v, v_ok, m_ok, D, swv, swk, DOT_DTYPE,
                                 IEEE, ATOMIC, BLOCK_D)
+    if FILTER:  # the tiles whose product ran (one slot per program)
+        tl.store(cnt_ptr + pid_m * tl.num_programs(1) + pid_s, n_kept)
 
 
 @triton.jit
@@ -250,7 +256,8 @@ def _dx_tile_update(dz, r, w_ptr, dx_rows, offs_v, v_ok, m_ok, D, swv, swk, DOT_
 
 
 @triton.jit
-def _bwd_dw_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, lo_ptr, r_ptr, rn_ptr, pow2_ptr, thr_ptr, dw_ptr, db_ptr, M, V, D,
+def _bwd_dw_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, lo_ptr, r_ptr, rn_ptr, pow2_ptr, thr_ptr, cnt_ptr, dw_ptr, db_ptr,
+                   M, V, D,
                    sxm, sxk, swv, swk, tiles_per_split, ignore_index,
                    HAS_BIAS: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
                    DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, ATOMIC: tl.constexpr, FILTER: tl.constexpr,
@@ -264,6 +271,7 @@ def _bwd_dw_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, lo_ptr, r_ptr, rn_ptr, pow2_ptr
     pow2 = tl.load(pow2_ptr)  # rn = r / pow2: the dot operand stays in range, pow2 comes back in fp32
     t0 = pid_s * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(M, BLOCK_M))
+    n_kept = 0
     for t in range(t0, t1):
         offs_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
@@ -287,6 +295,7 @@ def _bwd_dw_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, lo_ptr, r_ptr, rn_ptr, pow2_ptr
             else:
                 need = True
             if need:
+                n_kept += 1
                 if NEED_DB:
                     db_acc += tl.sum(qt * r[:, None], axis=0)
                 if NEED_DW:
@@ -299,6 +308,8 @@ def _bwd_dw_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, lo_ptr, r_ptr, rn_ptr, pow2_ptr
             tl.atomic_add(db_ptr + offs_v, db_acc, mask=v_ok)
         else:
             tl.store(db_ptr + offs_v, db_acc, mask=v_ok)
+    if FILTER:  # the tiles whose product ran (one slot per program)
+        tl.store(cnt_ptr + pid_v * tl.num_programs(1) + pid_s, n_kept)
 
 
 @triton.jit

@@ -60,12 +60,23 @@ def _kernels_run_on(device, module: str) -> bool:
 
 class TritonBackend(Backend):
     name = "triton"
-    #: what the row filter kept in the last filtered call (``rows_kept``; benchmarks read it)
-    last_filter_stats: dict = {}
 
     def __init__(self, ignore_index: int = -100):
         self.ignore_index = ignore_index
         self._chunked = ChunkedBackend()
+        self._rows_kept: dict = {}
+        self._tile_counts: dict = {}
+
+    @property
+    def last_filter_stats(self) -> dict:
+        """What the filter kept in the last filtered call: ``rows_kept`` (the row filter's fraction of sequences,
+        or of tokens on the generic path) and ``tiles_kept`` (the fraction of the backward kernels' tiles whose
+        products ran, dx and dw together); read from the kernels' counters when asked (one device sync)."""
+        out = dict(self._rows_kept)
+        tiles = sum(n for _, n in self._tile_counts.values())
+        if tiles:
+            out["tiles_kept"] = sum(int(c.sum()) for c, _ in self._tile_counts.values()) / tiles
+        return out
 
     def supports(self, device) -> bool:
         return _kernels_run_on(device, "seq_logprob")
@@ -88,15 +99,15 @@ class TritonBackend(Backend):
             return None, None, None
         flt, eps = inp.grad_filter, None
         if flt is not None:  # the row filter per token, against the call's largest weight (as chunked)
-            eps, self.last_filter_stats = flt.probs, {}
+            eps, self._rows_kept, self._tile_counts = flt.probs, {}, {}
             if flt.rows > 0 and grad_lp.numel():
                 a = grad_lp.abs()
                 keep = a >= flt.rows * a.max()
                 grad_lp = torch.where(keep, grad_lp, torch.zeros_like(grad_lp))
-                self.last_filter_stats = {"rows_kept": float(keep.float().mean())}
+                self._rows_kept = {"rows_kept": float(keep.float().mean())}
         dx, dw, db = self._kernels().logits_grad_bwd(
             inp.packed_x(), inp.w, inp.b, inp.targets, lse, grad_lp, self.ignore_index, lp=lp,
-            need_dx=needs.dx, need_dw=needs.dw, need_db=needs.db, eps=eps,
+            need_dx=needs.dx, need_dw=needs.dw, need_db=needs.db, eps=eps, counts=self._tile_counts,
         )
         return inp.unpack_rows(dx), dw, db
 
@@ -110,6 +121,7 @@ class TritonBackend(Backend):
         # the row filter per sequence (filter.RowRule, every weight known at once: "batch" is the call's largest);
         # a dropped sequence's weight is 0, so the kernels skip its rows; the softmax filter stays on (eps)
         rule = RowRule(flt, inp.weight_bound)
+        self._rows_kept, self._tile_counts = {}, {}
 
         def filtered_weights(logp_sum, idx):
             f, g = seq_weight_fn(logp_sum, idx)
@@ -118,7 +130,7 @@ class TritonBackend(Backend):
 
         out = super().fused_seq_loss(inp.replace(grad_filter=replace(flt, rows=0.0)), filtered_weights, needs)
         if rule.seen:
-            self.last_filter_stats = {"rows_kept": rule.kept / rule.seen}
+            self._rows_kept = {"rows_kept": rule.kept / rule.seen}
         return out
 
     def fused_kl(self, inp: HeadInputs, ref: HeadInputs, scale: float, needs: GradNeeds):

@@ -36,13 +36,15 @@ def _oracle(x, w, t, gs, eps):
     onehot[valid] = torch.nn.functional.one_hot(t[valid], V).double()
     d = (gs.double() * valid)[:, None] * (onehot - p)
     live = valid & (gs != 0)
+    kept = 0
     for m0 in range(0, M, BM):
         for v0 in range(0, V, BV):
             blk = (slice(m0, m0 + BM), slice(v0, v0 + BV))
             need = live[blk[0], None] & ((p[blk] >= eps) | (onehot[blk] > 0))
             if not bool(need.any()):
                 d[blk] = 0.0
-    return d @ w, d.t() @ x, d.sum(0), p
+            kept += bool(need.any())
+    return d @ w, d.t() @ x, d.sum(0), kept
 
 
 @pytest.mark.parametrize("eps,split,dtype", [(0.0, 1, torch.float32), (0.02, 1, torch.float32),
@@ -52,10 +54,15 @@ def test_kernels_skip_exactly_the_tiles_of_the_rule(eps, split, dtype):
     x, w = x.to(dtype), w.to(dtype)
     b = torch.zeros(w.shape[0], dtype=dtype)
     lp, lse = K.lse_target_fwd(x, w, b, t, blocks=(BM, BV, BD))
+    counts = {}
     dx, dw, db = K.logits_grad_bwd(x, w, b, t, lse, gs, lp=lp, blocks=(BM, BV, BD), eps=eps, split_v=split,
-                                   split_m=split)
+                                   split_m=split, counts=counts)
     assert float(lp[9]) == 0.0  # the row of 1 - p_t = 0 is there
-    ox, ow, ob, p = _oracle(x.float(), w.float(), t, gs, eps)  # the oracle on the (rounded) inputs
+    ox, ow, ob, kept = _oracle(x.float(), w.float(), t, gs, eps)  # the oracle on the (rounded) inputs
+    tiles = -(-x.shape[0] // BM) * -(-w.shape[0] // BV)
+    for key in ("dx", "dw"):  # the kernels' own count of the tiles whose product ran
+        assert (int(counts[key][0].sum()), counts[key][1]) == (kept, tiles)
+    assert kept < tiles
     for got, want in ((dx, ox), (dw, ow), (db, ob)):
         assert (got.double() - want).abs().max().item() <= 2e-5 * want.abs().max().item()
     full = K.logits_grad_bwd(x, w, b, t, lse, gs, lp=lp, blocks=(BM, BV, BD), split_v=split, split_m=split)
