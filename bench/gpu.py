@@ -12,6 +12,11 @@ Step 2: the GEMM floor, the three GEMMs of 6 M d V flops timed into preallocated
 Step 3: fwd+bwd median time (``triton.testing.do_bench`` on CUDA, a perf_counter median on CPU) and the peak
 allocated memory above the inputs (CUDA) of each method and vocabulary size. ``x own`` divides the time by that
 of the design's own matmul flops (``methods.DESIGN_NDV``) at the floor's rate.
+Filtered variants (``FILTERED``, unless ``--no-filter``): ``triton+filter`` is ``triton`` with ``grad_filter="on"``
+(``simnpo_fast/backends/filter.py``: the fused kernels skip the backward tiles of dropped rows and of entries
+below 2^-12), timed next to the exact ``triton`` whatever its check (its error is the filter's, reported), with
+what the filter kept (``filter_stats``: rows, tiles). The inputs' softmax is that of a random head: few tiles can
+be skipped, so this times the filter's cost; its gain needs a trained model's peaked softmax (``bench.filtering``).
 JSON: bench/results/gpu-<gpu>-<date>.json (CUDA) or a temporary folder (CPU smoke run; not a result).
 """
 from __future__ import annotations
@@ -28,6 +33,8 @@ from bench.methods import DESIGN_NDV, METHOD_NAMES, make_methods as _table
 
 #: the CPU smoke run skips the peers that compile (minutes under the interpreter for no result)
 SMOKE_METHODS = ("naive", "chunked", "triton", "triton-gemm", "torch_lce")
+#: filtered variants, timed when their exact method is: name -> (backend, grad_filter)
+FILTERED = {"triton+filter": ("triton", "on")}
 
 
 def _parse(argv):
@@ -41,14 +48,25 @@ def _parse(argv):
     p.add_argument("--methods", nargs="+", default=None)
     p.add_argument("--out", default=None, help="output folder (default bench/results on CUDA, a temp dir on CPU)")
     p.add_argument("--skip-check", action="store_true", help="time without the correctness step")
+    p.add_argument("--no-filter", action="store_true", help="no filtered variant (FILTERED)")
     return p.parse_args(argv)
 
 
-def make_methods(device: str, names=None):
-    """``({name: fn}, {name: why not here})`` of the method table's methods for ``device``."""
+def make_methods(device: str, names=None, filtered: bool = True):
+    """``({name: fn}, {name: why not here})`` of the method table's methods for ``device``, plus the
+    ``FILTERED`` variants of the methods there (``filtered``)."""
     table = _table(device, names=names or (METHOD_NAMES if device == "cuda" else SMOKE_METHODS))
-    return ({n: m.fn for n, m in table.items() if m.fn is not None},
-            {n: m.note for n, m in table.items() if m.fn is None})
+    fns = {n: m.fn for n, m in table.items() if m.fn is not None}
+    for name, (base, spec) in FILTERED.items():
+        if filtered and base in fns:
+            fns[name] = _filtered_simnpo(base, spec)
+    return fns, {n: m.note for n, m in table.items() if m.fn is None}
+
+
+def _filtered_simnpo(backend: str, spec):
+    import simnpo_fast as sf
+
+    return lambda h, w, lab: sf.simnpo_loss(h, w, lab, beta=BETA, gamma=GAMMA, backend=backend, grad_filter=spec)
 
 
 def check(methods: dict, device: str, small: bool) -> dict:
@@ -67,13 +85,13 @@ def check(methods: dict, device: str, small: bool) -> dict:
 def _print_check(chk: dict) -> set:
     """Print the check table; returns the methods that failed in bf16 (not timed)."""
     print(f"\ncorrectness vs fp64 oracle at {chk['shape']}  (relative max error)")
-    print(f"{'method/dtype':<20}{'loss':>11}{'dhidden':>11}{'dweight':>11}  ok")
+    print(f"{'method/dtype':<24}{'loss':>11}{'dhidden':>11}{'dweight':>11}  ok")
     bad = set()
     for k, r in chk["results"].items():
         if "error" in r:
-            print(f"{k:<20}  ERROR {r['error'][:80]}")
+            print(f"{k:<24}  ERROR {r['error'][:80]}")
         else:
-            print(f"{k:<20}{r['loss']:>11.2e}{r['dhidden']:>11.2e}{r['dweight']:>11.2e}  {r['ok']}")
+            print(f"{k:<24}{r['loss']:>11.2e}{r['dhidden']:>11.2e}{r['dweight']:>11.2e}  {r['ok']}")
         if not r["ok"] and k.endswith("bfloat16"):
             bad.add(k.split("/")[0])
     return bad
@@ -110,6 +128,10 @@ def time_vocab(methods: dict, N: int, d: int, V: int, T: int, dtype, device: str
     inputs = lm_inputs(N, d, V, dtype, T, device=device)
     for name, fn in methods.items():
         entry["methods"][name] = measure(name, fn, inputs, device, floor_ms, reps)
+        if name in FILTERED:  # what the filter kept in the last timed call
+            from simnpo_fast.backends import get_backend
+
+            entry["methods"][name]["filter_stats"] = get_backend(FILTERED[name][0], inputs[0].device).last_filter_stats
     naive = entry["methods"].get("naive", {})
     for res in entry["methods"].values():
         if "peak_above_inputs_MiB" in res and "peak_above_inputs_MiB" in naive:
@@ -135,7 +157,7 @@ def run(argv=None):
     if N % T:
         raise SystemExit(f"--tokens {N} must be a multiple of --seq-len {T}")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32  # bf16 GEMMs are emulated on CPU
-    methods, notes = make_methods(device, args.methods)
+    methods, notes = make_methods(device, args.methods, filtered=not args.no_filter)
     report = {**result_header("gpu", "bench.gpu", argv), "config": {
         "N": N, "M": valid_rows(N, T), "d": d, "V": vocabs, "T": T, "dtype": str(dtype), "beta": BETA,
         "gamma": GAMMA, "small": small, "device": device}, "notes": notes, "design_NdV": DESIGN_NDV, "timing": {}}
@@ -144,6 +166,9 @@ def run(argv=None):
     if not args.skip_check:
         report["correctness"] = check(methods, device, small)
         for m in sorted(_print_check(report["correctness"])):
+            if m in FILTERED:  # its error is the filter's: timed next to the exact method all the same
+                report["notes"][m] = "outside the bf16 check's tolerance (the filter's error): timed anyway"
+                continue
             report["notes"][m] = (report["notes"].get(m, "") + " failed the bf16 correctness check: not timed").strip()
             methods.pop(m)
     for V in vocabs:
@@ -174,6 +199,8 @@ def _print_table(V, N, d, e):
         print(f"{name:<14}{(str(ndv) if ndv else '?'):>4}{f('ms', '10.3f')}{f('x_floor', '9.2f')}"
               f"{f('x_own_flops', '7.2f')}{f('peak_above_inputs_MiB', '11.0f')}"
               f"{f('extra_MiB', '11.0f')}{f('extra_vs_naive', '9.3f')}")
+        if r.get("filter_stats"):
+            print(f"{'':<14}kept: " + ", ".join(f"{k} {v:.3f}" for k, v in r["filter_stats"].items()))
 
 
 def _cuda() -> bool:
