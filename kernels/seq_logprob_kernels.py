@@ -229,7 +229,8 @@ def _bwd_dx_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, lo_ptr, r_ptr, thr_ptr, cnt_ptr
             else:
                 need = True
             if need:
-                n_kept += 1
+                if FILTER:
+                    n_kept += 1
                 _dx_tile_update(qt.to(DOT_DTYPE), r, w_ptr, dx_rows, offs_v, v_ok, m_ok, D, swv, swk, DOT_DTYPE,
                                 IEEE, ATOMIC, BLOCK_D)
     if FILTER:  # the tiles whose product ran (one slot per program)
@@ -295,7 +296,8 @@ def _bwd_dw_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, lo_ptr, r_ptr, rn_ptr, pow2_ptr
             else:
                 need = True
             if need:
-                n_kept += 1
+                if FILTER:
+                    n_kept += 1
                 if NEED_DB:
                     db_acc += tl.sum(qt * r[:, None], axis=0)
                 if NEED_DW:
