@@ -13,7 +13,9 @@ Stages, each a fresh subprocess with its own time budget (capped by what is left
    The other backend tests build CPU tensors and run only under the interpreter (``make test``).
 2. ``bench-32000``, ``bench-128256``: ``python -m bench.gpu`` at N=8192, d=4096, bf16, one vocabulary each:
    naive, chunked, triton, triton-gemm, torch's ``linear_cross_entropy``, Liger and CCE when importable (pure-Python
-   wheels in ``bench/wheels/`` are unpacked onto the path when present: ``make gpu-wheels`` fetches them).
+   wheels in ``bench/wheels/`` are unpacked onto the path when present: ``make gpu-wheels`` fetches them); the
+   first also times ``triton+filter`` (``grad_filter="on"``), the second leaves it out (``--no-filter``: its
+   compile would eat the stage's budget).
 3. ``unlearn-hf``, ``unlearn-ours``: ``python -m bench.gpu_unlearn --worker``: a 1.24 B Llama, 20 SimNPO steps,
    bf16 mixed precision + activation checkpointing, HF ``Trainer`` + naive logits vs the FSDP2 trainer.
 
@@ -255,7 +257,7 @@ def build_stages(ctx: Context, only: set) -> List[Stage]:
         methods = ["--methods", *(DRY_METHODS if dry else BENCH_METHODS)]
         stages.append(Stage(f"bench-{V}", "bench", 60 if dry else 70,
                             [py, "-m", "bench.gpu", *size, "--vocab", str(V), *methods, "--out", str(out),
-                             *(["--skip-check"] if i else [])], parse=_parse_bench))
+                             *(["--skip-check", "--no-filter"] if i else [])], parse=_parse_bench))
     for v in ("hf", "ours"):
         stages.append(Stage(f"unlearn-{v}", "unlearn", 60,
                             [py, "-m", "bench.gpu_unlearn", "--worker", "--variant", v,
