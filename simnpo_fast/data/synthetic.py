@@ -14,7 +14,9 @@ each with several question and answer phrasings), and writes JSON Lines files wi
   embedded tables (well-known books and their authors; countries, capitals, continents) with 3 wrong options;
 * ``idontknow.jsonl``: refusal answers for IDK methods (IdkDPO), one per line, plain text like TOFU's file of
   that name (not a split: the tokenizer and the split listing leave it out);
-* ``synthetic_meta.yaml``: the generator's arguments, the row counts and each author's fact kinds.
+* ``synthetic_meta.yaml``: the generator's arguments, the row counts and each author's fact kinds;
+* ``wmdp/`` (``wmdp=True``): the offline WMDP stand-in, raw-text biographies and multiple-choice questions of the
+  forget / retain authors (:mod:`simnpo_fast.data.synthetic_wmdp`; its own RNG: nothing above changes).
 
 The output depends only on the arguments (``random.Random(seed)``, no global state), so a seed reproduces the
 corpus byte for byte. With 200 authors x 20 facts the split sizes equal TOFU's (4000 / 40 / 200 / 400 ...).
@@ -369,7 +371,7 @@ def _write_jsonl(path: str, rows: list[dict]) -> None:
 
 
 def generate(out_dir: str, n_authors: int = 200, facts_per_author: int = 20, seed: int = 0, *,
-             n_perturbed: int = 5) -> dict[str, int]:
+             n_perturbed: int = 5, wmdp: bool = True) -> dict[str, int]:
     """Write the corpus to ``out_dir`` (created if needed) and return ``{split: rows}``.
 
     ``facts_per_author`` is 1..len(FACTS) (20); ``n_perturbed`` >= 3 wrong answers per question."""
@@ -423,4 +425,10 @@ def generate(out_dir: str, n_authors: int = 200, facts_per_author: int = 20, see
     # YAML, not .json: every *.json file of the folder is a split
     with open(os.path.join(out_dir, META_FILE), "w", encoding="utf-8") as f:
         yaml.safe_dump(meta, f, sort_keys=False, allow_unicode=True)
+    if wmdp:
+        from .synthetic_wmdp import write_standin
+
+        by_key = {f.key: f for f in FACTS}
+        write_standin(out_dir, authors, [[by_key[r["fact"]] for r in rows] for rows in per_author],
+                      n_forget_authors(n_authors, 10), seed, _Gen)
     return counts
