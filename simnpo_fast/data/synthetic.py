@@ -426,9 +426,14 @@ def generate(out_dir: str, n_authors: int = 200, facts_per_author: int = 20, see
     with open(os.path.join(out_dir, META_FILE), "w", encoding="utf-8") as f:
         yaml.safe_dump(meta, f, sort_keys=False, allow_unicode=True)
     if wmdp:
-        from .synthetic_wmdp import write_standin
-
-        by_key = {f.key: f for f in FACTS}
-        write_standin(out_dir, authors, [[by_key[r["fact"]] for r in rows] for rows in per_author],
-                      n_forget_authors(n_authors, 10), seed, _Gen)
+        _wmdp_standin(out_dir, authors, per_author, seed)
     return counts
+
+
+def _wmdp_standin(out_dir: str, authors: list[dict], per_author: list[list[dict]], seed: int) -> None:
+    """``<out_dir>/wmdp/``: :func:`simnpo_fast.data.synthetic_wmdp.write_standin` for these authors."""
+    from .synthetic_wmdp import write_standin
+
+    by_key = {f.key: f for f in FACTS}
+    write_standin(out_dir, authors, [[by_key[r["fact"]] for r in rows] for rows in per_author],
+                  n_forget_authors(len(authors), 10), seed, _Gen)
