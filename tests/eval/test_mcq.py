@@ -192,3 +192,46 @@ def test_cli_writes_reports(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     _write_jsonl(bad, [{"question": "q", "choices": ["a", "b"], "answer": 5}])
     assert cli(["eval", "--task", "mcq", "--model", str(mdir), "--data", str(bad), "--out", str(out / "x")]) == 4
+
+
+def _rank_worker(rank, world, port, data, out_dir):
+    import torch.distributed as dist
+
+    from simnpo_fast.distributed import shutdown_distributed
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    ok = False
+    try:
+        model, tok = tiny_model_and_tokenizer()
+        res = evaluate_mcq(model, tok, data, McqEvalConfig(batch_size=2))
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(res, f)
+        ok = True
+    finally:
+        shutdown_distributed(wait=ok)
+
+
+def test_two_ranks_equal_one_rank(tmp_path):
+    """Sharded over 2 gloo ranks (9 questions, 36 requests in odd-sized length-sorted batches): every
+    per-question value bit for bit as one process, on every rank."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    data = tmp_path / "wmdp-bio.jsonl"
+    _write_jsonl(data, QUESTIONS + QUESTIONS[:4])
+    model, tok = tiny_model_and_tokenizer()
+    single = json.loads(json.dumps(evaluate_mcq(model, tok, str(data), McqEvalConfig(batch_size=2))))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "out"
+    out.mkdir()
+    mp.spawn(_rank_worker, args=(2, port, str(data), str(out)), nprocs=2, join=True)
+    for r in (0, 1):
+        res = json.loads((out / f"rank{r}.json").read_text())
+        assert res["world_size"] == 2
+        assert res["sets"]["wmdp-bio"]["per_question"] == single["sets"]["wmdp-bio"]["per_question"]
+        assert res["summary"] == single["summary"]
