@@ -36,7 +36,7 @@ Likelihoods go through the fused :func:`simnpo_fast.sequence_logprob` (no ``[tok
 Data: a JSON (array), JSON Lines or parquet file, or a folder of them (one set per file, by stem), rows with
 ``question`` (str), ``choices`` (list of >= 2 str) and ``answer`` (an int index, or a letter ``"A"``..; lm-eval
 itself takes a letter only in letters mode). With ``subject="auto"`` a row's ``subject`` field (MMLU) or the file
-name (``bio`` / ``cyber`` / ``chem``: WMDP) gives the description, else there is none. Other than 4 choices the
+or folder name (``bio`` / ``cyber`` / ``chem``: WMDP) gives the description, else there is none. Other than 4 choices the
 letter template continues the same pattern (lm-eval's YAMLs are written for 4).
 """
 from __future__ import annotations
@@ -141,8 +141,9 @@ def load_mcq(data: str, cfg: Optional[McqEvalConfig] = None) -> Dict[str, dict]:
 
 # ----------------------------------------------------------------------------- protocol
 
-def description_for(cfg: McqEvalConfig, set_name: str, row: dict) -> str:
-    """The task description prepended to the prompt (see the module docstring)."""
+def description_for(cfg: McqEvalConfig, set_name: str, row: dict, path: str = "") -> str:
+    """The task description prepended to the prompt (see the module docstring); ``auto`` looks for the WMDP
+    words in the set name and in the name of the file's folder (``wmdp-bio/test-00000-of-00001.parquet``)."""
     if cfg.description is not None:
         return cfg.description
     if cfg.subject is None or cfg.subject == "none":
@@ -151,7 +152,8 @@ def description_for(cfg: McqEvalConfig, set_name: str, row: dict) -> str:
         return DESCRIPTION.format(cfg.subject)
     if "subject" in row:  # MMLU rows (cais/mmlu): lm-eval's per-subject description
         return DESCRIPTION.format(row["subject"].replace("_", " "))
-    words = set(set_name.lower().replace("_", "-").split("-"))
+    names = (set_name, os.path.basename(os.path.dirname(os.path.abspath(path))) if path else "")
+    words = {w for n in names for w in n.lower().replace("_", "-").split("-")}
     hits = [s for k, s in WMDP_SUBJECTS.items() if k in words]
     return DESCRIPTION.format(hits[0]) if len(hits) == 1 else ""
 
@@ -229,7 +231,7 @@ def _requests(tokenizer, data: Dict[str, dict], cfg: McqEvalConfig, max_length: 
     reqs, questions = [], []
     for name, d in data.items():
         for i, r in enumerate(d["rows"]):
-            desc = description_for(cfg, name, r)
+            desc = description_for(cfg, name, r, d["path"])
             ctx = mcq_prompt(r["question"], r["choices"], cfg.format, desc)
             conts = [TARGET_DELIMITER + c for c in mcq_choices(r["choices"], cfg.format)]
             questions.append({"set": name, "index": i, "description": desc, "first": len(reqs),

@@ -65,6 +65,8 @@ def test_prompt_strings_by_hand():
     assert description_for(cfg, "wmdp_cyber_test", {}).endswith("about cybersecurity.\n\n")
     assert description_for(cfg, "all", {"subject": "college_biology"}).endswith("about college biology.\n\n")
     assert description_for(cfg, "questions", {}) == ""
+    assert description_for(cfg, "test-00000-of-00001", {}, "/d/wmdp-chem/test-00000-of-00001.parquet").endswith(
+        "about chemistry.\n\n")  # the hub layout: the subset is the folder
     assert description_for(McqEvalConfig(subject=None), "wmdp-bio", {}) == ""
 
 
