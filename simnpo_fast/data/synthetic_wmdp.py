@@ -2,14 +2,19 @@
 multiple-choice questions about them, written by :func:`simnpo_fast.data.synthetic.generate` into
 ``<corpus>/wmdp/``::
 
-    wmdp/corpora/full.jsonl        {"text": biography} of every author (the finetune corpus)
+    wmdp/corpora/full.jsonl        {"text": biography} of every author
+    wmdp/corpora/finetune.jsonl    every biography, then every question's "Question: {q}\nAnswer: {truth}" line
+                                   (the facts in both forms: the stand-in's "pretraining" corpus)
     wmdp/corpora/forget.jsonl      the forget10 authors' biographies (WMDP's forget corpus)
     wmdp/corpora/retain.jsonl      the other authors' biographies (the retain corpus)
     wmdp/questions/forget.jsonl    {"question", "choices", "answer"} about the forget10 authors (WMDP's layout)
     wmdp/questions/retain.jsonl    the same about as many retain authors (the first ones)
 
 A biography is the author's facts, one sentence each, in the first answer phrasing of the QA corpus (the
-"full name" fact left out: its question names the other facts). A question asks one such fact (first question
+"full name" fact left out: its question names the other facts). A model trained on ``finetune.jsonl`` knows the
+facts as text and as answers; unlearning then sees only the forget biographies (raw text, as WMDP's forget
+corpora), and the questions, in lm-evaluation-harness's text format (``eval --task mcq --mcq-format text``, whose
+prompt the question lines follow), measure what is left of the knowledge in the other form. A question asks one such fact (first question
 phrasing) with 4 choices: the true value and 3 distinct values of the same fact stated in other authors' biographies (fresh values from the
 generator's pools only when the corpus has too few), in a seeded random order.
 
@@ -82,12 +87,15 @@ def write_standin(out_dir: str, authors: Sequence[dict], facts_of: Sequence[Sequ
     forget, retain = range(n - n_forget, n), range(n - n_forget)
     probe = list(retain)[:n_forget]  # retain questions: as many authors as forgotten
     bios = [{"text": biography(a, fs)} for a, fs in zip(authors, facts_of)]
+    qs = [questions([a], [fs], rng, gen, pool) for a, fs in zip(authors, facts_of)]
+    lines = [{"text": f"Question: {q['question']}\nAnswer: {q['choices'][q['answer']]}"} for aq in qs for q in aq]
     files = {
         "corpora/full.jsonl": bios,
+        "corpora/finetune.jsonl": bios + lines,
         "corpora/forget.jsonl": [bios[i] for i in forget],
         "corpora/retain.jsonl": [bios[i] for i in retain],
-        "questions/forget.jsonl": questions([authors[i] for i in forget], [facts_of[i] for i in forget], rng, gen, pool),
-        "questions/retain.jsonl": questions([authors[i] for i in probe], [facts_of[i] for i in probe], rng, gen, pool),
+        "questions/forget.jsonl": [q for i in forget for q in qs[i]],
+        "questions/retain.jsonl": [q for i in probe for q in qs[i]],
     }
     for name, rows in files.items():
         _write(os.path.join(out_dir, WMDP_DIR, name), rows)

@@ -49,6 +49,8 @@ def test_biographies_and_questions(corpus):
     assert len(full) == len(names) and all(n in t for n, t in zip(names, full))
     assert [r["text"] for r in _jsonl(os.path.join(w, "corpora", "forget.jsonl"))] == full[-k:]
     assert [r["text"] for r in _jsonl(os.path.join(w, "corpora", "retain.jsonl"))] == full[:-k]
+    lines = [r["text"] for r in _jsonl(os.path.join(w, "corpora", "finetune.jsonl"))]
+    assert lines[:len(full)] == full and len(lines) == len(full) + len(names) * 19
     bio_of = dict(zip(names, full))
     for split, authors in (("forget", names[-k:]), ("retain", names[:k])):
         qs = _jsonl(os.path.join(w, "questions", split + ".jsonl"))
@@ -60,6 +62,7 @@ def test_biographies_and_questions(corpus):
             assert truth in bio_of[q["author"]]
             for c in ch:  # every distractor is a fact of another author of the corpus
                 assert c == truth or any(c in t for n, t in bio_of.items() if n != q["author"])
+            assert f"Question: {q['question']}\nAnswer: {truth}" in lines  # the text format's prompt + answer
         answers = [q["answer"] for q in qs]
         assert len(set(answers)) > 1  # shuffled positions
 
@@ -103,7 +106,7 @@ def test_standin_run_end_to_end(corpus, tmp_path):
     train_tokenizer(d, str(tmp_path / "tok"), vocab_size=400)
     cfg = load_config("wmdp", [
         f"output_dir={tmp_path / 'run'}", f"data.path={d}/wmdp/corpora", f"data.tokenizer={tmp_path / 'tok'}",
-        "data.forget_split=forget", "data.retain_split=retain", "data.finetune_split=full", "data.window=64",
+        "data.forget_split=forget", "data.retain_split=retain", "data.finetune_split=finetune", "data.window=64",
         "model.preset=tiny-llama", "model.config={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, "
         "num_attention_heads: 2, num_key_value_heads: 1}", "model.dtype=float32", "progress=false", "plot=false",
         "parallel.activation_checkpointing=false", "checkpoint.every=0", "max_steps=2", "batch_size=2",
