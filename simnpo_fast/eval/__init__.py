@@ -1,4 +1,4 @@
-"""Evaluation: TOFU and MUSE metrics, distributed (any world size, identical numbers), the relearning attack
+"""Evaluation: TOFU, MUSE and multiple-choice (WMDP / MMLU) metrics, distributed (any world size, identical numbers), the relearning attack
 and reports (JSON + Markdown + PNG).
 
 Pure metrics (``metrics``; the reference code's definitions, cited there)::
@@ -18,6 +18,8 @@ Benchmarks, attack, reports::
 
     evaluate_tofu(model, tokenizer, data_dir, TofuEvalConfig(protocol="tofu"|"open-unlearning"), reference=None)
     evaluate_muse(model, tokenizer, muse_dir, MuseEvalConfig(corpus="news"), retrain_auc=None) -> dict
+    evaluate_mcq(model, tokenizer, file_or_folder, McqEvalConfig(format="letters"|"text")) -> dict  (WMDP / MMLU,
+        lm-evaluation-harness's zero-shot multiple-choice protocol)
     relearn_attack(model, tokenizer, data_dir, RelearnConfig(n_examples=20, steps=10), reference=) -> dict
     write_report({name: result}, out_dir, history=None) -> {name: json, "markdown", "plot", "curves"}
     EvalHook(data_dir, tokenizer, every=N)     trainer hook (``hooks={"after_backward": hook}``)
@@ -28,6 +30,7 @@ Models: any HF causal LM (its backbone by :func:`simnpo_fast.model.backbone_of` 
 """
 from . import metrics
 from .hook import EvalHook
+from .mcq import McqEvalConfig, evaluate_mcq, load_mcq
 from .muse import MuseEvalConfig, evaluate_muse, load_muse_files
 from .relearn import RelearnConfig, relearn_attack
 from .report import write_report
@@ -36,5 +39,5 @@ from .tofu import PROTOCOLS, TofuEvalConfig, evaluate_tofu, reference_truth_rati
 
 __all__ = ["metrics", "generate", "logprobs", "token_logprobs", "TofuEvalConfig", "evaluate_tofu",
            "reference_truth_ratios", "summarize", "PROTOCOLS", "MuseEvalConfig", "evaluate_muse",
-           "load_muse_files", "RelearnConfig",
+           "load_muse_files", "McqEvalConfig", "evaluate_mcq", "load_mcq", "RelearnConfig",
            "relearn_attack", "write_report", "EvalHook"]

@@ -146,6 +146,17 @@ def test_folder_sets_letters_and_pooled(tmp_path):
                                res["sets"]["b"]["per_question"][1]["loglik"], rtol=1e-5)
 
 
+def test_parquet_and_json_array_read_like_jsonl(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_list(QUESTIONS).to_parquet(str(tmp_path / "q.parquet"))
+    with open(tmp_path / "q.json", "w") as f:
+        json.dump(QUESTIONS, f)
+    _write_jsonl(tmp_path / "q.jsonl", QUESTIONS)
+    rows = [load_mcq(str(tmp_path / f"q.{ext}"))["q"]["rows"] for ext in ("parquet", "json", "jsonl")]
+    assert rows[0] == rows[1] == rows[2] == [dict(q) for q in QUESTIONS]
+
+
 @pytest.mark.parametrize("row, what", [
     ({"question": "q", "choices": ["a", "b"]}, "row 0, field 'answer'"),
     ({"question": "q", "choices": ["a", "b"], "answer": 2}, "not one of the 2 choices"),

@@ -34,7 +34,7 @@ def _task_yaml(folder, data_file, fmt):
     return name
 
 
-def test_per_question_equals_lm_eval(tmp_path):
+def test_per_question_equals_lm_eval(tmp_path, monkeypatch):
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -46,7 +46,7 @@ def test_per_question_equals_lm_eval(tmp_path):
             f.write(json.dumps(r) + "\n")
     (tmp_path / "tasks").mkdir()
     tasks = {fmt: _task_yaml(str(tmp_path / "tasks"), str(data), fmt) for fmt in ("letters", "text")}
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=4, device="cpu")
     tm = TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False)
     out = simple_evaluate(model=lm, tasks=list(tasks.values()), task_manager=tm, log_samples=True, num_fewshot=0,
