@@ -4,6 +4,7 @@ Embedded default, no downloads (``simnpo_fast.data.synthetic`` + ``tokenizer``):
 
     synthetic.generate(out_dir, n_authors=200, facts_per_author=20, seed=0, n_perturbed=5) -> {split: rows}
     train_tokenizer(data_dir, out_dir=None, vocab_size=4096)  -> PreTrainedTokenizerFast (BOS/EOS/PAD, pad != eos)
+    <out_dir>/wmdp/ (synthetic_wmdp): the WMDP stand-in, raw-text biographies + 4-choice questions of the authors
 
 Loading (``formats``; every file of a TOFU-layout folder is ``<split>.json`` in JSON Lines)::
 
