@@ -206,7 +206,7 @@ def make_oracle(args) -> None:
     """fp64 loss and gradients on the (rounded) inputs, saved for the error workers."""
     import torch
 
-    from bench.harness import oracle
+    from bench.harness.library import oracle
     from bench.harness.oracle import fwd_bwd
 
     path = oracle_path(args)

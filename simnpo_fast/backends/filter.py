@@ -31,6 +31,11 @@ entry changes ``dW_vk`` by ``g_i p_rv x_rk`` (``< eps |g_i| |x_rk|``): per eleme
 ``|error| < eps sum_r |g_{i(r)}| |x_rk|``. Dropping only whole blocks of columns (a block keeps a column when
 *any* row needs it) never drops more than the per-entry rule.
 
+Both bounds are on the gradient. An optimizer that normalises its update per parameter (Adam: ``m / sqrt(v)``)
+is invariant to the gradient's scale, so a sequence whose gradient is ``tau`` times its full-weight gradient
+still moves the weights where it is the only contribution: the row filter can change a run's trajectory far
+more than its gradient bound suggests (e.g. a forget-only run whose every sequence falls below ``tau``).
+
 ``grad_filter`` values: ``None`` / ``"off"`` / ``False`` (exact), ``"auto"`` (the default: exact for fp32 and
 fp64 inputs, ``AUTO_16BIT`` for bf16 / fp16), ``"on"`` / ``True`` (``ON``), a :class:`GradFilter`, or a dict of
 its fields (the trainer config's ``loss.grad_filter``).
@@ -72,7 +77,9 @@ class GradFilter:
 
 #: ``grad_filter="on"``: CCE's cut for bf16 gradients (2^-12) and sequences below 1/1000 of their full weight
 ON = GradFilter(rows=1e-3, probs=2.0 ** -12)
-#: what ``grad_filter="auto"`` gives bf16 / fp16 inputs (fp32 / fp64: exact); chosen from bench.filtering
+#: what ``grad_filter="auto"`` gives bf16 / fp16 inputs (fp32 / fp64: exact). Exact as well: on the trained
+#: model of ``bench.filtering`` neither filter kept its gradient error within the dense bf16 path's (README,
+#: "Gradient filtering"); filtering is opt-in (``"on"``, a :class:`GradFilter` or a dict)
 AUTO_16BIT: Optional[GradFilter] = None
 
 FilterSpec = Union[None, bool, str, dict, GradFilter]
