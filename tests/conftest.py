@@ -21,3 +21,14 @@ def tofu_dir():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _process_group_per_test():
+    """A test that calls ``train()`` in this process joins a (1-process) gloo group, as a Python user's script
+    does; like the command-line entry points (``distributed.owned_process_group``), each test shuts down a group
+    it created, so the next test starts without one (tests/trainer/test_distributed_teardown.py checks that)."""
+    from simnpo_fast.distributed import owned_process_group
+
+    with owned_process_group():
+        yield

@@ -24,15 +24,6 @@ from tests.trainer.conftest import ROOT, base_overrides, child_env, corpus, torc
 BETA = 0.3
 
 
-@pytest.fixture(autouse=True)
-def _own_process_group():
-    """train() in this process joins a (1-process) group: leave none behind, as the entry points do."""
-    from simnpo_fast.distributed import owned_process_group
-
-    with owned_process_group():
-        yield
-
-
 # -- the oracle ---------------------------------------------------------------------------------------------
 def nll_sum(h, W, b, labels):
     """fp64 summed answer cross-entropy per sequence and answer-token count (open-unlearning
