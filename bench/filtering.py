@@ -4,6 +4,7 @@ methods and the peers (``simnpo_fast/backends/filter.py``).
     python -m bench.filtering sparsity          # kept fractions on the trained model + the entropy sweep (~3 min)
     python -m bench.filtering loss              # time, memory, error vs fp64: dense / filtered / naive / peers
     python -m bench.filtering loss --dtypes fp32 --rounds 2 --out /tmp/x
+    python -m bench.filtering dtypes --dtypes fp32,bf16 --rounds 4   # our dense path: bf16 vs fp32 time
 
 Inputs: the final hidden states, LM head and next tokens of ``bench.trained_model`` (built and cached on first
 use) on 8 windows of 256 tokens of its training stream (N = 2040 answer rows, d = 512, V = 32000), every token an
@@ -19,7 +20,8 @@ token is 0.5 ... 8 nats. SimNPO (beta 2.5, gamma 0) over the 8 sequences.
 * ``loss``: fresh-process workers (``bench.harness``), alternating rounds; per variant the median fwd+bwd time,
   the RSS peak above the inputs, the kept fractions (ours) and the relative Frobenius error of the loss, dX and dW
   against the fp64 oracle on the same (rounded) inputs; the GEMM floor is the three dense products timed in the
-  dtype our path runs them in (fp32 for bf16 on a CPU without fast bf16 GEMMs: ``backends/lowp.py``).
+  dtype our path runs them in (fp32 for bf16 on a CPU without fast bf16 GEMMs: ``backends/lowp.py``), in every
+  round of the alternation (its median round is the floor).
 """
 from __future__ import annotations
 
@@ -279,7 +281,6 @@ def measure(args, dt: str) -> dict:
     """Oracle, GEMM floor, then per variant its errors, memory and alternating time rounds (module docstring)."""
     sh = _shape_args(args, dt)
     run_worker("bench.filtering", ["--variant", "oracle", *sh], exact_rss=False, timeout=1800)
-    gemm = safe_worker("bench.filtering", ["--variant", "gemm", "--repeats", "3", *sh])
     peers = [v for v in args.peers.split(",") if v]
     slow = peers if slow_lowp(dt) else []
     res = {v: {} for v in [*OURS, *peers]}
@@ -287,8 +288,11 @@ def measure(args, dt: str) -> dict:
         res[v].update(safe_worker("bench.filtering", ["--variant", v, "--phase", "error", *sh]))
         res[v].update(safe_worker("bench.filtering", ["--variant", v, "--phase", "memory", *sh], exact_rss=True))
     fast = [v for v in res if v not in slow]
-    times = alternate("bench.filtering", fast, lambda v: ["--variant", v, "--phase", "time", "--repeats",
-                                                           str(args.repeats), *sh], args.rounds, exact_rss=False)
+    times = alternate("bench.filtering", ["gemm", *fast], lambda v: ["--variant", v, "--phase", "time", "--repeats",
+                                                                     str(args.repeats), *sh], args.rounds,
+                      exact_rss=False)  # the floor is timed in every round too: a shared machine drifts
+    floors = sorted(times.pop("gemm"), key=lambda r: r["floor_s"])
+    gemm = dict(floors[len(floors) // 2], floor_s_rounds=[r["floor_s"] for r in floors])
     for v in fast:
         ts = [t for r in times[v] for t in r.get("times_s", [])]
         res[v].update(median_s=statistics.median(ts) if ts else None, times_s=ts)
@@ -306,9 +310,23 @@ def measure(args, dt: str) -> dict:
     return {"dtype": dt, "gemm": gemm, "variants": res, "summary": summary}
 
 
+def dtype_ab(args) -> dict:
+    """Our dense path in fp32 and in bf16 (``backends/lowp.py`` decides its GEMM dtype), alternating round by
+    round in fresh processes: is bf16 on this CPU no slower than fp32?"""
+    dts = args.dtypes.split(",")
+    runs = alternate("bench.filtering", dts, lambda dt: ["--variant", "dense", "--phase", "time", "--repeats",
+                                                          str(args.repeats), *_shape_args(args, dt)],
+                     args.rounds, exact_rss=False)
+    out = {dt: {"times_s": [t for r in runs[dt] for t in r["times_s"]]} for dt in dts}
+    for dt, r in out.items():
+        r["median_s"] = statistics.median(r["times_s"])
+        print(f"{dt}: dense {r['median_s'] * 1e3:.1f} ms (rounds: {[round(t, 2) for t in r['times_s']]})")
+    return {"dtypes": out, "ratio": out[dts[-1]]["median_s"] / out[dts[0]]["median_s"]}
+
+
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", nargs="?", default="loss", choices=("sparsity", "loss"))
+    p.add_argument("what", nargs="?", default="loss", choices=("sparsity", "loss", "dtypes"))
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--variant", default="dense")
     p.add_argument("--phase", default="time", choices=("time", "memory", "error", "once"), help=argparse.SUPPRESS)
@@ -333,6 +351,8 @@ def main(argv=None) -> int:
     t0, load0 = time.time(), load_average()
     if args.what == "sparsity":
         payload = sparsity(args)
+    elif args.what == "dtypes":
+        payload = dtype_ab(args)
     else:
         payload = {"results": [measure(args, dt) for dt in args.dtypes.split(",")]}
     folder = tm.build(tm.parse([]), log=print)
