@@ -127,7 +127,7 @@ class Run:
         loss.backward()
         self.opt.step()
         self.log.append({"s": time.perf_counter() - t0, "forget_kept": kept,
-                         "forget_loglik": float(logp.sum() / n.sum()), "loss": float(loss)})
+                         "forget_loglik": float(logp.sum() / n.sum()), "loss": float(loss.detach())})
 
 
 def unlearn(args, model, fb, rb) -> dict:
