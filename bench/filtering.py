@@ -2,7 +2,7 @@
 methods and the peers (``simnpo_fast/backends/filter.py``).
 
     python -m bench.filtering sparsity          # kept fractions on the trained model + the entropy sweep (~3 min)
-    python -m bench.filtering loss              # time, memory, error vs fp64: dense / filtered / naive / peers
+    python -m bench.filtering loss              # time, memory, error vs fp64 (~30 min on an AVX2 CPU: bf16 peers crawl)
     python -m bench.filtering loss --dtypes fp32 --rounds 2 --out /tmp/x
     python -m bench.filtering dtypes --dtypes fp32,bf16 --rounds 4   # our dense path: bf16 vs fp32 time
 

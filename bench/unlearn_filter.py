@@ -1,6 +1,6 @@
 """Step time over the epochs of a SimNPO unlearning run on the trained model, row filtering on vs off.
 
-    python -m bench.unlearn_filter                  # ~15 min on 2 idle cores
+    python -m bench.unlearn_filter                  # ~3 min on 2 cores (fine-tuning included; then cached)
     python -m bench.unlearn_filter --epochs 6 --retain-weight 0 --out /tmp/x
 
 The model of ``bench.trained_model`` is first fine-tuned on the forget and retain question-answer pairs until it
