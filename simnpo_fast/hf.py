@@ -126,9 +126,9 @@ class UnlearningTrainer(transformers.Trainer):
     :class:`~simnpo_fast.modules.UnlearningLoss`."""
 
     def __init__(self, *args, objective: str = "simnpo", beta: Optional[float] = None, gamma: float = 0.0,
-                 forget_weight: float = 1.0, retain_weight: float = 1.0, **kw):
+                 forget_weight: float = 1.0, retain_weight: float = 1.0, grad_filter="auto", **kw):
         self.criterion = UnlearningLoss(objective, forget_weight=forget_weight, retain_weight=retain_weight,
-                                        beta=beta, gamma=gamma)
+                                        beta=beta, gamma=gamma, grad_filter=grad_filter)
         if self.criterion.retain_loss == "kl":
             raise ValueError("UnlearningTrainer has no frozen reference model: use a retain NLL method")
         model = kw.get("model", args[0] if args else None)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ._inputs import answer_tokens
+from .backends.filter import FilterSpec, resolve
 from .methods import PairObjective, get_method
 from .objectives import GA, NLL, NPO, SimNPO
 from .objectives.base import check_reduction
@@ -15,10 +16,13 @@ from .ops import fused_sequence_loss, kl_loss, sequence_logprob
 
 
 class _FusedLossBase(nn.Module):
-    def __init__(self, objective, *, ignore_index=-100, reduction="mean", shift=True, backend=None):
+    def __init__(self, objective, *, ignore_index=-100, reduction="mean", shift=True, backend=None,
+                 grad_filter: FilterSpec = "auto"):
         super().__init__()
         check_reduction(reduction, None)
+        resolve(grad_filter, torch.float32)  # a bad spec fails here, not at the first backward
         self.objective = objective
+        self.grad_filter = grad_filter
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.shift = shift
@@ -27,7 +31,8 @@ class _FusedLossBase(nn.Module):
     def forward(self, hidden, weight, labels, bias=None, *, normalizer=None, **extras):
         return fused_sequence_loss(hidden, weight, labels, self.objective, bias=bias,
                                    ignore_index=self.ignore_index, reduction=self.reduction,
-                                   normalizer=normalizer, shift=self.shift, backend=self.backend, **extras)
+                                   normalizer=normalizer, shift=self.shift, backend=self.backend,
+                                   grad_filter=self.grad_filter, **extras)
 
     def extra_repr(self) -> str:
         return f"{self.objective}, reduction={self.reduction!r}, backend={self.backend!r}"
@@ -109,12 +114,15 @@ class UnlearningLoss(nn.Module):
     ``reference="logp"``, ``ref_alt_logp_sum``; its :class:`~simnpo_fast.methods.PairObjective` runs on the
     differentiable fused ``sequence_logprob`` of the forget and alternate rows (8NdV instead of 6NdV flops), and
     the terms add ``alternate_logp_sum`` / ``alternate_n_tokens``.
+
+    ``grad_filter`` goes to every fused term (``simnpo_fast.backends.filter``: ``"auto"``, the default, is exact).
     """
 
     def __init__(self, objective: str = "simnpo", *, forget_weight: float = 1.0, retain_weight: float = 1.0,
                  beta: Optional[float] = None, gamma: float = 0.0, ignore_index: int = -100, shift: bool = True,
-                 backend=None, retain_loss: Optional[str] = None):
+                 backend=None, retain_loss: Optional[str] = None, grad_filter: FilterSpec = "auto"):
         super().__init__()
+        resolve(grad_filter, torch.float32)  # a bad spec fails here, not at the first backward
         self.method = get_method(objective)
         self.forget_objective = self.method.forget_objective(beta=beta, gamma=gamma)
         self.pairs = isinstance(self.forget_objective, PairObjective)
@@ -129,7 +137,7 @@ class UnlearningLoss(nn.Module):
         self.forget_weight = float(forget_weight)
         self.retain_weight = float(retain_weight)
         self.retain_objective = NLL()
-        self.kw = dict(ignore_index=ignore_index, shift=shift, backend=backend)
+        self.kw = dict(ignore_index=ignore_index, shift=shift, backend=backend, grad_filter=grad_filter)
 
     @property
     def uses_retain(self) -> bool:

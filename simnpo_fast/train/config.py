@@ -46,6 +46,9 @@ class LossConfig:
     forget_weight: float = 1.0
     retain_weight: float = 1.0
     retain_loss: str = "nll"  # nll | kl (for methods with a retain term)
+    # gradient filter of every fused term (simnpo_fast.backends.filter): auto (exact) | off | on | a mapping of
+    # GradFilter's fields, e.g. {rows: 1.0e-3, probs: 0.000244}
+    grad_filter: Any = "auto"
 
 
 @dataclass

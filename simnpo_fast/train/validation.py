@@ -12,6 +12,7 @@ import os
 import torch
 
 from ..errors import ConfigError, ConfigPathError
+from ..backends.filter import resolve
 from ..methods import get_method
 from .coerce import coerce
 
@@ -71,6 +72,10 @@ def _loss(L) -> None:
     check_num("loss.forget_weight", L.forget_weight, ge=0)
     check_num("loss.retain_weight", L.retain_weight, ge=0)
     check_choice("loss.retain_loss", L.retain_loss, ("nll", "kl"))
+    try:
+        resolve(L.grad_filter, torch.bfloat16)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"loss.grad_filter: {e}") from None
 
 
 def _data(d) -> None:
