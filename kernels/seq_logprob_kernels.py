@@ -231,28 +231,30 @@ def _bwd_dx_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, lo_ptr, r_ptr, thr_ptr, cnt_ptr
             if need:
                 if FILTER:
                     n_kept += 1
-                _dx_tile_update(qt.to(DOT_DTYPE), r, w_ptr, dx_rows, offs_v, v_ok, m_ok, D, swv, swk, DOT_DTYPE,
-                                IEEE, ATOMIC, BLOCK_D)
+                _acc_product(qt.to(DOT_DTYPE), r[:, None], w_ptr + offs_v.to(tl.int64) * swv, v_ok, swk, dx_rows,
+                             m_ok, D, DOT_DTYPE, IEEE, ATOMIC, BLOCK_D)
     if FILTER:  # the tiles whose product ran (one slot per program)
         tl.store(cnt_ptr + pid_m * tl.num_programs(1) + pid_s, n_kept)
 
 
 @triton.jit
-def _dx_tile_update(dz, r, w_ptr, dx_rows, offs_v, v_ok, m_ok, D, swv, swk, DOT_DTYPE: tl.constexpr,
-                    IEEE: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_D: tl.constexpr):
-    """``dx[rows] += r * (dz @ w[offs_v])`` over ``BLOCK_D`` slices of ``d`` (fp32 in global memory)."""
+def _acc_product(a, scale, src_rows, src_ok, src_sk, out_rows, out_ok, D, DOT_DTYPE: tl.constexpr,
+                 IEEE: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``out[rows] += scale * (a @ src[rows'])`` over ``BLOCK_D`` slices of ``d``: ``a`` ``[P, Q]`` (dot dtype),
+    ``src_rows`` the ``Q`` row pointers of the operand (column stride ``src_sk``), ``out_rows`` the ``P`` rows of
+    the fp32 output (row length ``D``); ``scale`` a scalar or ``[P, 1]``. dx: ``a = dz``, src = ``w``; dw:
+    ``a = dz^T``, src = ``x``."""
     offs_d = tl.arange(0, BLOCK_D)
-    w_rows = w_ptr + offs_v.to(tl.int64)[:, None] * swv
     for k0 in range(0, D, BLOCK_D):
         dk = k0 + offs_d
         d_ok = dk < D
-        wt = tl.load(w_rows + dk[None, :] * swk, mask=v_ok[:, None] & d_ok[None, :], other=0.0)
-        upd = _dot_acc(dz, wt.to(tl.float32).to(DOT_DTYPE), IEEE) * r[:, None]  # [BLOCK_M, BLOCK_D], fp32
-        ptrs = dx_rows + dk[None, :]
-        msk = m_ok[:, None] & d_ok[None, :]
+        st = tl.load(src_rows[:, None] + dk[None, :] * src_sk, mask=src_ok[:, None] & d_ok[None, :], other=0.0)
+        upd = _dot_acc(a, st.to(tl.float32).to(DOT_DTYPE), IEEE) * scale  # [P, BLOCK_D], fp32
+        ptrs = out_rows + dk[None, :]
+        msk = out_ok[:, None] & d_ok[None, :]
         if ATOMIC:
             tl.atomic_add(ptrs, upd, mask=msk)
-        else:  # this program owns these rows: plain read-modify-write
+        else:  # this program owns these output rows: plain read-modify-write
             tl.store(ptrs, tl.load(ptrs, mask=msk, other=0.0) + upd, mask=msk)
 
 
@@ -303,8 +305,8 @@ def _bwd_dw_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, lo_ptr, r_ptr, rn_ptr, pow2_ptr
                 if NEED_DW:
                     rn = tl.load(rn_ptr + offs_m, mask=row_ok, other=0.0)
                     dzt = tl.trans((qt * rn[:, None]).to(DOT_DTYPE))  # [BLOCK_V, BLOCK_M]
-                    _dw_tile_update(dzt, pow2, x_ptr, dw_rows, offs_m, m_ok, v_ok, D, sxm, sxk, DOT_DTYPE, IEEE,
-                                    ATOMIC, BLOCK_D)
+                    _acc_product(dzt, pow2, x_ptr + offs_m.to(tl.int64) * sxm, m_ok, sxk, dw_rows, v_ok, D,
+                                 DOT_DTYPE, IEEE, ATOMIC, BLOCK_D)
     if NEED_DB:
         if ATOMIC:
             tl.atomic_add(db_ptr + offs_v, db_acc, mask=v_ok)
@@ -312,22 +314,3 @@ def _bwd_dw_kernel(x_ptr, w_ptr, b_ptr, tgt_ptr, lo_ptr, r_ptr, rn_ptr, pow2_ptr
             tl.store(db_ptr + offs_v, db_acc, mask=v_ok)
     if FILTER:  # the tiles whose product ran (one slot per program)
         tl.store(cnt_ptr + pid_v * tl.num_programs(1) + pid_s, n_kept)
-
-
-@triton.jit
-def _dw_tile_update(dzt, pow2, x_ptr, dw_rows, offs_m, m_ok, v_ok, D, sxm, sxk, DOT_DTYPE: tl.constexpr,
-                    IEEE: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_D: tl.constexpr):
-    """``dw[offs_v] += pow2 * (dzt @ x[offs_m])`` over ``BLOCK_D`` slices of ``d`` (fp32 in global memory)."""
-    offs_d = tl.arange(0, BLOCK_D)
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * sxm
-    for k0 in range(0, D, BLOCK_D):
-        dk = k0 + offs_d
-        d_ok = dk < D
-        xt = tl.load(x_rows + dk[None, :] * sxk, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-        upd = _dot_acc(dzt, xt.to(tl.float32).to(DOT_DTYPE), IEEE) * pow2  # [BLOCK_V, BLOCK_D]
-        ptrs = dw_rows + dk[None, :]
-        msk = v_ok[:, None] & d_ok[None, :]
-        if ATOMIC:
-            tl.atomic_add(ptrs, upd, mask=msk)
-        else:  # this program owns these rows of dw
-            tl.store(ptrs, tl.load(ptrs, mask=msk, other=0.0) + upd, mask=msk)
