@@ -25,6 +25,10 @@ from bench import trained_model as tm
 from bench.harness import result_header, write_result
 
 BETA, GAMMA = 2.5, 0.0
+#: the timed pieces of a step, in order (seconds each, in every step's log): the heads' entries include the
+#: gradients the fused losses compute in their forward; ``backward`` is the body's backward and the gradients'
+#: accumulation, ``optimizer`` AdamW (foreach, as the trainer's)
+PIECES = ("forget_body_fwd", "forget_head", "retain_body_fwd", "retain_head", "backward", "optimizer")
 
 
 def qa_batches(tok, pairs, batch: int):
@@ -106,27 +110,35 @@ class Run:
         from simnpo_fast.backends import ChunkedBackend
 
         self.model, self.flt, self.be = copy.deepcopy(model), flt, ChunkedBackend()
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=0.0)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=0.0, foreach=True)
         self.log = []
 
     def step(self, fbatch, rbatch, retain_weight: float) -> None:
         import simnpo_fast as sf
         from simnpo_fast.objectives import SimNPO
 
-        t0 = time.perf_counter()
         m = self.model
         (fi, fl), (ri, rl) = fbatch, rbatch
+        t = [time.perf_counter()]
         hf = m.model(input_ids=fi).last_hidden_state
+        t.append(time.perf_counter())
         loss, logp, n = sf.fused_sequence_loss(hf, m.lm_head.weight, fl, SimNPO(BETA, GAMMA), backend=self.be,
                                                grad_filter=self.flt, return_logp=True)
         kept = self.be.last_filter_stats.get("rows_kept", 1.0)
+        t.append(time.perf_counter())
         if retain_weight > 0:
             hr = m.model(input_ids=ri).last_hidden_state
+            t.append(time.perf_counter())
             loss = loss + retain_weight * sf.nll_loss(hr, m.lm_head.weight, rl, backend=self.be, grad_filter=None)
+        else:
+            t.append(t[-1])
+        t.append(time.perf_counter())
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        t.append(time.perf_counter())
         self.opt.step()
-        self.log.append({"s": time.perf_counter() - t0, "forget_kept": kept,
+        t.append(time.perf_counter())
+        self.log.append({"s": t[-1] - t[0], "forget_kept": kept, **{k: b - a for k, a, b in zip(PIECES, t, t[1:])},
                          "forget_loglik": float(logp.sum() / n.sum()), "loss": float(loss.detach())})
 
 
@@ -150,6 +162,7 @@ def unlearn(args, model, fb, rb) -> dict:
         epochs = [r.log[e * n : (e + 1) * n] for e in range(args.epochs)]
         out[k] = {"steps": r.log,
                   "epoch_median_step_s": [statistics.median(s["s"] for s in ep) for ep in epochs],
+                  "epoch_median_pieces_s": {k: [statistics.median(s[k] for s in ep) for ep in epochs] for k in PIECES},
                   "epoch_forget_kept": [statistics.mean(s["forget_kept"] for s in ep) for ep in epochs],
                   "final_forget_loglik": mean_loglik(r.model, fb), "final_retain_loglik": mean_loglik(r.model, rb)}
         e = out[k]["epoch_median_step_s"]
