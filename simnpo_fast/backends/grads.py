@@ -137,10 +137,12 @@ class TileGrads:
             self.dw.zero_()
             self._dw_fresh = False
         V = p.shape[1]
+        thr = thr.to(p.dtype)
+        needed = _column_rule(p, thr, factorised=scale is not None and tgt is not None, block_rows=block_rows)
         for b0 in range(0, p.shape[0], block_rows):
             b1 = min(p.shape[0], b0 + block_rows)
             pb = p[b0:b1]
-            keep = (pb.abs() >= thr[b0:b1].to(pb.dtype).unsqueeze(1)).any(0)
+            keep = needed(pb, b0, b1)
             if tgt is not None:
                 keep[tgt[b0:b1]] = True
             cols = keep.nonzero().squeeze(1)
@@ -176,3 +178,24 @@ class TileGrads:
             self._dw_fresh = False
         return self.dx, self.dw, self.db
 
+
+def _column_rule(p: torch.Tensor, thr: torch.Tensor, factorised: bool, block_rows: int):
+    """``needed(pb, b0, b1) -> bool [V]``: the columns where some row ``r`` of the block ``p[b0:b1]`` has
+    ``|p_rv| >= thr_r`` (targets are added by the caller).
+
+    A factorised tile's non-target entries are probabilities (>= 0, ``tiles.factor_dlogits_``) and its targets
+    are always kept, so there a column is needed iff ``max_r p_rv / thr_r >= 1``: one (scaled) max pass instead
+    of the abs / compare / any temporaries, 3-10x cheaper on CPU; when every row has the same threshold (``eps``
+    when ``row_scale = -g``) the scaling is skipped and the cut is the smallest threshold. The scaled cut is
+    lowered by a few units of fp32 rounding: the fast rules keep a superset of the columns (never fewer, so the
+    error bound holds), equal to the per-entry rule's but for entries within that rounding of their cut."""
+    if not (factorised and thr.numel() and bool((thr > 0).all())):
+        return lambda pb, b0, b1: (pb.abs() >= thr[b0:b1].unsqueeze(1)).any(0)
+    inv = thr.float().reciprocal()  # an infinite threshold (a row that needs no column) -> 0
+    lo, hi = float(inv.amin()), float(inv.amax())
+    if hi <= lo * (1.0 + 1e-6):  # one threshold (up to rounding): the smallest, exactly as the tile holds it
+        cut = float(thr.float().amin())
+        return lambda pb, b0, b1: pb.amax(0) >= cut
+    slack = 1.0 - 4.0 * torch.finfo(torch.float32).eps  # the fp32 product's rounding
+    buf = torch.empty(min(block_rows, p.shape[0]), p.shape[1], dtype=torch.float32, device=p.device)
+    return lambda pb, b0, b1: torch.mul(pb, inv[b0:b1].unsqueeze(1), out=buf[: b1 - b0]).amax(0) >= slack

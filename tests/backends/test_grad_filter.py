@@ -144,6 +144,33 @@ def test_softmax_filter_keeps_few_entries_on_peaked_rows():
     assert 0 < be.last_filter_stats["entries_kept"] < 0.5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("thresholds", ["uniform", "per_row", "with_inf"])
+def test_fast_column_rule_is_the_per_entry_rule(dtype, thresholds):
+    """The softmax filter's column selection on factorised tiles (one max pass) keeps exactly the columns of the
+    per-entry rule ``any_r |p_rv| >= thr_r`` (written here), on softmax rows with negative target entries."""
+    from simnpo_fast.backends.grads import _column_rule
+
+    g = torch.Generator().manual_seed(1)
+    R, V, B = 40, 257, 16
+    p = (torch.randn(R, V, generator=g, dtype=torch.float64) * 3).softmax(1)
+    tgt = torch.randint(0, V, (R,), generator=g)
+    p[torch.arange(R), tgt] -= 1.0  # factorised tile: target entries p_t - 1 <= 0
+    p = p.to(dtype)
+    thr = {"uniform": torch.full((R,), 2.0 ** -9, dtype=torch.float64),
+           "per_row": 2.0 ** -9 * torch.rand(R, generator=g, dtype=torch.float64).add(0.5),
+           "with_inf": torch.where(torch.arange(R) % 3 == 0, float("inf"), 2.0 ** -8).double()}[thresholds].to(dtype)
+    needed = _column_rule(p, thr, factorised=True, block_rows=B)
+    for b0 in range(0, R, B):
+        b1 = min(R, b0 + B)
+        ref = (p[b0:b1].abs() >= thr[b0:b1].unsqueeze(1)).any(0)
+        ref[tgt[b0:b1]] = True
+        got = needed(p[b0:b1], b0, b1)
+        got[tgt[b0:b1]] = True
+        assert torch.equal(got, ref), (b0, int((got != ref).sum()))
+        assert 0 < int(ref.sum()) < V  # the case selects some columns and drops others
+
+
 def test_resolve_and_bad_values():
     assert resolve("auto", torch.float32) is None and resolve(None, torch.bfloat16) is None
     assert resolve("on", torch.float32) == ON and resolve(True, torch.float32) == ON
