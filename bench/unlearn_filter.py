@@ -11,7 +11,9 @@ with the row filter (``GradFilter(rows=--rows)``: a forget sequence whose SimNPO
 ``rows`` x its full weight skips its backward through the LM head). Per step: the wall time of forward, backward
 and the AdamW step; the share of forget sequences kept; the forget and retain mean answer log-likelihood per
 token. The two runs alternate step by step (off, on, off, on, ...: the drift of a shared machine hits both), each
-with its own model and optimizer. At the end both are evaluated on every forget and retain pair.
+with its own model and optimizer, after one untimed warm-up step of each on a throwaway copy (else the first
+epoch's steps carry the process's start-up and "last epoch / first epoch" measures that). At the end both are
+evaluated on every forget and retain pair.
 """
 from __future__ import annotations
 
@@ -147,6 +149,8 @@ def unlearn(args, model, fb, rb) -> dict:
     from simnpo_fast.backends.filter import GradFilter
 
     runs = {"off": Run(model, None, args.lr), "on": Run(model, GradFilter(rows=args.rows), args.lr)}
+    for run in runs.values():  # warm-up (thread pools, allocator, GEMM buffers) on throwaway copies: epoch 0 is
+        Run(model, run.flt, args.lr).step(fb[0], rb[0], args.retain_weight)  # timed like the others
     for epoch in range(args.epochs):
         for i, fbatch in enumerate(fb):
             for run in runs.values():
