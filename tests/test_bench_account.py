@@ -1,0 +1,22 @@
+"""``bench.chunk_rows --account`` on tiny shapes: it runs, and its JSON's terms are the medians it recorded (no
+timing is asserted: speed lives in the benchmarks)."""
+import json
+import statistics
+
+from bench import chunk_rows
+
+
+def test_account_json_is_consistent(tmp_path):
+    assert chunk_rows.main(["--N", "64", "--d", "16", "--V", "96", "--rows", "", "--rounds", "3", "--account",
+                            "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("chunk_rows-*.json")
+    d = json.loads(path.read_text())
+    rounds, terms = d["account_rounds"], d["account"]
+    assert d["command"].startswith("python -m bench.chunk_rows") and "cpu_flags" in d["machine"]
+    assert all(len(rounds[k]) == 3 for k in ("floor_s", "profiled_s", "gemm_s", "rest_s", "top_rest_ops"))
+    floor = statistics.median(rounds["floor_s"])
+    assert terms["chunked_over_floor"] == statistics.median(d["times_s"]["chunked (rule)"]) / floor
+    assert terms["gemm_over_floor"] == statistics.median(rounds["gemm_s"]) / floor
+    gemm, rest = statistics.median(rounds["gemm_s"]), statistics.median(rounds["rest_s"])
+    assert gemm > 0 and rest > 0 and terms["rest_share_of_profiled"] == rest / (gemm + rest)
+    assert terms["gemm_gflops_floor"] == 6 * (64 - 1) * 16 * 96 / floor / 1e9  # one 64-token sequence: 63 rows
