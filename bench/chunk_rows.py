@@ -11,7 +11,7 @@ runs do not. ``--profile`` also splits one chunked step (default tile height) in
 three whole-batch products of ``bench.harness.gemm_floor``, preallocated outputs) and one profiled chunked step,
 whose profiler self time splits into GEMMs and the rest; medians over the rounds, written as a result JSON
 (``chunk_rows-<machine>-<date>.json``). Then ``chunked - floor = (its GEMMs - floor) + the rest``: the first
-term is what the tile-shaped products cost over the whole-batch ones (MKL's repacking of ``W`` per tile), the
+term is what the tile-shaped products cost over the whole-batch ones (each tile's products take all of ``W``), the
 second the epilogue (softmax passes, gathers, accumulation) and the Python schedule. Profiling adds a little
 time of its own, so the two terms are read as shares of the profiled step.
 """
