@@ -53,7 +53,7 @@ from ..distributed import world_size
 from ..likelihood import sharded_logps
 from ..model import final_hidden
 from ..ops import sequence_logprob
-from .runner import _progress, eval_mode, head_params, model_device, pad_id_of, unwrap
+from .runner import eval_mode, head_params, model_device, pad_id_of, progress_bar, unwrap
 
 FORMATS = ("letters", "text")
 TARGET_DELIMITER = " "  # lm-eval TaskConfig.target_delimiter default
@@ -254,7 +254,7 @@ def evaluate_mcq(model, tokenizer, data_path: str, cfg: Optional[McqEvalConfig] 
     reqs, questions = _requests(tokenizer, data, cfg, max_length)
     pad = pad_id_of(tokenizer)
     lp = sharded_logps(lambda b: _batch_logprob(model, [reqs[i] for i in b], pad), len(reqs), cfg.batch_size,
-                       lengths=[len(r["input_ids"]) for r in reqs], each=_progress("mcq", progress)).tolist()
+                       lengths=[len(r["input_ids"]) for r in reqs], each=progress_bar("mcq", progress)).tolist()
     sets: Dict[str, dict] = {name: {"path": d["path"], "per_question": []} for name, d in data.items()}
     for q in questions:
         row = data[q["set"]]["rows"][q["index"]]

@@ -72,7 +72,7 @@ def model_device(model) -> torch.device:
 
 # ----------------------------------------------------------------------------- sharding
 
-def _progress(desc: str, progress: bool):
+def progress_bar(desc: str, progress: bool):
     """A rank-0 progress bar over a rank's batches (``None``: no bar)."""
     if not (progress and rank() == 0):
         return None
@@ -86,7 +86,7 @@ def shard_by_length(lengths: Sequence[int], batch_size: int, fn, *, desc: str = 
     """``fn(batch_indices) -> per-item results`` over this rank's share of the length-sorted global batches
     (:func:`~simnpo_fast.likelihood.global_batches`), all results in input order on every rank."""
     mine = rank_share(global_batches(lengths, batch_size), rank(), world_size())
-    return run_sharded(fn, mine, len(lengths), each=_progress(desc, progress))
+    return run_sharded(fn, mine, len(lengths), each=progress_bar(desc, progress))
 
 
 # ----------------------------------------------------------------------------- likelihoods
@@ -124,7 +124,7 @@ def logprobs(model, examples: Sequence[dict], pad_id: int, batch_size: int = 16,
     :func:`~simnpo_fast.likelihood.sharded_logps` on the length-sorted global batches."""
     lp = sharded_logps(lambda b: batch_logprob(model, [examples[i] for i in b], pad_id, backend),
                        len(examples), batch_size, lengths=[len(e["input_ids"]) for e in examples],
-                       each=_progress(desc, progress))
+                       each=progress_bar(desc, progress))
     return [(float(s), int(n)) for s, n in lp.tolist()]
 
 
