@@ -7,6 +7,14 @@ Prints GFLOP/s of the three products of a tile of R rows -- logits ``x W^T``, ``
 sequence after the shift, the fp32 tile of the README benchmark), 256, 510 (two sequences), 512 and the full
 batch (2048 rows). Outputs go to preallocated buffers, as in the chunked backend: the rates say how much of the
 chunked path's time over the GEMM floor comes from tile-sized GEMMs (see README, Results).
+
+    python -m bench.tile_gemm --prepacked [--rounds 7]
+
+Tests the suspected cause of the tile penalty (the GEMM packs all of ``W`` again for every tile): interleaved
+rounds over a batch of 8 x 255 rows of the logits products whole (``x W^T`` into a preallocated output), tile by
+tile with ``torch.mm`` (what the chunked backend runs), and tile by tile on a ``W`` packed once per batch by
+oneDNN (``torch.ops.mkldnn._reorder_linear_weight`` + ``_linear_pointwise``, the packing timed with them; one
+packed copy of ``W`` more in memory); medians written as a result JSON (``tile_gemm-<machine>-<date>.json``).
 """
 from __future__ import annotations
 
@@ -14,7 +22,7 @@ import argparse
 
 import torch
 
-from bench.harness import median_time
+from bench.harness import median_time, result_header, write_result
 
 
 def _t(fn, n=7) -> float:
@@ -26,7 +34,12 @@ def main(argv=None) -> int:
     ap.add_argument("--d", type=int, default=512)
     ap.add_argument("--V", type=int, default=32000)
     ap.add_argument("--rows", default="255,256,510,512,2048")
+    ap.add_argument("--prepacked", action="store_true", help="the interleaved packed-W A/B (writes a JSON)")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--out", default=None, help="folder of the --prepacked JSON (default bench/results)")
     a = ap.parse_args(argv)
+    if a.prepacked:
+        return prepacked_ab(a, argv)
     W = torch.randn(a.V, a.d)
     dw = torch.zeros(a.V, a.d)
     xw = torch.randn(2048, a.d)
@@ -42,6 +55,46 @@ def main(argv=None) -> int:
         rates = [gf / _t(f) for f in (lambda: torch.mm(x, W.t(), out=z), lambda: torch.mm(p, W, out=dx),
                                       lambda: dw.addmm_(p.t(), x), lambda: torch.mm(W, x.t(), out=zt))]
         print(f"{R:>6} " + " ".join(f"{r:8.0f}" for r in rates))
+    return 0
+
+
+def prepacked_ab(a, argv) -> int:
+    """Whole-batch vs per-tile vs per-tile-on-prepacked-``W`` logits products (module docstring)."""
+    import statistics
+    import time
+
+    R, n_tiles = 255, 8
+    x, W = torch.randn(R * n_tiles, a.d), torch.randn(a.V, a.d) / a.d ** 0.5
+    z_all, z = torch.empty(R * n_tiles, a.V), torch.empty(R, a.V)
+
+    def tiles_mm():
+        for r0 in range(0, R * n_tiles, R):
+            torch.mm(x[r0 : r0 + R], W.t(), out=z)
+
+    def tiles_packed():
+        pw = torch.ops.mkldnn._reorder_linear_weight(W, None)
+        for r0 in range(0, R * n_tiles, R):
+            torch.ops.mkldnn._linear_pointwise(x[r0 : r0 + R], pw, None, "none", [], "")
+
+    pw = torch.ops.mkldnn._reorder_linear_weight(W, None)
+    err = float((torch.ops.mkldnn._linear_pointwise(x[:R], pw, None, "none", [], "") - x[:R] @ W.t()).abs().max())
+    variants = {"whole": lambda: torch.mm(x, W.t(), out=z_all), "tiles_mm": tiles_mm, "tiles_prepacked": tiles_packed}
+    times = {k: [] for k in variants}
+    for f in variants.values():
+        f()
+    for _ in range(a.rounds):
+        for k, f in variants.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    gf = 2 * R * n_tiles * a.d * a.V / 1e9
+    for k, t in med.items():
+        print(f"  {k:16s} {t * 1e3:7.1f} ms  {gf / t:6.1f} GFLOP/s  {t / med['whole']:.2f}x whole")
+    payload = {**result_header("tile_gemm", "bench.tile_gemm", argv), "config": vars(a), "rows": R,
+               "tiles": n_tiles, "times_s": times, "median_s": med, "max_abs_diff_prepacked": err,
+               "over_whole": {k: t / med["whole"] for k, t in med.items()}}
+    print(f"wrote {write_result('tile_gemm', payload, a.out)}")
     return 0
 
 

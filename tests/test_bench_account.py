@@ -3,6 +3,9 @@ timing is asserted: speed lives in the benchmarks)."""
 import json
 import statistics
 
+import pytest
+import torch
+
 from bench import chunk_rows
 
 
@@ -20,3 +23,18 @@ def test_account_json_is_consistent(tmp_path):
     gemm, rest = statistics.median(rounds["gemm_s"]), statistics.median(rounds["rest_s"])
     assert gemm > 0 and rest > 0 and terms["rest_share_of_profiled"] == rest / (gemm + rest)
     assert terms["gemm_gflops_floor"] == 6 * (64 - 1) * 16 * 96 / floor / 1e9  # one 64-token sequence: 63 rows
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+def test_tile_gemm_prepacked_ab_json(tmp_path):
+    """``bench.tile_gemm --prepacked``: oneDNN's product on the packed ``W`` equals the plain one, and the JSON's
+    ratios are its medians."""
+    from bench import tile_gemm
+
+    assert tile_gemm.main(["--d", "16", "--V", "64", "--prepacked", "--rounds", "3", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("tile_gemm-*.json")
+    d = json.loads(path.read_text())
+    assert d["max_abs_diff_prepacked"] < 1e-4
+    for k in ("whole", "tiles_mm", "tiles_prepacked"):
+        assert d["median_s"][k] == statistics.median(d["times_s"][k]) and len(d["times_s"][k]) == 3
+        assert d["over_whole"][k] == d["median_s"][k] / d["median_s"]["whole"]
