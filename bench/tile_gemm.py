@@ -14,7 +14,8 @@ Tests the suspected cause of the tile penalty (the GEMM packs all of ``W`` again
 rounds over a batch of 8 x 255 rows of the logits products whole (``x W^T`` into a preallocated output), tile by
 tile with ``torch.mm`` (what the chunked backend runs), and tile by tile on a ``W`` packed once per batch by
 oneDNN (``torch.ops.mkldnn._reorder_linear_weight`` + ``_linear_pointwise``, the packing timed with them; one
-packed copy of ``W`` more in memory); medians written as a result JSON (``tile_gemm-<machine>-<date>.json``).
+packed copy of ``W`` more in memory); the same three for the ``dX = g W`` products (``dx_*``: oneDNN packs
+``W^T``); medians written as a result JSON (``tile_gemm-<machine>-<date>.json``).
 """
 from __future__ import annotations
 
@@ -76,9 +77,23 @@ def prepacked_ab(a, argv) -> int:
         for r0 in range(0, R * n_tiles, R):
             torch.ops.mkldnn._linear_pointwise(x[r0 : r0 + R], pw, None, "none", [], "")
 
+    g = torch.randn(R * n_tiles, a.V) / a.V
+    dx_all, dx = torch.empty(R * n_tiles, a.d), torch.empty(R, a.d)
+
+    def dx_tiles_mm():
+        for r0 in range(0, R * n_tiles, R):
+            torch.mm(g[r0 : r0 + R], W, out=dx)
+
+    def dx_tiles_packed():  # dX = g W is a linear layer of weight W^T ([d, V])
+        pt = torch.ops.mkldnn._reorder_linear_weight(W.t(), None)
+        for r0 in range(0, R * n_tiles, R):
+            torch.ops.mkldnn._linear_pointwise(g[r0 : r0 + R], pt, None, "none", [], "")
+
     pw = torch.ops.mkldnn._reorder_linear_weight(W, None)
     err = float((torch.ops.mkldnn._linear_pointwise(x[:R], pw, None, "none", [], "") - x[:R] @ W.t()).abs().max())
-    variants = {"whole": lambda: torch.mm(x, W.t(), out=z_all), "tiles_mm": tiles_mm, "tiles_prepacked": tiles_packed}
+    variants = {"whole": lambda: torch.mm(x, W.t(), out=z_all), "tiles_mm": tiles_mm, "tiles_prepacked": tiles_packed,
+                "dx_whole": lambda: torch.mm(g, W, out=dx_all), "dx_tiles_mm": dx_tiles_mm,
+                "dx_tiles_prepacked": dx_tiles_packed}
     times = {k: [] for k in variants}
     for f in variants.values():
         f()
@@ -89,11 +104,12 @@ def prepacked_ab(a, argv) -> int:
             times[k].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     gf = 2 * R * n_tiles * a.d * a.V / 1e9
+    over = {k: t / med["dx_whole" if k.startswith("dx_") else "whole"] for k, t in med.items()}
     for k, t in med.items():
-        print(f"  {k:16s} {t * 1e3:7.1f} ms  {gf / t:6.1f} GFLOP/s  {t / med['whole']:.2f}x whole")
+        print(f"  {k:18s} {t * 1e3:7.1f} ms  {gf / t:6.1f} GFLOP/s  {over[k]:.2f}x its whole-batch product")
     payload = {**result_header("tile_gemm", "bench.tile_gemm", argv), "config": vars(a), "rows": R,
                "tiles": n_tiles, "times_s": times, "median_s": med, "max_abs_diff_prepacked": err,
-               "over_whole": {k: t / med["whole"] for k, t in med.items()}}
+               "over_whole": over}
     print(f"wrote {write_result('tile_gemm', payload, a.out)}")
     return 0
 

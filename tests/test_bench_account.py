@@ -35,6 +35,7 @@ def test_tile_gemm_prepacked_ab_json(tmp_path):
     (path,) = tmp_path.glob("tile_gemm-*.json")
     d = json.loads(path.read_text())
     assert d["max_abs_diff_prepacked"] < 1e-4
-    for k in ("whole", "tiles_mm", "tiles_prepacked"):
+    for k in ("whole", "tiles_mm", "tiles_prepacked", "dx_whole", "dx_tiles_mm", "dx_tiles_prepacked"):
         assert d["median_s"][k] == statistics.median(d["times_s"][k]) and len(d["times_s"][k]) == 3
-        assert d["over_whole"][k] == d["median_s"][k] / d["median_s"]["whole"]
+        ref = "dx_whole" if k.startswith("dx_") else "whole"
+        assert d["over_whole"][k] == d["median_s"][k] / d["median_s"][ref]
