@@ -60,7 +60,7 @@ def main(argv=None) -> int:
 
 
 def prepacked_ab(a, argv) -> int:
-    """Whole-batch vs per-tile vs per-tile-on-prepacked-``W`` logits products (module docstring)."""
+    """Whole-batch vs per-tile vs per-tile-on-prepacked-``W`` products, logits and ``dX`` (module docstring)."""
     import statistics
     import time
 

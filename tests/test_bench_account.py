@@ -1,5 +1,5 @@
-"""``bench.chunk_rows --account`` on tiny shapes: it runs, and its JSON's terms are the medians it recorded (no
-timing is asserted: speed lives in the benchmarks)."""
+"""The account benchmarks (``bench.chunk_rows --account``, ``bench.tile_gemm --prepacked``) on tiny shapes: they
+run, and their JSONs' terms are the medians they recorded (no timing is asserted: speed lives in the benchmarks)."""
 import json
 import statistics
 
