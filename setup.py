@@ -8,10 +8,11 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    # The Triton kernels live in the top-level kernels/ folder of the repository but are installed as
-    # simnpo_fast.kernels (a bare top-level "kernels" package would clash with an unrelated PyPI package).
+    # The Triton kernels live in the top-level kernels/ folder and are reached as simnpo_fast.kernels through the
+    # committed symlink simnpo_fast/kernels -> ../kernels (wheels get real copies). kernels/ has no __init__.py on
+    # purpose: from the repository root it is only a namespace portion, which Python ranks below any installed
+    # regular package, so it can never shadow Hugging Face's `kernels` (tests/test_install.py).
     packages=find_packages(include=["simnpo_fast", "simnpo_fast.*"]) + ["simnpo_fast.kernels"],
-    package_dir={"simnpo_fast.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",
         "numpy",

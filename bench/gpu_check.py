@@ -22,8 +22,8 @@ Stages, each a fresh subprocess with its own time budget (capped by what is left
 A stage that fails or runs out of time is recorded (status, seconds, output tail) and the next one runs; the JSON
 and the Markdown are rewritten after every stage, so a killed run still leaves its finished stages. The CUDA
 default backend follows from the numbers by :func:`bench.gpu_check_report.backend_rule` (stated in both files).
-Without an installed package (the device image) the script builds a symlink overlay where
-``simnpo_fast.kernels`` is the repository's ``kernels/``, as ``setup.py`` installs it, and runs every stage there.
+No install is needed (the device image has none): from the source tree ``simnpo_fast.kernels`` is the repository's
+``kernels/`` through the committed symlink ``simnpo_fast/kernels``, the layout ``setup.py`` installs.
 """
 from __future__ import annotations
 
@@ -98,31 +98,6 @@ class Context:
     cuda: bool
 
 
-def _link_tree(dst: Path) -> Path:
-    """``dst`` with ``simnpo_fast/`` (symlinks to the package's entries + ``kernels`` -> ``kernels/``), ``bench``,
-    ``tests``: the installed layout, from the source tree."""
-    pkg = dst / "simnpo_fast"
-    pkg.mkdir(parents=True)
-    for entry in (ROOT / "simnpo_fast").iterdir():
-        if entry.name != "__pycache__":
-            (pkg / entry.name).symlink_to(entry)
-    (pkg / "kernels").symlink_to(ROOT / "kernels")
-    for top in ("bench", "tests"):
-        (dst / top).symlink_to(ROOT / top)
-    return dst
-
-
-def needs_overlay() -> bool:
-    """True when ``simnpo_fast.kernels`` does not import (the package is not installed)."""
-    try:
-        import simnpo_fast.kernels.target_terms  # noqa: F401
-        return False
-    except ImportError:
-        for name in [m for m in sys.modules if m == "simnpo_fast" or m.startswith("simnpo_fast.")]:
-            del sys.modules[name]
-        return True
-
-
 def unpack_wheels(wheels: Path, site: Path) -> List[str]:
     """Unzip every pure-Python wheel of ``wheels`` into ``site`` (no pip); returns their file names."""
     names = []
@@ -136,11 +111,10 @@ def unpack_wheels(wheels: Path, site: Path) -> List[str]:
 
 
 def make_context(args, scratch: Path) -> tuple:
-    """The stages' context and notes on how it was built (overlay, hidden packages, wheels)."""
+    """The stages' context and notes on how it was built (hidden packages, source, wheels)."""
     import torch
 
     notes, paths, env = {}, [], {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cwd = ROOT
     if args.hide or args.as_uninstalled:
         hide = scratch / "hide"
         hide.mkdir()
@@ -151,11 +125,9 @@ def make_context(args, scratch: Path) -> tuple:
         exec(compile(_HIDER, "sitecustomize", "exec"), {})  # this process too
         notes["hidden"] = f"packages made absent in every stage: {args.hide or 'none'}" + (
             "; the package's editable install ignored" if args.as_uninstalled else "")
-    if args.overlay == "always" or (args.overlay == "auto" and needs_overlay()):
-        cwd = _link_tree(scratch / "src")
-        paths.insert(0, str(cwd))
-        sys.path.insert(0, str(cwd))
-        notes["overlay"] = f"simnpo_fast run from the source tree through {cwd}"
+    import simnpo_fast.kernels.target_terms as kernel_module
+
+    notes["source"] = f"simnpo_fast.kernels from {Path(kernel_module.__file__).parent}"
     wheels = Path(args.wheels) if args.wheels else ROOT / "bench" / "wheels"
     if wheels.is_dir():
         got = unpack_wheels(wheels, scratch / "site")
@@ -166,7 +138,7 @@ def make_context(args, scratch: Path) -> tuple:
         env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in [os.environ.get("PYTHONPATH")] if p])
     cuda = torch.cuda.is_available() and not args.dry_run
     env["TRITON_INTERPRET"] = "0" if cuda else "1"
-    return Context(sys.executable, cwd, env, scratch, args.dry_run, cuda), notes
+    return Context(sys.executable, ROOT, env, scratch, args.dry_run, cuda), notes
 
 
 def run_stage(stage: Stage, ctx: Context, budget_s: float) -> dict:
@@ -278,8 +250,6 @@ def _parse(argv):
     p.add_argument("--out", default=None, help="folder of the JSON + Markdown (default bench/results on CUDA, "
                                                "a temporary folder in a dry run)")
     p.add_argument("--wheels", default=None, help="folder of pure-Python peer wheels (default bench/wheels)")
-    p.add_argument("--overlay", default="auto", choices=["auto", "always", "never"],
-                   help="run from a symlink overlay of the source tree (auto: when the package is not installed)")
     p.add_argument("--hide", default="", help="comma list of packages made absent in every stage (tests)")
     p.add_argument("--as-uninstalled", action="store_true",
                    help="ignore an editable install of the package (tests: as on a machine without one)")

@@ -1,5 +1,5 @@
 """``make gpu-check``: its device test (stage 1 runs it on CUDA with TRITON_INTERPRET=0; here it runs on CPU under
-the interpreter), its dry run (every stage on CPU, the package run from a source overlay with ``datasets`` made
+the interpreter), its dry run (every stage on CPU, the package run from the bare source tree with ``datasets`` made
 absent, as on the device image), and the rule that picks the CUDA default backend, on hand-made results."""
 import json
 import os
@@ -75,10 +75,10 @@ def test_device_backend_matches_fp64(backend, dtype, objective):
 # ---------------------------------------------------------------------------------------------------------------
 # the script: dry run, stage budgets and partial results, the backend rule
 # ---------------------------------------------------------------------------------------------------------------
-def test_dry_run_every_stage_from_source_overlay_without_datasets(tmp_path):
-    """`make gpu-check DRY_RUN=1`: every stage on CPU, with the editable install ignored, so the script must find
-    out that ``simnpo_fast.kernels`` does not import and run from its symlink overlay of the source tree (the
-    device image has no install), and with `datasets` absent (the device image lacks it)."""
+def test_dry_run_every_stage_from_source_tree_without_datasets(tmp_path):
+    """`make gpu-check DRY_RUN=1`: every stage on CPU, with the editable install ignored, so ``simnpo_fast.kernels``
+    must import from the bare source tree (the device image has no install), and with `datasets` absent (the
+    device image lacks it)."""
     args = f"--as-uninstalled --hide datasets --out {tmp_path} --budget 900 --stage-budget-scale 4"  # shared CPU
     proc = subprocess.run(["make", "-s", "gpu-check", "DRY_RUN=1", f"GPU_PY={sys.executable}",
                            f"GPU_CHECK_ARGS={args}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -88,7 +88,9 @@ def test_dry_run_every_stage_from_source_overlay_without_datasets(tmp_path):
     stages = data["stages"]
     assert list(stages) == ["kernels", "bench-70", "bench-90", "unlearn-hf", "unlearn-ours"]
     assert all(s["status"] == "ok" for s in stages.values()), {k: s["status"] for k, s in stages.items()}
-    assert "overlay" in data["notes"] and "datasets" in data["notes"]["hidden"]
+    notes = data["notes"]
+    assert "datasets" in notes["hidden"] and "editable install ignored" in notes["hidden"]
+    assert notes["source"].endswith(os.path.join(ROOT, "simnpo_fast", "kernels")), notes["source"]
     k = stages["kernels"]["result"]
     assert k["passed"] == 3 and k["failures"] == k["errors"] == 0
     chk = stages["bench-70"]["result"]["correctness"]["results"]

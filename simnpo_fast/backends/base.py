@@ -25,8 +25,8 @@ Gradients come back in fp32 (or already in the input dtype; fp16 inputs: fp32 al
 ``backends/autograd.py``), ``dx`` shaped like ``HeadInputs.x`` (zero on the rows not in ``rows``).
 
 The target term: every backend computes ``lp_r`` and ``1 - p_r`` from the log-sum-exp of the row's *other*
-logits (``simnpo_fast/kernels/target_terms.py``); ``logprob_backward`` receives the forward's ``lp`` next to
-``lse`` for that reason (``other_lse`` rebuilds ``lo_r`` from them).
+logits (``simnpo_fast.kernels.target_terms``, the repository's ``kernels/target_terms.py``); ``logprob_backward``
+receives the forward's ``lp`` next to ``lse`` for that reason (``other_lse`` rebuilds ``lo_r`` from them).
 """
 from __future__ import annotations
 

@@ -17,8 +17,8 @@ of the tile are rewritten and ``row_scale`` is applied to the ``[R, d]`` sides o
 (``dX = row_scale * (tile W)``, ``dW += tile^T (row_scale * x)``).
 
 The target entries carry ``1 - p_t`` (or ``p_t - 1``) computed from the *other* entries of the row, never as a
-difference of rounded numbers (``simnpo_fast/kernels/target_terms.py``), so the gradient keeps its relative
-accuracy however close ``p_t`` is to 1 (a memorised forget set):
+difference of rounded numbers (``simnpo_fast.kernels.target_terms``, the repository's ``kernels/target_terms.py``), so
+the gradient keeps its relative accuracy however close ``p_t`` is to 1 (a memorised forget set):
 
 - fp32 / fp64 tiles: ``m = max z``; ``z <- exp(z - m)``; ``z_t <- 0``; ``so = sum z`` (the other entries; torch's
   cascade sum, good to ~1 ulp at any V) and ``s = so + exp(z_t - m)``; ``lp_t = -log1p(so / exp(z_t - m))`` when

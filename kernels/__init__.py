@@ -1,1 +1,0 @@
-"""Triton kernels (maths only, no policy). Installed as ``simnpo_fast.kernels``."""
