@@ -207,6 +207,7 @@ def main(argv=None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the venvs (printed) instead of deleting them")
     args = p.parse_args(argv)
     scratch = Path(tempfile.mkdtemp(prefix=f"envcheck-{args.kind}-"))
+    where = machine()  # before the runs: the commit they test
     runs = []
     if args.kind == "wheel":
         runs.append(check_wheel(args.python, scratch / "wheel"))
@@ -223,7 +224,7 @@ def main(argv=None) -> int:
             runs.append(check_env(exe, mode, scratch / v, args.torch_pin))
             if not args.keep:
                 shutil.rmtree(scratch / v / "venv", ignore_errors=True)
-    payload = {"kind": args.kind, "date": dt.date.today().isoformat(), "machine": machine(),
+    payload = {"kind": args.kind, "date": dt.date.today().isoformat(), "machine": where,
                "command": "python3 tools/envcheck.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "ok": all(r["ok"] for r in runs), "runs": runs}
     path = write_result(args.kind, payload, Path(args.out))
