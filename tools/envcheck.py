@@ -49,6 +49,7 @@ class Steps:
     """The ordered record of one environment's steps: name -> {ok, seconds, tail}."""
 
     def __init__(self, log: Path):
+        log.parent.mkdir(parents=True, exist_ok=True)
         self.log, self.steps = log, {}
 
     def run(self, name: str, argv: list, **kw) -> subprocess.CompletedProcess:
