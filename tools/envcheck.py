@@ -53,6 +53,9 @@ class Steps:
         self.log, self.steps = log, {}
 
     def run(self, name: str, argv: list, **kw) -> subprocess.CompletedProcess:
+        if not self.ok:  # a failed step skips the rest
+            self.steps[name] = {"ok": False, "seconds": 0, "tail": "skipped: an earlier step failed"}
+            return subprocess.CompletedProcess(argv, 1, "", "")
         t0 = time.time()
         proc = subprocess.run(argv, capture_output=True, text=True, **kw)
         out = proc.stdout + proc.stderr
@@ -68,14 +71,15 @@ class Steps:
 
 
 def python_of(version: str) -> str | None:
-    """The interpreter of ``version`` (``3.12``): on PATH as ``python3.12``, else pyenv's newest ``3.12.*``."""
-    found = shutil.which(f"python{version}")
-    if found:
-        return found
+    """A working interpreter of ``version`` (``3.12``): pyenv's newest ``3.12.*``, else ``python3.12`` on PATH
+    (a pyenv shim on PATH may name a version it will not run, hence the trial run)."""
     root = os.environ.get("PYENV_ROOT", os.path.expanduser("~/.pyenv"))
     cands = sorted(glob.glob(f"{root}/versions/{version}.*/bin/python{version}"),
                    key=lambda p: [int(x) for x in re.findall(r"\d+", Path(p).parts[-3])])
-    return cands[-1] if cands else None
+    for exe in [*reversed(cands), shutil.which(f"python{version}")]:
+        if exe and subprocess.run([exe, "-c", "pass"], capture_output=True).returncode == 0:
+            return exe
+    return None
 
 
 def lock_pins() -> dict:
