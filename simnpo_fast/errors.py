@@ -17,6 +17,8 @@ code  class            meaning
                        ``--resume`` was asked with a config that differs from the run's
 8     CheckpointError  no checkpoint of the run passes verification, or a verified one cannot be loaded
 9     ResultError      a non-finite or degenerate result (NaN metric, empty evaluation set)
+10    Preempted        SIGTERM / SIGUSR1 stopped the run at a step boundary after a verified checkpoint:
+                       rerun with ``--resume`` (or ``--resume=auto``) to continue (``train/preempt.py``)
 ====  ===============  ==================================================================================
 
 No traceback is printed unless ``--debug`` is given.
@@ -38,6 +40,7 @@ EXIT_TOKENIZER = 6
 EXIT_RUN_FOLDER = 7
 EXIT_CHECKPOINT = 8
 EXIT_RESULT = 9
+EXIT_PREEMPTED = 10
 
 
 class SimnpoError(Exception):
@@ -90,6 +93,13 @@ class ResultError(SimnpoError, ValueError):
     kind = "bad result"
 
 
+class Preempted(SimnpoError, RuntimeError):
+    """The run stopped on a preemption signal after writing a checkpoint (see ``train/preempt.py``)."""
+
+    exit_code = EXIT_PREEMPTED
+    kind = "preempted"
+
+
 class RankZeroError(SimnpoError):
     """On ranks > 0: the error rank 0 hit in a step only rank 0 runs (same message and exit code)."""
 
@@ -124,7 +134,10 @@ def run_command(fn: Callable[[], int], *, debug: bool = False, prog: str = "simn
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # noqa: BLE001 - the command line's last line of defence
+    except (SystemExit, GeneratorExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - the last line of defence (torch's CheckpointException is a
+        #                                    BaseException, not an Exception)
         code, label = classify(e)
         if debug:
             traceback.print_exc()

@@ -13,7 +13,8 @@ differs outside steps / logging / checkpoint cadence all stop before any work.
 
 Errors end with one line naming the file or key and a distinct exit status (no traceback unless --debug):
 2 config, 3 diverged (non-finite loss / gradient), 4 data, 5 model, 6 tokenizer, 7 run folder (busy, another
-run, nothing to resume, config changed on resume), 8 checkpoint (none verifies), 1 unexpected.
+run, nothing to resume, config changed on resume), 8 checkpoint (none verifies, or saving / loading one failed),
+10 preempted (SIGTERM / SIGUSR1: a checkpoint of the last step was written; rerun with --resume), 1 unexpected.
 """
 from __future__ import annotations
 

@@ -16,6 +16,7 @@
 ``loop``            the loop of one stage: start / resume, steps, checkpoints, evaluation, export
 ``stages``          ``train``: the finetune stage, then the method, each through the same loop
 ``metrics``         JSONL log, progress bar, curves, peak memory
+``preempt``         SIGTERM / SIGUSR1: a checkpoint at the next step boundary on every rank, then exit 10
 ``run_folder``      one run per output folder (``run_lock``: the lock)
 ``checkpoint``      verified distributed checkpoints and the HF export
 ==================  ===========================================================================================

@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 from ..distributed import barrier
-from ..errors import NonFiniteError
+from ..errors import NonFiniteError, Preempted
 from ..likelihood import mean_loglik, sequence_logps
 from .checkpoint import export_hf, load_checkpoint, save_checkpoint
 from .config_io import config_yaml, save_config
 from .metrics import JsonlLogger, plot_curves, progress
+from .preempt import PreemptionGuard
 from .setup import Run
 from .step import train_step
 
@@ -92,25 +93,43 @@ def _steps(run: Run, folder, requested: dict, eval_before: dict, hooks: Optional
                    desc=cfg.loss.objective)
     last_ck, records = folder.resume_from, []
     try:
-        while run.step < run.total_steps:
-            try:
-                rec = train_step(run, run.stream.next_step(), hooks).as_dict()
-            except NonFiniteError as e:
-                raise NonFiniteError(f"{e}. Last good checkpoint: {last_ck or 'none written yet'}") from None
-            records.append(rec)
-            if run.step % max(1, cfg.log_every) == 0 or run.step == run.total_steps:
-                logger.write(rec)
-            bar.update(1)
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", fll=f"{rec['forget_loglik']:.3f}")
-            if cfg.checkpoint.every and run.step % cfg.checkpoint.every == 0 and run.step < run.total_steps:
-                last_ck = save(run, folder, requested, eval_before)
-            folder.heartbeat()
-            if hooks and "after_step" in hooks:
-                hooks["after_step"](run, run.step)
+        with PreemptionGuard() as guard:
+            while run.step < run.total_steps:
+                try:
+                    rec = train_step(run, run.stream.next_step(), hooks).as_dict()
+                except NonFiniteError as e:
+                    raise NonFiniteError(f"{e}. Last good checkpoint: {last_ck or 'none written yet'}") from None
+                records.append(rec)
+                if run.step % max(1, cfg.log_every) == 0 or run.step == run.total_steps:
+                    logger.write(rec)
+                bar.update(1)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", fll=f"{rec['forget_loglik']:.3f}")
+                if cfg.checkpoint.every and run.step % cfg.checkpoint.every == 0 and run.step < run.total_steps:
+                    last_ck = save(run, folder, requested, eval_before)
+                folder.heartbeat()
+                if hooks and "after_step" in hooks:
+                    hooks["after_step"](run, run.step)
+                received = guard.agreed(run.info.device)
+                if received:
+                    last_ck = _preempted(run, folder, requested, eval_before, last_ck, received)
     finally:
         bar.close()
         logger.close()
     return records, last_ck
+
+
+def _preempted(run: Run, folder, requested: dict, eval_before: dict, last_ck: Optional[str], received: str):
+    """Checkpoint the step just finished (unless it is checkpointed already or the stage keeps no checkpoints)
+    and raise :class:`Preempted` (collective: every rank got the same ``received`` truth value)."""
+    ck = run.cfg.checkpoint
+    keeps = bool(ck.every or ck.final)
+    if keeps and not (last_ck and os.path.basename(last_ck) == f"step_{run.step:08d}"):
+        last_ck = save(run, folder, requested, eval_before)
+    if keeps:
+        raise Preempted(f"{received} received: stopped after step {run.step} of {run.total_steps} with the "
+                        f"checkpoint {last_ck}; rerun with --resume (or --resume=auto) to continue")
+    raise Preempted(f"{received} received: stopped after step {run.step} of {run.total_steps} of "
+                    f"{run.cfg.name}, a stage that keeps no checkpoints: a rerun starts it again")
 
 
 def run_loop(run: Run, folder, requested: dict, hooks: Optional[dict] = None) -> TrainResult:

@@ -165,3 +165,99 @@ def test_packaged_configs_load(tmp_path):
     assert muse.data.kind == "muse" and muse.loss.objective == "simnpo"
     d = load_config("default", ["optim.lr=2e-4", "loss.beta=3"])
     assert d.optim.lr == 2e-4 and d.loss.beta == 3.0 and d.finetune.enabled
+
+
+def _stalled_run(cmd, env, want: int, deadline_s: float = 150):
+    """Start ``cmd``; return ``(proc, {rank: pid})`` once ``want`` ranks print their STALLED line."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline, lines, pids = time.time() + deadline_s, [], {}
+    for line in proc.stdout:
+        lines.append(line)
+        if "STALLED after step" in line:
+            words = line.split()
+            pids[int(words[words.index("rank") + 1])] = int(words[words.index("pid") + 1])
+            if len(pids) == want:
+                return proc, pids, lines
+        if time.time() > deadline:
+            break
+    proc.kill()
+    pytest.fail("run ended or hung before stalling:\n" + "".join(lines[-40:]))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_signal_checkpoints_then_resume_equals_uninterrupted(corpus, tmp_path, sig):
+    """SIGTERM (SLURM / Kubernetes preemption) or SIGUSR1 (SLURM --signal) after step 3 of 6, with checkpoints
+    every 4 steps: the run checkpoints step 3, exits 10 with one line, and the resumed run's model equals an
+    uninterrupted run's bit for bit."""
+    from simnpo_fast.train.checkpoint import latest_checkpoint, verify_checkpoint
+    from simnpo_fast.trainer import load_config, train
+
+    out = str(tmp_path / "preempted")
+    cfg_default = os.path.join(ROOT, "simnpo_fast", "configs", "default.yaml")
+    ov = _overrides(corpus, out, **{"checkpoint.every": 4})
+    cmd = [sys.executable, os.path.join(ROOT, "tests", "trainer", "stall_worker.py"), "unlearn", "--config",
+           cfg_default, *ov]
+    env = dict(child_env(2), SIMNPO_TEST_STALL_AFTER="3", SIMNPO_TEST_STALL_UNTIL_SIGNAL="1")
+    proc, pids, lines = _stalled_run(cmd, env, want=1)
+    try:
+        os.kill(proc.pid, sig)
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 10, "".join(lines[-20:]) + rest
+    err = [x for x in rest.splitlines() if x.startswith("simnpo-fast")]
+    assert len(err) == 1 and "preempted" in err[0] and sig.name in err[0] and "--resume" in err[0], rest
+    assert "Traceback" not in rest
+    ck = latest_checkpoint(os.path.join(out, "checkpoints"))
+    assert os.path.basename(ck) == "step_00000003" and verify_checkpoint(ck).ok
+    assert not os.path.exists(os.path.join(out, "run.lock"))  # released on the way out
+    resumed = train(load_config(cfg_default, ov + ["checkpoint.resume=auto"]))
+    assert [r["step"] for r in resumed.records] == [4, 5, 6]
+    straight = train(load_config(cfg_default, _overrides(corpus, str(tmp_path / "straight"),
+                                                         **{"checkpoint.every": 4})))
+    a = load_file(os.path.join(out, "hf", "model.safetensors"))
+    b = load_file(os.path.join(tmp_path, "straight", "hf", "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in resumed.records] == [r["loss"] for r in straight.records[3:]]
+
+
+def test_preemption_of_one_rank_stops_every_rank_at_the_same_step(corpus, tmp_path):
+    """torchrun, 2 ranks: SIGTERM reaches rank 1 only (rank 0 goes on after a pause); both ranks stop after the
+    same step with one checkpoint of it and exit 10; a 2-rank resume ends with the uninterrupted 2-rank model."""
+    from simnpo_fast.train.checkpoint import latest_checkpoint, verify_checkpoint
+
+    from .conftest import free_port
+
+    cfg_default = os.path.join(ROOT, "simnpo_fast", "configs", "default.yaml")
+
+    def cmd(out, *extra):
+        return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+                "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                os.path.join(ROOT, "tests", "trainer", "stall_worker.py"), "unlearn", "--config", cfg_default,
+                *_overrides(corpus, out, **{"checkpoint.every": 4}), *extra]
+
+    out = str(tmp_path / "preempted")
+    env = dict(child_env(1), SIMNPO_TEST_STALL_AFTER="3", SIMNPO_TEST_STALL_UNTIL_SIGNAL="1",
+               SIMNPO_TEST_STALL_SECONDS="2")
+    proc, pids, lines = _stalled_run(cmd(out), env, want=2)
+    try:
+        os.kill(pids[1], signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=180)
+    finally:
+        proc.kill()
+    text = "".join(lines) + rest
+    assert proc.returncode != 0
+    assert text.count("preempted: SIGTERM received: stopped after step 3") == 1, text[-3000:]  # rank 1
+    assert "preempted: a signal on another rank received: stopped after step 3" in text, text[-3000:]  # rank 0
+    ck = latest_checkpoint(os.path.join(out, "checkpoints"))
+    assert os.path.basename(ck) == "step_00000003" and verify_checkpoint(ck).ok
+    with open(os.path.join(out, "log.jsonl")) as f:
+        assert [json.loads(x)["step"] for x in f] == [1, 2, 3]
+    env.pop("SIMNPO_TEST_STALL_AFTER")
+    env["SIMNPO_TEST_STALL_AFTER"] = "0"
+    for folder, extra in ((out, ["--resume"]), (str(tmp_path / "straight"), [])):
+        done = subprocess.run(cmd(folder, *extra), cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    a = load_file(os.path.join(out, "hf", "model.safetensors"))
+    b = load_file(os.path.join(tmp_path, "straight", "hf", "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
