@@ -14,8 +14,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="simnpo-fast", description=__doc__,
                                      epilog="Errors print one line and exit with a distinct status (2 config, "
                                             "3 diverged, 4 data, 5 model, 6 tokenizer, 7 run folder, 8 checkpoint, "
-                                            "9 bad result, 10 preempted, 1 unexpected); --debug (anywhere) adds the "
-                                            "traceback.")
+                                            "9 bad result, 10 preempted, 11 storage, 1 unexpected); --debug "
+                                            "(anywhere) adds the traceback.")
     parser.add_argument("--debug", action="store_true", help="print the traceback of an error")
     sub = parser.add_subparsers(dest="cmd", required=True)
     demo = sub.add_parser("demo", help="run the main job on the embedded default")

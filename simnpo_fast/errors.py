@@ -17,14 +17,17 @@ code  class            meaning
                        ``--resume`` was asked with a config that differs from the run's
 8     CheckpointError  no checkpoint of the run passes verification, or a verified one cannot be loaded
 9     ResultError      a non-finite or degenerate result (NaN metric, empty evaluation set)
-10    Preempted        SIGTERM / SIGUSR1 stopped the run at a step boundary after a verified checkpoint:
-                       rerun with ``--resume`` (or ``--resume=auto``) to continue (``train/preempt.py``)
+10    Preempted        SIGTERM / SIGUSR1 stopped the run at a step boundary after a checkpoint: rerun with
+                       ``--resume`` (or ``--resume=auto``) to continue (``train/preempt.py``)
+11    (OSError)        storage: a file could not be written or read (disk full, quota, read-only file system,
+                       permission, I/O error) outside a checkpoint (those are 8)
 ====  ===============  ==================================================================================
 
 No traceback is printed unless ``--debug`` is given.
 """
 from __future__ import annotations
 
+import errno
 import math
 import sys
 import traceback
@@ -41,6 +44,10 @@ EXIT_RUN_FOLDER = 7
 EXIT_CHECKPOINT = 8
 EXIT_RESULT = 9
 EXIT_PREEMPTED = 10
+EXIT_STORAGE = 11
+#: OSError numbers that are the storage's doing, not a bug: reported as "storage error", exit 11
+STORAGE_ERRNOS = frozenset(getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM", "EIO",
+                                                        "EFBIG", "ENAMETOOLONG") if hasattr(errno, n))
 
 
 class SimnpoError(Exception):
@@ -115,6 +122,8 @@ def classify(exc: BaseException) -> tuple[int, str]:
     """``(exit code, label)`` of an exception raised by a command."""
     if isinstance(exc, SimnpoError):
         return exc.exit_code, exc.kind
+    if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+        return EXIT_STORAGE, "storage error"
     data = sys.modules.get("simnpo_fast.data.formats")
     if data is not None and isinstance(exc, (data.DataError, data.DataWarning)):
         return EXIT_DATA, "data error"

@@ -273,3 +273,35 @@ def test_options_and_overrides_mix_in_any_order():
 def test_resume_flag_before_an_override_does_not_swallow_it(tmp_path, capsys):
     code, lines, err = _run(["unlearn", f"output_dir={tmp_path / 'o'}", "--resume", "optim.lr=.inf"], capsys)
     assert code == 2 and "optim.lr must be a finite number, got inf" in _one_line(err, lines)
+
+
+@pytest.mark.parametrize("exc, code", [
+    (OSError(28, "No space left on device", "/runs/x/log.jsonl"), 11),
+    (OSError(30, "Read-only file system", "/runs/x/eval.json"), 11),
+    (PermissionError(13, "Permission denied", "/runs/x"), 11),
+    (OSError(2, "No such file or directory", "/nowhere"), 1),  # not the storage's doing: a bug here
+])
+def test_storage_failures_are_not_called_bugs(exc, code, capsys):
+    """A full or read-only disk is reported as a storage error (exit 11) with its file, not as a bug."""
+    from simnpo_fast.errors import run_command
+
+    def fail():
+        raise exc
+
+    assert run_command(fail) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and exc.filename in err[0]
+    assert ("storage error" in err[0]) == (code == 11) and ("--debug" in err[0]) == (code == 1)
+
+
+def test_torch_checkpoint_exception_is_one_line():
+    """torch's CheckpointException derives from BaseException: it still ends as one line, never a traceback."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from simnpo_fast.errors import run_command
+
+    def fail():
+        raise CheckpointException("save failed", {0: (ValueError("boom"), None)})
+
+    proc_code = run_command(fail)
+    assert proc_code == 1

@@ -100,6 +100,7 @@ def _steps(run: Run, folder, requested: dict, eval_before: dict, hooks: Optional
                 except NonFiniteError as e:
                     raise NonFiniteError(f"{e}. Last good checkpoint: {last_ck or 'none written yet'}") from None
                 records.append(rec)
+                folder.started = True
                 if run.step % max(1, cfg.log_every) == 0 or run.step == run.total_steps:
                     logger.write(rec)
                 bar.update(1)

@@ -109,14 +109,26 @@ def _same(a, b) -> bool:
     return a == b
 
 
+#: config keys holding a local path: compared as canonical paths (``~``, relative spellings, trailing slashes
+#: and symlinks resolved against the current directory), so another spelling of the same folder is no change
+PATH_KEYS = ("model.path", "data.path", "data.tokenizer", "output_dir")
+
+
+def _canonical(v):
+    return os.path.realpath(os.path.expanduser(v)) if isinstance(v, str) and v else v
+
+
 def config_differences(old: dict, new: dict) -> List[str]:
-    """``"key: old -> new"`` for every key outside :data:`RESUME_MAY_CHANGE` whose value differs."""
+    """``"key: old -> new"`` for every key outside :data:`RESUME_MAY_CHANGE` whose value differs (paths of
+    :data:`PATH_KEYS` compared canonically)."""
     fo, fn = _flatten(old), _flatten(new)
     out = []
     for k in sorted(set(fo) | set(fn)):
         if _may_change(k):
             continue
         a, b = fo.get(k, "<absent>"), fn.get(k, "<absent>")
+        if k in PATH_KEYS and _canonical(a) == _canonical(b):
+            continue
         if not _same(a, b):
             out.append(f"{k}: {a!r} -> {b!r}")
     return out
@@ -143,6 +155,7 @@ class RunFolder:
     rejected: List[Tuple[str, str]] = field(default_factory=list)
     moved_to: Optional[str] = None
     lock: Optional[RunLock] = None
+    started: bool = False  # set by the loop once a step has run: a fresh run that fails before leaves no trace
 
     @property
     def checkpoints(self) -> str:
@@ -154,7 +167,8 @@ class RunFolder:
 
 
 def _move_previous_run(folder: str, names: Sequence[str], old_id: Optional[str]) -> Optional[str]:
-    present = [n for n in names if os.path.lexists(os.path.join(folder, n))]
+    present = [n for n in names if os.path.lexists(os.path.join(folder, n))
+               and not (os.path.isdir(os.path.join(folder, n)) and not os.listdir(os.path.join(folder, n)))]
     if not present:
         return None
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
@@ -171,7 +185,7 @@ def _move_previous_run(folder: str, names: Sequence[str], old_id: Optional[str])
 
 def _plan(folder: str, config: dict, resume, overwrite: bool, artifacts: Sequence[str]) -> dict:
     """Rank 0, under the lock, no collectives: fresh or resume, and the candidate checkpoints."""
-    cks = list_checkpoints(os.path.join(folder, CHECKPOINT_DIR))
+    cks = list_checkpoints(os.path.join(folder, CHECKPOINT_DIR), complete_only=False)  # unmarked: rejected below
     run = read_run_file(folder)
     if resume is False or (resume == "auto" and not cks):
         if cks and not overwrite:
@@ -237,10 +251,25 @@ def open_run(folder: str, config: dict, *, resume=False, overwrite: bool = False
                 lock.set_run_id(rf.run_id)
 
             _on_rank0(is_main, start)
-        yield rf
+        try:
+            yield rf
+        except BaseException:
+            if plan["mode"] == "fresh" and not rf.started and is_main:
+                _forget_unstarted_run(folder, rf.run_id)
+            raise
     finally:
         if lock is not None:
             lock.release()
+
+
+def _forget_unstarted_run(folder: str, run_id: str) -> None:
+    """Rank 0, a fresh run failing before its first step (bad data, model, tokenizer): remove the ``run.json``
+    and ``config.yaml`` it wrote, so the corrected rerun does not take it for an earlier run to move aside."""
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        if (read_run_file(folder) or {}).get("run_id") == run_id:
+            for name in ("config.yaml", RUN_FILE):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(folder, name))
 
 
 def _resume(rf: RunFolder, plan: dict, config: dict, is_main: bool) -> None:

@@ -62,9 +62,12 @@ def lock_is_stale(info: dict) -> Tuple[bool, str]:
     """``(stale, why)`` for a lock's contents, judged from this host."""
     if not info or "pid" not in info or "host" not in info:
         return True, "the lock file is unreadable"
+    pid = info["pid"]
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0 or not isinstance(info["host"], str):
+        # no process can be named by it (kill(0 or -1, 0) would probe a whole process group): not a live run's
+        return True, f"the lock file is damaged (pid {pid!r}, host {info['host']!r})"
     if info["host"] != socket.gethostname():
-        return False, f"held by pid {info['pid']} on host {info['host']} (cannot be checked from here)"
-    pid = int(info["pid"])
+        return False, f"held by pid {pid} on host {info['host']} (cannot be checked from here)"
     if not _pid_alive(pid):
         return True, f"its process {pid} on this host is gone"
     start = _proc_start_time(pid)

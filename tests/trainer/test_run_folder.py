@@ -194,7 +194,7 @@ def test_finished_finetune_stage_with_another_config_is_not_reused(corpus, tmp_p
 
 # ============================================================================ lock
 
-def test_lock_live_stale_and_foreign(tmp_path):
+def test_lock_live_stale_and_foreign(tmp_path, capfd):
     from simnpo_fast.errors import RunFolderError
     from simnpo_fast.train.run_lock import RunLock, read_lock
 
@@ -219,6 +219,10 @@ def test_lock_live_stale_and_foreign(tmp_path):
     b.release()
     write(start_time="1")  # our pid, but another process start time: a reused pid, stale
     RunLock(folder).acquire().release()
+    for damaged in ({"pid": "abc"}, {"pid": -1}, {"pid": 0}, {"pid": True}, {"pid": 1.5}, {"host": None}):
+        write(**damaged)  # names no process (kill(-1 or 0, 0) would probe a process group): stale, taken over
+        RunLock(folder).acquire().release()
+        assert "lock file is damaged" in capfd.readouterr().err
     write(host="another-host-0")  # cannot be checked from here: never taken over, the message says what to do
     with pytest.raises(RunFolderError, match=r"another-host-0.*If that run is dead, delete .*run\.lock"):
         RunLock(folder).acquire()
@@ -254,6 +258,7 @@ CORRUPTIONS = {
                         "MANIFEST.json does not match"),
     "marker of an older version": (lambda ck: open(os.path.join(ck, "COMPLETE"), "w").write("4"),
                                    "COMPLETE is not a manifest marker"),
+    "marker missing": (lambda ck: os.remove(os.path.join(ck, "COMPLETE")), "the COMPLETE marker is missing"),
 }
 
 
@@ -455,3 +460,47 @@ def test_two_ranks_refuse_together_and_resume_from_a_verified_checkpoint(corpus,
         assert r["first"] == [1, 2, 3, 4] and r["resumed"] == [3, 4]
         assert r["refused"] and "holds 2 checkpoint(s)" in r["refused"]
     assert r0["equal"] and r0["rejected"]
+
+
+@pytest.mark.parametrize("spelling", ["trailing slash", "relative", "through a symlink"])
+def test_resume_takes_another_spelling_of_the_same_data_folder(corpus, straight, tmp_path, monkeypatch, spelling):
+    """Issue 24 item 6: paths are compared as folders, not as strings."""
+    from simnpo_fast.trainer import train
+
+    out = _copy(straight["out"], tmp_path / "run")
+    shutil.rmtree(out / "hf")
+    shutil.rmtree(out / "checkpoints" / "step_00000004")
+    monkeypatch.chdir(tmp_path)
+    os.symlink(corpus["data"], tmp_path / "data-link")
+    data = {"trailing slash": corpus["data"] + "/", "relative": os.path.relpath(corpus["data"], tmp_path),
+            "through a symlink": "data-link"}[spelling]
+    res = train(_cfg(corpus, out, **{"checkpoint.resume": True, "data.path": data}))
+    assert [r["step"] for r in res.records] == [3, 4]
+    _assert_same_weights(_weights(out), straight["weights"])
+
+
+@pytest.mark.parametrize("bad", ["model", "data"])
+def test_a_run_that_fails_before_its_first_step_leaves_no_run_behind(corpus, tmp_path, bad):
+    """Issue 24 item 7: a model or data error found while setting the run up must not leave run.json behind,
+    or the corrected rerun would move that never-run 'run' into replaced/."""
+    from simnpo_fast.errors import SimnpoError
+    from simnpo_fast.data import DataError
+    from simnpo_fast.trainer import train
+
+    out = tmp_path / "run"
+    if bad == "model":
+        model = tmp_path / "model"
+        model.mkdir()
+        (model / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": "big"}))
+        kw = {"model.path": str(model), "model.preset": "null", "model.config": "{}"}
+    else:
+        data = tmp_path / "data"
+        shutil.copytree(corpus["data"], data)
+        (data / "forget10.json").write_text('{"question": "q"}\n')  # the default forget split, no answer
+        kw = {"data.path": str(data)}
+    with pytest.raises((SimnpoError, DataError)):
+        train(_cfg(corpus, out, **kw))
+    assert not (out / "run.json").exists() and not (out / "run.lock").exists()
+    res = train(_cfg(corpus, out, max_steps=1))
+    assert res.steps == 1 and not (out / "replaced").exists()
+    assert json.loads((out / "run.json").read_text())["run_id"] == res.run_id

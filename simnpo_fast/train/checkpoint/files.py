@@ -1,9 +1,11 @@
 """The checkpoint folder's layout and its file primitives: durable writes, hashing, RNG state, listing."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
+import shutil
 import random
 import re
 from typing import List, Optional
@@ -84,16 +86,18 @@ def _to_tuple(x):
     return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def list_checkpoints(root: str):
-    """Complete checkpoints ``[(step, path)]`` (a ``COMPLETE`` marker; not yet verified) in increasing step
-    order."""
+def list_checkpoints(root: str, *, complete_only: bool = True):
+    """``[(step, path)]`` of the ``step_N`` folders in increasing step order: those with a ``COMPLETE`` marker
+    (not yet verified), or with ``complete_only=False`` every one. A folder without its marker was damaged after
+    it was published (a save writes the marker before the rename): resume rejects it by name, and neither a
+    save of the same step nor the rotation ever deletes it."""
     if not os.path.isdir(root):
         return []
     out = []
     for n in os.listdir(root):
         m = STEP_RE.match(n)
         p = os.path.join(root, n)
-        if m and os.path.isfile(os.path.join(p, MARKER)):
+        if m and os.path.isdir(p) and (not complete_only or os.path.isfile(os.path.join(p, MARKER))):
             out.append((int(m.group(1)), p))
     return sorted(out)
 
@@ -119,3 +123,48 @@ def move_aside(path: str, reason: str) -> str:
     except OSError:
         pass
     return dest
+
+
+_DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+_LOW_SPACE = 64 << 20
+
+
+def _chain(exc: BaseException):
+    """``exc``, the exceptions inside torch's ``CheckpointException`` (``failures``: rank -> (exception, trace))
+    and the ``__cause__`` / ``__context__`` chain of each."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict):
+            for _, wrapped in sorted(failures.items(), key=lambda kv: str(kv[0])):
+                inner = wrapped[0] if isinstance(wrapped, tuple) and wrapped else wrapped
+                if isinstance(inner, BaseException):
+                    todo.append(inner)
+        todo += [e.__cause__, e.__context__]
+
+
+def failure_cause(exc: BaseException, where: Optional[str] = None) -> str:
+    """One line for a failed checkpoint save or load: the innermost informative error (an ``OSError`` by its
+    strerror and file first), and, when the file system of ``where`` is full or the error says so, how many
+    bytes are free there."""
+    errors = list(_chain(exc))
+    os_err = next((e for e in errors if isinstance(e, OSError) and e.errno), None)
+    if os_err is not None:
+        text = f"{os_err.strerror or type(os_err).__name__}" + (f" ({os_err.filename})" if os_err.filename else "")
+    else:
+        inner = errors[1] if len(errors) > 1 and getattr(exc, "failures", None) else exc
+        text = f"{type(inner).__name__}: {' '.join(str(inner).split())[:600]}"
+    full = os_err is not None and os_err.errno in _DISK_FULL
+    if where is not None:
+        try:
+            free = shutil.disk_usage(where).free
+        except OSError:
+            free = None
+        if free is not None and (full or free < _LOW_SPACE):
+            text += f"; the file system of {where} is full ({free} bytes free)"
+    return text

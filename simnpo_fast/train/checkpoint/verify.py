@@ -13,7 +13,8 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from ...distributed import broadcast_object, gather_objects, rank
 from ...errors import CheckpointError
-from .files import MANIFEST, MARKER, METADATA_FILE, STATE_FILE, rank_share, set_rng_state, sha256_file
+from .files import (MANIFEST, MARKER, METADATA_FILE, STATE_FILE, failure_cause, rank_share, set_rng_state,
+                    sha256_file)
 from .safe_read import SafeFileSystemReader, SafeLoadPlanner, check_storage_paths, read_dcp_metadata
 
 
@@ -27,6 +28,9 @@ class Verification:
 
 
 def _read_manifest(path: str, run_id: Optional[str]) -> dict:
+    if not os.path.isfile(os.path.join(path, MARKER)):
+        raise ValueError(f"the {MARKER} marker is missing (a save writes it before publishing the folder: the "
+                         "folder was damaged or copied incompletely since)")
     try:
         with open(os.path.join(path, MARKER), "rb") as f:
             marker = json.loads(f.read().decode("utf-8"))
@@ -136,9 +140,9 @@ def load_checkpoint(path: str, model, optimizer, *, manifest: Optional[dict] = N
         rng_file = os.path.join(path, f"rng_rank{rank()}.pt")
         if os.path.isfile(rng_file):  # absent when resuming with more ranks than were saved
             set_rng_state(torch.load(rng_file, weights_only=True))
-    except CheckpointError:
+    except (CheckpointError, KeyboardInterrupt, SystemExit):
         raise
-    except Exception as e:  # noqa: BLE001 - a verified checkpoint that does not fit this model / optimizer
+    except BaseException as e:  # noqa: BLE001 - torch's CheckpointException is a BaseException
         raise CheckpointError(f"{path}: cannot be loaded into this run's model and optimizer: "
-                              f"{type(e).__name__}: {e}") from e
+                              f"{failure_cause(e)}") from e
     return state, tensors
