@@ -8,7 +8,8 @@ code  class            meaning
 ====  ===============  ==================================================================================
 0                      success
 1                      unexpected error (a bug): one line, ``--debug`` prints the traceback
-2     ConfigError      bad config file / override / command-line value (argparse usage errors too)
+2     ConfigError      bad config file / override / command-line value (argparse usage errors too); a missing
+                       data / model / tokenizer folder is 4 / 5 / 6 in every command
 3     NonFiniteError   training or relearning diverged (non-finite loss or gradient)
 4     DataError        missing / unreadable / empty data file or split (``simnpo_fast.data.DataError``)
 5     ModelError       the model folder cannot be loaded, or does not fit the tokenizer
@@ -66,6 +67,28 @@ class ConfigError(SimnpoError, ValueError):
 
 class ConfigPathError(ConfigError, FileNotFoundError):
     """A path given in the config does not exist."""
+
+
+class DataPathError(ConfigPathError):
+    """The data folder named by ``data.path`` / ``--data`` does not exist: a data error (exit 4), as in every
+    command."""
+
+    exit_code = EXIT_DATA
+    kind = "data error"
+
+
+class ModelPathError(ConfigPathError):
+    """The model folder named by ``model.path`` / ``--model`` does not exist (exit 5)."""
+
+    exit_code = EXIT_MODEL
+    kind = "model error"
+
+
+class TokenizerPathError(ConfigPathError):
+    """The tokenizer folder named by ``data.tokenizer`` / ``--tokenizer`` does not exist (exit 6)."""
+
+    exit_code = EXIT_TOKENIZER
+    kind = "tokenizer error"
 
 
 class NonFiniteError(SimnpoError, RuntimeError):

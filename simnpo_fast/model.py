@@ -81,6 +81,21 @@ def pick_attn_implementation(requested: str, device: torch.device) -> str:
     return "sdpa"
 
 
+def check_model_config(path: str, trust_remote_code: bool = False) -> None:
+    """The model folder's ``config.json`` parses into an HF config, else a :class:`ModelError` naming it: the
+    tokenizer is read from the model folder before the model, and a broken model config must not pass for a
+    tokenizer error."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types
+        from .errors import ModelError
+
+        raise ModelError(f"model.path {path!r}: cannot load the model's config.json: {type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:400]}") from e
+
+
 def build_hf_model(cfg: ModelConfig, *, vocab_size: Optional[int] = None, special_ids: Optional[dict] = None,
                    device: torch.device = torch.device("cpu")):
     """The HF causal LM, on CPU, in ``cfg.dtype``: loaded from ``cfg.path`` (safetensors preferred) or built from

@@ -1,6 +1,8 @@
 """nn.Module wrappers: ``loss = FusedSimNPOLoss(beta=2.5)(hidden, lm_head.weight, labels)``."""
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
@@ -122,6 +124,12 @@ class UnlearningLoss(nn.Module):
                  beta: Optional[float] = None, gamma: float = 0.0, ignore_index: int = -100, shift: bool = True,
                  backend=None, retain_loss: Optional[str] = None, grad_filter: FilterSpec = "auto"):
         super().__init__()
+        try:
+            ok = all(math.isfinite(float(w)) and float(w) >= 0 for w in (forget_weight, retain_weight))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"weights must be finite and >= 0, got forget {forget_weight}, retain {retain_weight}")
         resolve(grad_filter, torch.float32)  # a bad spec fails here, not at the first backward
         self.method = get_method(objective)
         self.forget_objective = self.method.forget_objective(beta=beta, gamma=gamma)
@@ -131,8 +139,6 @@ class UnlearningLoss(nn.Module):
         self.retain_loss = "none" if self.method.retain == "none" else (retain_loss or self.method.retain)
         if self.retain_loss == "none":
             retain_weight = 0.0  # e.g. plain GA: no retain term by definition (graddiff is GA + retain NLL)
-        if forget_weight < 0 or retain_weight < 0:
-            raise ValueError(f"weights must be >= 0, got forget {forget_weight}, retain {retain_weight}")
         self.objective = self.method.name
         self.forget_weight = float(forget_weight)
         self.retain_weight = float(retain_weight)

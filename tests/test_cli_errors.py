@@ -95,6 +95,8 @@ def test_config_errors_exit_2_before_any_work(overrides, message, tmp_path, caps
     ("optim:\n  lr: [1e-3,\n", "invalid YAML"),
     ("- optim\n- loss\n", "the top level of a config must be a mapping of keys, got a list"),
     ("optim: 3\n", "optim: expected a mapping, got 3"),
+    ("", "the config file is empty"),
+    ("# a comment only\n", "the config file is empty"),
 ])
 def test_bad_config_files_name_the_file(text, message, tmp_path, capsys):
     cfg = tmp_path / "my.yaml"
@@ -190,6 +192,30 @@ def test_unloadable_model_folder_is_a_model_error(world, tmp_path, capsys):
     assert code == 5 and line.startswith("simnpo-fast: model error: ") and str(model) in line
     code, lines, err = _run(_tiny_unlearn(world, tmp_path / "r", f"model.path={model}"), capsys)
     assert code == 5 and f"model.path '{model}': cannot load the model" in _one_line(err, lines)
+    # issue 24 item 8: a config.json that parses as JSON but not as a model config is a model error too (the
+    # tokenizer is read from the model folder first), in unlearn as in eval
+    (model / "config.json").write_text('{"model_type": "llama", "hidden_size": "big"}')
+    for argv in (_tiny_unlearn(world, tmp_path / "r2", f"model.path={model}", "data.tokenizer="),
+                 ["eval", "--model", str(model), "--data", world["data"]]):
+        code, lines, err = _run(argv, capsys)
+        line = _one_line(err, lines)
+        assert code == 5 and line.startswith("simnpo-fast: model error: ") and str(model) in line, line
+
+
+@pytest.mark.parametrize("what", ["data", "model", "tokenizer"])
+def test_a_missing_input_folder_has_the_same_exit_status_in_every_command(world, tmp_path, capsys, what):
+    """Issue 24 item 8: data 4, model 5, tokenizer 6, in unlearn as in eval."""
+    missing = str(tmp_path / "nowhere")
+    code_of = {"data": 4, "model": 5, "tokenizer": 6}
+    unlearn = {"data": ["data.kind=tofu", f"data.path={missing}"], "model": [f"model.path={missing}"],
+               "tokenizer": [f"data.tokenizer={missing}"]}[what]
+    ev = {"data": ["--data", missing, "--model", world["model"]],
+          "model": ["--data", world["data"], "--model", missing],
+          "tokenizer": ["--data", world["data"], "--model", world["model"], "--tokenizer", missing]}[what]
+    for argv in (_tiny_unlearn(world, tmp_path / "r", *unlearn), ["eval", *ev]):
+        code, lines, err = _run(argv, capsys)
+        line = _one_line(err, lines)
+        assert code == code_of[what] and "nowhere" in line, (argv[0], line)
 
 
 EVAL_FAST = ["--max-examples", "2", "--max-new-tokens", "2", "--batch-size", "2", "--no-progress"]

@@ -43,6 +43,11 @@ def test_unlearning_loss_combines_terms(objective):
 def test_unlearning_loss_config_errors():
     with pytest.raises(ValueError, match="unknown objective"):
         sf.UnlearningLoss("dpo")
+    for fw, rw in ((float("nan"), 1.0), (1.0, float("inf")), (-1.0, 1.0), ("a", 1.0), (1.0, float("nan"))):
+        with pytest.raises(ValueError, match=r"weights must be finite and >= 0"):  # issue 24 item 9
+            sf.UnlearningLoss("simnpo", forget_weight=fw, retain_weight=rw)
+    with pytest.raises(ValueError, match=r"weights must be finite"):
+        sf.UnlearningLoss("ga", retain_weight=float("inf"))  # not silently zeroed by a method without retain
     with pytest.raises(ValueError, match="beta"):
         sf.UnlearningLoss("simnpo", beta=0)
     hf, W, b, yf, ref = make(2, 10, 37, 1000)

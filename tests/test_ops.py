@@ -297,6 +297,18 @@ def test_beta_must_be_finite_and_positive(beta):
             call()
 
 
+@pytest.mark.parametrize("beta", [1e-310, 5e-324])
+def test_a_subnormal_beta_is_refused_not_an_inf_loss(beta):
+    """Issue 24 item 9: 2 / beta overflows for a subnormal beta (the loss was inf, its gradients NaN)."""
+    h, W, b, labels, ref = make(2, 10, 37, 1000)
+    for call in (lambda: sf.simnpo_loss(h, W, labels, beta=beta), lambda: sf.npo_loss(h, W, labels, ref, beta=beta),
+                 lambda: sf.UnlearningLoss("simnpo", beta=beta)):
+        with pytest.raises(ValueError, match=r"^beta must be >= .*2 / beta must be finite"):
+            call()
+    loss = sf.simnpo_loss(h.double(), W.double(), labels, beta=1e-300)  # the smallest usable betas stay finite
+    assert torch.isfinite(loss)
+
+
 @pytest.mark.parametrize("gamma", [float("inf"), float("-inf"), float("nan")])
 def test_gamma_must_be_finite(gamma):
     h, W, b, labels, _ = make(2, 10, 37, 1000)

@@ -110,15 +110,18 @@ def _check_args(args) -> None:
         raise ConfigError(f"--lr must be a finite number > 0, got {lr}")
 
 
-def _require_folder(args) -> None:
-    """``--data`` and ``--model`` are local folders (never hub ids: nothing is downloaded)."""
-    from ..data import DataError
-    from ..errors import ModelError
+def _require_folder(args, data_folder: bool = True) -> None:
+    """``--data`` (a folder unless ``data_folder`` is False: a file is fine), ``--model`` and ``--tokenizer`` are
+    local paths (never hub ids: nothing is downloaded); a missing one is the error of its kind (exit 4 / 5 / 6,
+    as in ``unlearn``), before any model work."""
+    from ..errors import DataPathError, ModelPathError, TokenizerPathError
 
-    if not os.path.isdir(args.data):
-        raise DataError(args.data, f"data folder not found (relative to {os.getcwd()}; local folders only)")
+    if not (os.path.isdir(args.data) if data_folder else os.path.exists(args.data)):
+        raise DataPathError(f"{args.data}: data folder not found (relative to {os.getcwd()}; local folders only)")
     if not os.path.isdir(args.model):
-        raise ModelError(f"--model {args.model!r}: not a local model folder (relative to {os.getcwd()})")
+        raise ModelPathError(f"--model {args.model!r}: not a local model folder (relative to {os.getcwd()})")
+    if args.tokenizer and not os.path.isdir(args.tokenizer):
+        raise TokenizerPathError(f"{args.tokenizer}: tokenizer folder not found (relative to {os.getcwd()})")
 
 
 def _setup(args):
@@ -204,11 +207,11 @@ def run_eval(args) -> int:
     from ..errors import check_finite
 
     _check_args(args)
+    _require_folder(args, data_folder=args.task != "mcq")
     progress = not args.no_progress
     if args.task == "tofu":
         from .tofu import evaluate_tofu
 
-        _require_folder(args)
         cfg = _tofu_cfg(args, args.sets)
         cfg.resolved()  # a bad protocol / option fails here, before the model is loaded
         model, tok = _setup(args)

@@ -133,6 +133,13 @@ def load_mcq(data: str, cfg: Optional[McqEvalConfig] = None) -> Dict[str, dict]:
     for name, path in files.items():
         rows, _ = read_records(path, on_bad="raise")
         rows = [_check_row(path, i, r) for i, r in enumerate(rows)]
+        if cfg.format == "text":  # the choice's text is the continuation, and acc_norm divides by its length
+            for i, r in enumerate(rows):
+                empty = [k for k, c in enumerate(r["choices"]) if not c]
+                if empty:
+                    raise DataError(path, f"choice {empty[0]} is an empty string: --mcq-format text scores each "
+                                          "choice's text (use --mcq-format letters for such rows)",
+                                    row=i, field="choices")
         if cfg.max_examples:
             rows = rows[: cfg.max_examples]
         out[name] = {"path": os.path.abspath(path), "rows": rows}

@@ -14,6 +14,7 @@ A sequence with no answer token contributes ``f_i = 0`` and is left out of the m
 from __future__ import annotations
 
 import math
+import sys
 from typing import Dict, Optional
 
 import torch
@@ -69,6 +70,9 @@ def check_beta(beta: float, name: str = "beta") -> float:
     beta = float(beta)
     if not (beta > 0 and math.isfinite(beta)):
         raise ValueError(f"{name} must be finite and > 0, got {beta}")
+    if not math.isfinite(2.0 / beta):  # a subnormal beta: 2 / beta overflows, the loss is inf, its gradients NaN
+        raise ValueError(f"{name} must be >= {2.0 / sys.float_info.max:.3g} (2 / {name} must be finite), "
+                         f"got {beta}")
     return beta
 
 

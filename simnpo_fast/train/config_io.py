@@ -62,7 +62,8 @@ def read_config_file(path: str) -> dict:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read the config file: {e}") from None
     if d is None:
-        return {}
+        raise ConfigError(f"{path}: the config file is empty (no keys); give at least one key, or no --config for "
+                          "the embedded default")
     if not isinstance(d, dict):
         raise ConfigError(f"{path}: the top level of a config must be a mapping of keys, got a {type(d).__name__}")
     return d

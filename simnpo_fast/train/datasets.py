@@ -9,7 +9,9 @@ stops.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 
 import torch
 import yaml
@@ -40,9 +42,35 @@ def uses_retain(cfg) -> bool:
     return get_method(cfg.loss.objective).retain != "none" and cfg.loss.retain_weight > 0
 
 
-def synthetic_corpus(path: str, params: dict) -> None:
+@contextlib.contextmanager
+def _exclusive(lock_path: str):
+    """An exclusive ``flock`` on ``lock_path`` (created; left in place): a second process waits here. Released
+    by the kernel if its holder dies, so it never goes stale. A no-op where the file system has no flock."""
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except (ImportError, OSError):
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def synthetic_corpus(path: str, params: dict) -> bool:
     """Rank 0: make sure ``path`` holds the synthetic corpus of ``params``: generated into a missing or empty
-    folder, reused when its recorded parameters match, and never written over a folder of other files."""
+    folder, reused when its recorded parameters match, and never written over a folder of other files. Runs
+    that share a not-yet-generated folder take turns on ``<path>.lock``: the first generates it (into a
+    temporary folder renamed into place, so a crash never leaves half a corpus), the others reuse it. Returns
+    whether this call generated it."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with _exclusive(os.path.abspath(path) + ".lock"):
+        return _synthetic_corpus(path, params)
+
+
+def _synthetic_corpus(path: str, params: dict) -> bool:
     from ..data import synthetic
 
     meta = os.path.join(path, synthetic.META_FILE)
@@ -58,12 +86,18 @@ def synthetic_corpus(path: str, params: dict) -> None:
         if diff:
             raise ConfigError(f"data.path {path!r} holds a synthetic corpus made with other parameters "
                               f"({'; '.join(diff)}); choose another data.path or match data.synthetic")
-        return
+        return False
     if os.path.isdir(path) and os.listdir(path):
         raise ConfigError(f"data.path {path!r} (data.kind=synthetic) is a folder of other files, not a generated "
                           f"corpus (no {synthetic.META_FILE}); the corpus is only generated into a new or empty "
                           "folder. For real TOFU-layout data set data.kind=tofu")
-    synthetic.generate(path, **params)
+    tmp = f"{os.path.abspath(path)}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    synthetic.generate(tmp, **params)
+    if os.path.isdir(path):
+        os.rmdir(path)  # empty (checked above)
+    os.rename(tmp, path)
+    return True
 
 
 def _tokenizer(cfg, info: DistInfo, path: str):
@@ -83,6 +117,10 @@ def _tokenizer(cfg, info: DistInfo, path: str):
 
         on_rank0(make, info.is_main)
         tok_dir = tok_dir or own_tok
+    if not dc.tokenizer and cfg.model.path:  # the tokenizer comes from the model folder: its config first
+        from ..model import check_model_config
+
+        check_model_config(cfg.model.path, cfg.model.trust_remote_code)
     return D.load_tokenizer(tok_dir)
 
 

@@ -26,7 +26,7 @@ from .config_io import config_to_dict
 from .loop import TrainResult, run_loop
 from .run_folder import RunFolder, config_differences, open_run, read_run_file
 from .setup import setup
-from .validation import check_data_names
+from .validation import check_data_names, check_overwrite_keeps_inputs
 
 #: What a run writes into its output_dir: the files ``overwrite`` moves aside together (plus ``data`` when the
 #: synthetic corpus is the run's own, i.e. ``data.path`` is unset).
@@ -73,6 +73,8 @@ def claim(cfg: TrainConfig, *, overwrite: bool = False) -> Iterator[Tuple[RunFol
     info = init_distributed(cfg.parallel.device)
     requested = config_to_dict(cfg)
     artifacts = RUN_ARTIFACTS + (("data",) if cfg.data.kind == "synthetic" and cfg.data.path is None else ())
+    if overwrite:
+        check_overwrite_keeps_inputs(cfg, artifacts)
     with open_run(cfg.output_dir, requested, resume=cfg.checkpoint.resume, overwrite=overwrite,
                   artifacts=artifacts, is_main=info.is_main) as folder:
         yield folder, requested

@@ -1,7 +1,7 @@
 """The checks of :meth:`TrainConfig.validate <simnpo_fast.train.config.TrainConfig.validate>`, one per section.
 
-Every check raises a :class:`~simnpo_fast.errors.ConfigError` (``ConfigPathError`` for a missing path) whose
-message starts with the dotted key. They read the config's attributes only (no import of the schema), run in
+Every check raises a :class:`~simnpo_fast.errors.ConfigError` whose message starts with the dotted key (a
+missing data / model / tokenizer folder: the ``ConfigPathError`` of its kind, exit 4 / 5 / 6). They read the config's attributes only (no import of the schema), run in
 microseconds and touch no data: the checks that need the data package are :func:`check_data_names`.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from ..errors import ConfigError, ConfigPathError
+from ..errors import ConfigError, DataPathError, ModelPathError, TokenizerPathError
 from ..backends.filter import resolve
 from ..methods import get_method
 from .coerce import coerce
@@ -89,9 +89,9 @@ def _data(d) -> None:
         if not d.path:
             raise ConfigError(f"data.path is required for data.kind={d.kind!r}")
         if not os.path.exists(d.path):
-            raise ConfigPathError(f"data.path {d.path!r} does not exist (relative to {os.getcwd()})")
+            raise DataPathError(f"data.path {d.path!r} does not exist (relative to {os.getcwd()})")
     if d.tokenizer and not os.path.isdir(d.tokenizer):
-        raise ConfigPathError(f"data.tokenizer {d.tokenizer!r} is not a folder")
+        raise TokenizerPathError(f"data.tokenizer {d.tokenizer!r} is not a folder")
 
 
 def check_synthetic(syn) -> dict:
@@ -112,7 +112,7 @@ def _model(cfg) -> None:
     try:
         cfg.model.validate()
     except FileNotFoundError as e:
-        raise ConfigPathError(str(e)) from None
+        raise ModelPathError(str(e)) from None
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if cfg.model.path is None and cfg.data.kind != "synthetic" and not cfg.data.tokenizer:
@@ -191,6 +191,19 @@ def _paths(cfg) -> None:
             if _inside(p, os.path.join(out, sub)):
                 raise ConfigError(f"{key} {p!r} lies inside {os.path.join(out, sub)!r}, which this run writes; "
                                   "copy it elsewhere or choose another output_dir")
+
+
+def check_overwrite_keeps_inputs(cfg, artifacts) -> None:
+    """``--overwrite`` moves ``artifacts`` of ``output_dir`` aside: refuse, before anything moves, when an input
+    lies inside one of them (e.g. ``model.path`` in ``<output_dir>/finetune/hf``)."""
+    for key, p in (("model.path", cfg.model.path), ("data.tokenizer", cfg.data.tokenizer),
+                   ("data.path", cfg.data.path)):
+        for name in artifacts:
+            moved = os.path.join(cfg.output_dir, name)
+            if p and _inside(p, moved):
+                raise ConfigError(f"{key} {p!r} lies inside {moved!r}, which --overwrite would move aside into "
+                                  f"{os.path.join(cfg.output_dir, 'replaced')}/; copy it elsewhere first, or choose "
+                                  "another output_dir")
 
 
 def check_data_names(cfg) -> None:

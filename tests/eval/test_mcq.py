@@ -172,6 +172,15 @@ def test_bad_rows_name_file_row_field(tmp_path, row, what):
     assert str(p) in str(e.value)
 
 
+def test_an_empty_choice_is_refused_in_text_format_only(tmp_path):
+    """Issue 24 item 9: --mcq-format text scores the choice's text and acc_norm divides by its length."""
+    p = tmp_path / "q.jsonl"
+    _write_jsonl(p, [{"question": "q", "choices": ["a", ""], "answer": 0}])
+    with pytest.raises(DataError, match=r"row 0, field 'choices'.*choice 1 is an empty string"):
+        load_mcq(str(p), McqEvalConfig(format="text"))
+    assert load_mcq(str(p), McqEvalConfig(format="letters"))["q"]["rows"][0]["choices"] == ["a", ""]
+
+
 def test_missing_inputs(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         load_mcq(str(tmp_path / "nope.jsonl"))

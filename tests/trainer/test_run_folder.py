@@ -412,6 +412,21 @@ def test_outputs_never_overlap_inputs(corpus, tmp_path, where):
         _cfg(corpus, out, **{"model.path": model, "data.tokenizer": None})
 
 
+def test_overwrite_refuses_before_moving_a_folder_that_holds_an_input(corpus, tmp_path):
+    """Issue 24 item 4: model.path inside <output_dir>/finetune (an earlier run's finetuned model): --overwrite
+    would move it aside, so it stops before anything moves."""
+    from simnpo_fast.errors import ConfigError
+    from simnpo_fast.trainer import train
+
+    out = tmp_path / "run"
+    model = _hf_model_folder(corpus, out / "finetune" / "hf")
+    (out / "run.json").write_text(json.dumps({"run_id": "earlier", "config": {}}))
+    before = _snapshot(out)
+    with pytest.raises(ConfigError, match=r"model.path .*finetune/hf.* lies inside .*finetune.*--overwrite"):
+        train(_cfg(corpus, out, **{"model.path": str(model), "data.tokenizer": None}), overwrite=True)
+    assert _snapshot(out) == before and not (out / "replaced").exists()
+
+
 def test_synthetic_corpus_is_never_generated_over_other_files(corpus, tmp_path):
     from simnpo_fast.errors import ConfigError
     from simnpo_fast.trainer import train
