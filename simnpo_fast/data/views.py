@@ -25,6 +25,17 @@ from .template import PromptTemplate, encode_qa_batch
 CONTROL_SETS = ("real_authors", "world_facts")
 
 
+def candidates_path(source: str, name: str) -> str:
+    """The file :func:`load_candidates` reads for ``name``: a control set's ``_perturbed`` file when there is one,
+    else its ``optionN`` file; any other name's own file."""
+    if name in CONTROL_SETS:
+        try:
+            return split_path(source, name + "_perturbed")
+        except FileNotFoundError:
+            pass
+    return split_path(source, name)
+
+
 def load_candidates(source: str, name: str, *, question_field: str = "question", answer_field: str = "answer",
                     paraphrased_field: str = "paraphrased_answer", perturbed_field: str = "perturbed_answer",
                     paraphrased_question_field: str = "paraphrased_question", min_perturbed: int = 1) -> list[dict]:
@@ -33,13 +44,7 @@ def load_candidates(source: str, name: str, *, question_field: str = "question",
 
     ``name`` is a file stem (``forget10_perturbed``) or a control set (``real_authors``, ``world_facts``: the
     ``_perturbed`` file is preferred, else the ``optionN`` file)."""
-    if name in CONTROL_SETS:
-        try:
-            path = split_path(source, name + "_perturbed")
-        except FileNotFoundError:
-            path = split_path(source, name)
-    else:
-        path = split_path(source, name)
+    path = candidates_path(source, name)
     rows, _ = read_records(path)
     out = []
     for i, r in enumerate(rows):

@@ -48,7 +48,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from ..data.template import PromptTemplate, get_template
-from ..data.views import encode_candidates, load_candidates
+from ..data.views import candidates_path, encode_candidates, load_candidates
 from ..distributed import world_size
 from . import metrics as M
 from .runner import IGNORE, generate, logprobs, pad_id_of, prompt_of
@@ -313,5 +313,7 @@ def evaluate_tofu(model, tokenizer, data_dir: str, cfg: Optional[TofuEvalConfig]
     for name in cfg.sets:
         rows = _set_rows(data_dir, cfg, name)
         result["sets"][name] = evaluate_set(model, tokenizer, rows, name, cfg, progress=progress)
+        read = candidates_path(data_dir, cfg.file_of(name))  # what was read (real_authors_perturbed, ...)
+        result["sets"][name]["file"] = os.path.splitext(os.path.basename(read))[0]
     summarize(result, reference)
     return result

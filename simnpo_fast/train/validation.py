@@ -1,8 +1,9 @@
 """The checks of :meth:`TrainConfig.validate <simnpo_fast.train.config.TrainConfig.validate>`, one per section.
 
 Every check raises a :class:`~simnpo_fast.errors.ConfigError` whose message starts with the dotted key (a
-missing data / model / tokenizer folder: the ``ConfigPathError`` of its kind, exit 4 / 5 / 6). They read the config's attributes only (no import of the schema), run in
-microseconds and touch no data: the checks that need the data package are :func:`check_data_names`.
+missing data / model / tokenizer folder: the ``ConfigPathError`` of its kind, exit 4 / 5 / 6). They read the
+config's attributes only (no import of the schema), run in microseconds and touch no data: the checks that need
+the data package are :func:`check_data_names`.
 """
 from __future__ import annotations
 

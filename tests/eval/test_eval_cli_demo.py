@@ -30,8 +30,9 @@ def test_cli_eval_and_relearn(saved, tiny_tofu, tmp_path, capsys):
                 "--no-progress"]) == 0
     res = json.loads((out / "eval.json").read_text())
     direct = evaluate_tofu(AutoModelForCausalLM.from_pretrained(saved), load_tokenizer(saved), tiny_tofu,
-                           TofuEvalConfig(max_new_tokens=4))
+                           TofuEvalConfig(max_new_tokens=4, template="llama2"))
     assert res["summary"] == pytest.approx(direct["summary"])
+    assert res["config"]["template_used"] == "llama2"  # --protocol tofu (the default) picks TOFU's format
     assert (out / "summary.md").exists() and (out / "metrics.png").exists()
     assert "model utility" in capsys.readouterr().out
     rl = tmp_path / "rl"
@@ -61,3 +62,51 @@ def test_demo_main_job_toy_size(tmp_path, capsys):
     assert hist[0]["step"] == 0 and len(hist) >= 2
     retain = json.loads((out / "report" / "retain.json").read_text())
     assert retain["forget_quality"] == pytest.approx(1.0)
+
+
+def _no_model(monkeypatch):
+    """Any model load fails the test: the checks must come first."""
+    import simnpo_fast.eval.cli as C
+
+    monkeypatch.setattr(C, "_setup", lambda args: pytest.fail("the model was loaded before the check"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--reference", "nowhere.json"], "--reference 'nowhere.json': no such file"),
+    (["--reference", "{bad}"], "not a usable TOFU evaluation"),
+    (["--sets", "forget", "nosuchset"], "--sets: unknown TOFU set(s) ['nosuchset']"),
+    (["--task", "mcq", "--protocol", "tofu"], "--protocol: not an option of --task mcq"),
+    (["--task", "mcq", "--template", "llama2", "--no-generation"], "--template, --no-generation: not an option"),
+    (["--task", "muse", "--forget-split", "forget05"], "--forget-split: not an option of --task muse"),
+    (["--mcq-format", "text"], "--mcq-format: not an option of --task tofu"),
+])
+def test_eval_options_are_checked_before_the_model_loads(saved, tiny_tofu, tmp_path, capsys, monkeypatch, argv,
+                                                         message):
+    """Issue 24 item 11: a bad --reference / --sets and an option of another task fail at once (exit 2)."""
+    _no_model(monkeypatch)
+    if "{bad}" in argv:
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps({"task": "mcq"}))
+        argv = [str(bad) if a == "{bad}" else a for a in argv]
+    assert cli(["eval", "--model", saved, "--data", tiny_tofu, *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_default_reports_sit_outside_the_model_one_folder_per_task(saved, tiny_tofu, tmp_path, capsys,
+                                                                    monkeypatch):
+    """Issue 24 item 11: the default report folder is eval/<model>-<task> under the current folder (never the
+    model folder), a second run gets its own; the JSON names the file it read; no loading bars under
+    --no-progress."""
+    monkeypatch.chdir(tmp_path)
+    fast = ["--max-new-tokens", "2", "--max-examples", "2", "--no-progress", "--sets", "forget", "real_authors"]
+    assert cli(["eval", "--model", saved, "--data", tiny_tofu, *fast]) == 0
+    assert cli(["eval", "--model", saved, "--data", tiny_tofu, *fast]) == 0
+    first = tmp_path / "eval" / "model-tofu" / "eval.json"
+    second = tmp_path / "eval" / "model-tofu-2" / "eval.json"
+    assert first.is_file() and second.is_file() and not os.path.exists(os.path.join(saved, "eval"))
+    res = json.loads(first.read_text())
+    assert res["sets"]["real_authors"]["file"] == "real_authors_perturbed"
+    assert res["sets"]["forget"]["file"] == "forget10_perturbed"
+    err = capsys.readouterr().err
+    assert "Loading weights" not in err and "%|" not in err, err[-2000:]
