@@ -99,8 +99,8 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
                         "text (MMLU continuation template: the choice texts)")
     p.add_argument("--subject", default=None,
                    help="MCQ (default auto) description 'The following are multiple choice questions (with "
-                        "answers) about SUBJECT.': auto (a row's MMLU subject, or bio / cyber / chem in the file name), none, or "
-                        "the subject")
+                        "answers) about SUBJECT.': auto (a row's MMLU subject, or bio / cyber / chem in the file "
+                        "name), none, or the subject")
     p.set_defaults(func=run_eval)
     return p
 
