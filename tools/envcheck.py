@@ -42,6 +42,7 @@ VERSIONS = ("3.10", "3.11", "3.12", "3.13")
 CANARY = ("tests/test_install.py", "tests/test_model.py", "tests/trainer/test_trainer_hf.py",
           "tests/trainer/test_trainer_cli.py", "tests/eval/test_eval_cli_demo.py", "tests/eval/test_mcq_lmeval.py",
           "tests/data/test_data_formats.py", "tests/kernels/test_triton_kernels.py")
+KEY_PACKAGES = ("torch", "triton", "transformers", "kernels", "numpy", "datasets", "accelerate", "lm-eval", "pip")
 PYTEST_SUMMARY = re.compile(r"^=*\s*(\d+ (passed|failed|error).*?) in [\d.]+s", re.M)
 
 
@@ -107,8 +108,7 @@ def check_env(python: str, mode: str, work: Path, torch_pin: str) -> dict:
     versions = {}
     if steps.ok:
         steps.run("pip-check", [py, "-m", "pip", "check"])
-        listed = subprocess.run([py, "-m", "pip", "list", "--format=json"], capture_output=True, text=True)
-        versions = {_norm(p["name"]): p["version"] for p in json.loads(listed.stdout or "[]")}
+        versions = _versions(py)
         env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
         env.pop("PYTHONPATH", None)
         proc = steps.run("canary", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *CANARY], cwd=ROOT,
@@ -120,9 +120,8 @@ def check_env(python: str, mode: str, work: Path, torch_pin: str) -> dict:
              if pins.get(n) != v and n != "simnpo-fast"}
     real = subprocess.run([python, "-c", "import platform; print(platform.python_version())"],
                           capture_output=True, text=True).stdout.strip()
-    key = ("torch", "triton", "transformers", "kernels", "numpy", "datasets", "accelerate", "lm-eval", "pip")
     return {"python": real, "interpreter": python, "mode": mode, "ok": steps.ok, "steps": steps.steps,
-            "key_versions": {k: versions.get(k) for k in key}, "differs_from_lock": drift, "versions": versions}
+            "key_versions": {k: versions.get(k) for k in KEY_PACKAGES}, "differs_from_lock": drift, "versions": versions}
 
 
 def check_wheel(python: str, work: Path) -> dict:
@@ -146,8 +145,15 @@ def check_wheel(python: str, work: Path) -> dict:
     steps.run("cli", [str(env_dir / "bin" / "simnpo-fast"), "demo", "--help"], cwd=elsewhere, env=env)
     proc = steps.run("wheel-check", [py, str(ROOT / "tools" / "wheel_check.py")], cwd=elsewhere, env=env)
     checks = dict(line.split("=", 1) for line in proc.stdout.split() if "=" in line)
+    versions = _versions(py) if steps.ok else {}
     return {"python": LOCK_PYTHON, "interpreter": python, "mode": "wheel", "ok": steps.ok, "steps": steps.steps,
-            "wheel": wheels[-1].name if wheels else None, "checks": checks}
+            "wheel": wheels[-1].name if wheels else None, "checks": checks,
+            "key_versions": {k: versions.get(k) for k in KEY_PACKAGES}, "versions": versions}
+
+
+def _versions(py: str) -> dict:
+    listed = subprocess.run([py, "-m", "pip", "list", "--format=json"], capture_output=True, text=True)
+    return {_norm(p["name"]): p["version"] for p in json.loads(listed.stdout or "[]")}
 
 
 def machine() -> dict:
