@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from .conftest import ROOT, base_overrides, child_env
-from .test_run_folder import _copy, _cfg, _ov, _shard, straight  # noqa: F401 - the module fixture
+from .test_run_folder import _cfg, _ov, _shard
 
 DEFAULT = os.path.join(ROOT, "simnpo_fast", "configs", "default.yaml")
 
@@ -105,9 +105,12 @@ def test_a_verified_checkpoint_that_does_not_fit_the_model(tmp_path):
         load_checkpoint(ck, m2, o2)
 
 
-def test_damaged_shard_with_a_recomputed_manifest(corpus, straight, tmp_path):  # noqa: F811
+def test_damaged_shard_with_a_recomputed_manifest(corpus, tmp_path):
     """The manifest verifies (its hashes were recomputed), DCP's reader fails: exit 8, one line."""
-    out = _copy(straight["out"], tmp_path / "run")
+    from simnpo_fast.trainer import train
+
+    out = tmp_path / "run"
+    train(_cfg(corpus, out))  # in this test: a module-scoped run would leave its process group to later modules
     ck = out / "checkpoints" / "step_00000004"
     shard = _shard(str(ck))
     with open(shard, "r+b") as f:

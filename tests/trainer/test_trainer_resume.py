@@ -2,6 +2,7 @@
 Also: a non-finite gradient stops the run and keeps the last good checkpoint; config errors fail fast."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -170,14 +171,12 @@ def test_packaged_configs_load(tmp_path):
 def _stalled_run(cmd, env, want: int, deadline_s: float = 150):
     """Start ``cmd``; return ``(proc, {rank: pid})`` once ``want`` ranks print their STALLED line."""
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline, lines, pids = time.time() + deadline_s, [], {}
+    deadline, lines = time.time() + deadline_s, []
     for line in proc.stdout:
-        lines.append(line)
-        if "STALLED after step" in line:
-            words = line.split()
-            pids[int(words[words.index("rank") + 1])] = int(words[words.index("pid") + 1])
-            if len(pids) == want:
-                return proc, pids, lines
+        lines.append(line)  # the ranks share the pipe: their lines may interleave, so parse the whole text
+        pids = {int(r): int(p) for r, p in re.findall(r"STALLED after step \d+ rank (\d+) pid (\d+)", "".join(lines))}
+        if len(pids) == want:
+            return proc, pids, lines
         if time.time() > deadline:
             break
     proc.kill()
