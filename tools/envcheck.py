@@ -121,7 +121,8 @@ def check_env(python: str, mode: str, work: Path, torch_pin: str) -> dict:
     real = subprocess.run([python, "-c", "import platform; print(platform.python_version())"],
                           capture_output=True, text=True).stdout.strip()
     return {"python": real, "interpreter": python, "mode": mode, "ok": steps.ok, "steps": steps.steps,
-            "key_versions": {k: versions.get(k) for k in KEY_PACKAGES}, "differs_from_lock": drift, "versions": versions}
+            "key_versions": {k: versions.get(k) for k in KEY_PACKAGES}, "differs_from_lock": drift,
+            "versions": versions}
 
 
 def check_wheel(python: str, work: Path) -> dict:
