@@ -181,19 +181,28 @@ class StepCounts:
     forget_tokens: int
     tokens: int
     alternate_tokens: int = 0
+    retain_sequences: float = 0.0
+    normalize: str = "token"
 
     @classmethod
-    def of(cls, batches: List[ForgetRetainBatch], method, reduce: Optional[Callable] = None) -> "StepCounts":
+    def of(cls, batches: List[ForgetRetainBatch], method, reduce: Optional[Callable] = None, *,
+           normalize: str = "token") -> "StepCounts":
         """Count ``batches`` for ``method`` (a :class:`~simnpo_fast.methods.Method` or anything with ``per``).
 
-        ``reduce``: all-reduces (sums) a ``[5]`` float64 CPU tensor across ranks and returns it (any device),
-        e.g. ``distributed.all_reduce_sum``; ``None`` in a single process.
+        ``reduce``: all-reduces (sums) a ``[6]`` float64 CPU tensor across ranks and returns it (any device),
+        e.g. ``distributed.all_reduce_sum``; ``None`` in a single process. ``normalize="sequence"``: the
+        token-normalised terms are means over sequences (``UnlearningLoss(normalize=)``), so a ``per="token"``
+        forget term counts forget sequences and the retain term retain sequences (with an answer token).
         """
         per = method.per
         if per not in ("sequence", "token", "alternate_token"):
             raise ValueError(f"method {getattr(method, 'name', method)!r}: per must be 'sequence', 'token' or "
                              "'alternate_token'")
-        c = torch.zeros(5, dtype=torch.float64)
+        if normalize not in ("token", "sequence"):
+            raise ValueError(f"normalize must be 'token' or 'sequence', got {normalize!r}")
+        if normalize == "sequence" and per == "token":
+            per = "sequence"
+        c = torch.zeros(6, dtype=torch.float64)
         for b in batches:
             n = answer_tokens(b.labels).cpu()
             F, A = b.n_forget, b.n_alternate
@@ -203,12 +212,15 @@ class StepCounts:
             c[2] += int(b.attention_mask.sum())
             c[3] += int(nf.sum())
             c[4] += int(na.sum())
+            c[5] += int((nr > 0).sum())
         if reduce is not None:
-            c = reduce(c).to("cpu", torch.float64).reshape(5)
+            c = reduce(c).to("cpu", torch.float64).reshape(6)
         return cls(forget=float(c[0]), retain_tokens=float(c[1]), forget_tokens=int(c[3]), tokens=int(c[2]),
-                   alternate_tokens=int(c[4]))
+                   alternate_tokens=int(c[4]), retain_sequences=float(c[5]), normalize=normalize)
 
     def normalizers(self):
-        """``(forget_normalizer, retain_normalizer)``: each count, or ``None`` where it is 0 (the term's own
-        mean then applies, which is 0 for an empty term)."""
-        return (self.forget if self.forget > 0 else None, self.retain_tokens if self.retain_tokens > 0 else None)
+        """``(forget_normalizer, retain_normalizer)``: each count (retain: tokens, or sequences with
+        ``normalize="sequence"``), or ``None`` where it is 0 (the term's own mean then applies, which is 0 for an
+        empty term)."""
+        retain = self.retain_sequences if self.normalize == "sequence" else self.retain_tokens
+        return (self.forget if self.forget > 0 else None, retain if retain > 0 else None)

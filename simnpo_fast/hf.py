@@ -126,9 +126,10 @@ class UnlearningTrainer(transformers.Trainer):
     :class:`~simnpo_fast.modules.UnlearningLoss`."""
 
     def __init__(self, *args, objective: str = "simnpo", beta: Optional[float] = None, gamma: float = 0.0,
-                 forget_weight: float = 1.0, retain_weight: float = 1.0, grad_filter="auto", **kw):
+                 forget_weight: float = 1.0, retain_weight: float = 1.0, grad_filter="auto",
+                 normalize: str = "token", **kw):
         self.criterion = UnlearningLoss(objective, forget_weight=forget_weight, retain_weight=retain_weight,
-                                        beta=beta, gamma=gamma, grad_filter=grad_filter)
+                                        beta=beta, gamma=gamma, grad_filter=grad_filter, normalize=normalize)
         if self.criterion.retain_loss == "kl":
             raise ValueError("UnlearningTrainer has no frozen reference model: use a retain NLL method")
         model = kw.get("model", args[0] if args else None)
@@ -176,13 +177,17 @@ class UnlearningTrainer(transformers.Trainer):
         if self.args.world_size > 1:
             def reduce(c):
                 return self.accelerator.gather(c.to(device or self.args.device)).reshape(-1, c.numel()).sum(0)
-        return StepCounts.of([self._batch(b) for b in batches], self.criterion.method, reduce)
+        return StepCounts.of([self._batch(b) for b in batches], self.criterion.method, reduce,
+                             normalize=self.criterion.normalize)
 
     def step_counts(self, batches, device=None) -> Optional[dict]:
         """The step's loss denominators as ``{"forget": forget sequences with an answer token (tokens for GA /
-        GradDiff), "retain": retain answer tokens}``, summed over ``batches`` and every process."""
+        GradDiff with ``normalize="token"``), "retain": retain answer tokens (retain sequences with
+        ``normalize="sequence"``)}``, summed over ``batches`` and every process."""
         c = self._counts(batches, device)
-        return None if c is None else {"forget": c.forget, "retain": c.retain_tokens}
+        if c is None:
+            return None
+        return {"forget": c.forget, "retain": c.retain_sequences if c.normalize == "sequence" else c.retain_tokens}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         batch = self._batch(inputs)

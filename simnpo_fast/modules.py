@@ -12,7 +12,7 @@ from torch import nn
 from ._inputs import answer_tokens
 from .backends.filter import FilterSpec, resolve
 from .methods import PairObjective, get_method
-from .objectives import GA, NLL, NPO, SimNPO
+from .objectives import GA, NLL, NPO, SequenceMean, SimNPO, check_normalize
 from .objectives.base import check_reduction
 from .ops import fused_sequence_loss, kl_loss, sequence_logprob
 
@@ -122,8 +122,10 @@ class UnlearningLoss(nn.Module):
 
     def __init__(self, objective: str = "simnpo", *, forget_weight: float = 1.0, retain_weight: float = 1.0,
                  beta: Optional[float] = None, gamma: float = 0.0, ignore_index: int = -100, shift: bool = True,
-                 backend=None, retain_loss: Optional[str] = None, grad_filter: FilterSpec = "auto"):
+                 backend=None, retain_loss: Optional[str] = None, grad_filter: FilterSpec = "auto",
+                 normalize: str = "token"):
         super().__init__()
+        self.normalize = check_normalize(normalize)
         try:
             ok = all(math.isfinite(float(w)) and float(w) >= 0 for w in (forget_weight, retain_weight))
         except (TypeError, ValueError):
@@ -134,6 +136,8 @@ class UnlearningLoss(nn.Module):
         self.method = get_method(objective)
         self.forget_objective = self.method.forget_objective(beta=beta, gamma=gamma)
         self.pairs = isinstance(self.forget_objective, PairObjective)
+        if normalize == "sequence" and not self.pairs and self.forget_objective.per == "token":
+            self.forget_objective = SequenceMean(self.forget_objective)  # GA / GradDiff: per-sequence token means
         if retain_loss is not None and retain_loss not in ("nll", "kl"):
             raise ValueError(f"retain_loss must be 'nll' or 'kl', got {retain_loss!r}")
         self.retain_loss = "none" if self.method.retain == "none" else (retain_loss or self.method.retain)
@@ -142,7 +146,7 @@ class UnlearningLoss(nn.Module):
         self.objective = self.method.name
         self.forget_weight = float(forget_weight)
         self.retain_weight = float(retain_weight)
-        self.retain_objective = NLL()
+        self.retain_objective = NLL() if normalize == "token" else SequenceMean(NLL())
         self.kw = dict(ignore_index=ignore_index, shift=shift, backend=backend, grad_filter=grad_filter)
 
     @property
@@ -224,7 +228,7 @@ class UnlearningLoss(nn.Module):
             raise ValueError(f"objective {self.objective!r} with retain_loss='kl' needs reference= (the frozen "
                              "reference's final hidden states of the retain rows and its LM head)")
         lr = kl_loss(hidden, weight, labels, reference.hidden, reference.weight, bias=bias, ref_bias=reference.bias,
-                     reduction=red, normalizer=normalizer, **self.kw)
+                     reduction=red, normalizer=normalizer, normalize=self.normalize, **self.kw)
         rn = answer_tokens(labels, self.kw["ignore_index"], shift=self.kw["shift"])
         return lr, {"retain_loss": lr.detach(), "retain_n_tokens": rn}
 
@@ -249,5 +253,5 @@ class UnlearningLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"objective={self.objective!r}, forget={self.forget_objective}, forget_weight={self.forget_weight}, "
-                f"retain={self.retain_loss!r}, retain_weight={self.retain_weight}")
+                f"retain={self.retain_loss!r}, retain_weight={self.retain_weight}, normalize={self.normalize!r}")
 

@@ -19,6 +19,7 @@ from ._inputs import check_inputs, check_reference, pack
 from .backends import Backend, ChunkedBackend, HeadInputs, get_backend
 from .backends.filter import FilterSpec, resolve
 from .objectives import GA, NLL, NPO, SequenceObjective, SimNPO
+from .objectives import check_normalize
 from .objectives.base import check_reduction
 
 BackendArg = Union[None, str, Backend]
@@ -156,7 +157,7 @@ def ga_loss(hidden, weight, labels, *, bias=None, ignore_index: int = -100, redu
 
 def kl_loss(hidden, weight, labels, ref_hidden, ref_weight, *, bias=None, ref_bias=None, ignore_index: int = -100,
             reduction: str = "mean", normalizer=None, shift: bool = True, backend: BackendArg = None,
-            chunk_rows: Optional[int] = None, grad_filter: FilterSpec = "auto"):
+            chunk_rows: Optional[int] = None, grad_filter: FilterSpec = "auto", normalize: str = "token"):
     """Retain KL: ``sum_t KL(p_ref(.|t) || p(.|t))`` over the answer tokens, token-mean by default (or the sum
     divided by ``normalizer``), where ``p`` comes from ``hidden`` / ``weight`` / ``bias`` and the frozen
     reference ``p_ref`` from ``ref_hidden [B, T, d_ref]`` / ``ref_weight [V, d_ref]`` / ``ref_bias`` (no
@@ -165,15 +166,18 @@ def kl_loss(hidden, weight, labels, ref_hidden, ref_weight, *, bias=None, ref_bi
     (chunked and Triton backends: the chunked schedule; ``reference``: materialised). ``chunk_rows`` fixes the
     chunked backend's tile height (instead of ``backend=``). ``grad_filter``: only its softmax filter applies
     (entries with ``|p - p_ref| < eps`` left out of the products); a row threshold is an error.
+    ``normalize="sequence"``: each sequence's KL is its mean over its answer tokens, and the mean (or the sum over
+    ``normalizer``) is over sequences with an answer token (a per-row scale ``1 / n_i`` in the kernels).
     """
     check_reduction(reduction, normalizer)
+    check_normalize(normalize)
     if reduction == "none":
         raise ValueError("kl_loss supports reduction='mean' or 'sum'")
     if chunk_rows is not None:
         if backend is not None:
             raise ValueError("kl_loss: give chunk_rows= (the chunked backend's tile height) or backend=, not both")
         backend = ChunkedBackend(chunk_rows=chunk_rows)
-    inp, _ = _head_inputs(hidden, weight, labels, bias, ignore_index, shift, grad_filter)
+    inp, n_tokens = _head_inputs(hidden, weight, labels, bias, ignore_index, shift, grad_filter)
     if grad_filter == "auto" and inp.grad_filter is not None:  # the default's softmax part only
         inp = inp.replace(grad_filter=resolve(dataclasses.replace(inp.grad_filter, rows=0.0), hidden.dtype))
     if inp.grad_filter is not None and inp.grad_filter.rows > 0:
@@ -185,8 +189,13 @@ def kl_loss(hidden, weight, labels, ref_hidden, ref_weight, *, bias=None, ref_bi
     M = inp.num_rows
     if M == 0:
         warnings.warn("every label is ignore_index: the loss is 0 and all gradients are zero", stacklevel=2)
+    count = M if normalize == "token" else int((n_tokens > 0).sum())
     if reduction == "mean" and normalizer is None:
-        scale = 1.0 / M if M > 0 else 0.0
+        scale = 1.0 / count if count > 0 else 0.0
     else:
         scale = 1.0 / float(normalizer) if normalizer is not None else 1.0
+    if normalize == "sequence" and M > 0:  # row r of sequence i: scale / n_i
+        per_seq = 1.0 / n_tokens.clamp(min=1).to(device=hidden.device, dtype=torch.float64)
+        scale = (per_seq[inp.seq_ids.to(hidden.device)] * scale).to(torch.float32 if hidden.dtype != torch.float64
+                                                                      else torch.float64)
     return get_backend(backend, hidden.device).kl_loss(inp, ref, scale)

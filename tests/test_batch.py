@@ -31,14 +31,19 @@ def test_step_counts_equal_a_hand_count():
     b1 = _batch([3, 0, 5], [2, 4, 1])
     b2 = _batch([1, 2], [6, 0], pad=2)
     c = sf.StepCounts.of([b1, b2], sf.get_method("simnpo"))
-    assert c == sf.StepCounts(forget=4.0, retain_tokens=13.0, forget_tokens=11, tokens=6 * 8 + 4 * 6)
+    assert c == sf.StepCounts(forget=4.0, retain_tokens=13.0, forget_tokens=11, tokens=6 * 8 + 4 * 6,
+                              retain_sequences=4.0)
     c = sf.StepCounts.of([b1, b2], sf.get_method("graddiff"))
     assert (c.forget, c.retain_tokens) == (11.0, 13.0)
     assert c.normalizers() == (11.0, 13.0)
     assert sf.StepCounts.of([_batch([0], [])], sf.get_method("npo")).normalizers() == (None, None)
     # reduce: what a rank all-reduce returns (here: two identical ranks)
     c2 = sf.StepCounts.of([b1, b2], sf.get_method("simnpo"), reduce=lambda t: t * 2)
-    assert c2 == sf.StepCounts(forget=8.0, retain_tokens=26.0, forget_tokens=22, tokens=2 * (48 + 24))
+    assert c2 == sf.StepCounts(forget=8.0, retain_tokens=26.0, forget_tokens=22, tokens=2 * (48 + 24),
+                               retain_sequences=8.0)
+    # normalize="sequence": GradDiff's GA term counts forget sequences, the retain term retain sequences
+    c3 = sf.StepCounts.of([b1, b2], sf.get_method("graddiff"), normalize="sequence")
+    assert c3.normalizers() == (4.0, 4.0) and c3.retain_tokens == 13.0
 
 
 def test_collate_from_padded_and_views():

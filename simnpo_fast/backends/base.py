@@ -71,7 +71,8 @@ class Backend:
 
     def fused_kl(self, inp: HeadInputs, ref: HeadInputs, scale: float, needs: GradNeeds):
         """``(scale * sum_r KL(p_ref(.|r) || p(.|r)), dx, dw, db)``: ``p`` from ``inp``, the frozen ``p_ref`` from
-        ``ref`` (same ``rows``; its own hidden size allowed); no gradient flows to ``ref``."""
+        ``ref`` (same ``rows``; its own hidden size allowed); no gradient flows to ``ref``. ``scale``: a number, or
+        a ``[M]`` tensor of per-row scales (``sum_r scale_r KL_r``: the per-sequence normalisation)."""
         raise NotImplementedError
 
     # -- differentiable entry points (what simnpo_fast.ops calls) ----------------------------------------

@@ -24,24 +24,28 @@ def _fp32_logits(xc, w, b, out):
     return out
 
 
-def _kl_tile_(z, zr, scale: float, want_grad: bool, total: torch.Tensor) -> None:
-    """Add ``sum_r KL(softmax(zr_r) || softmax(z_r))`` of a pair of fp32 logits tiles to ``total``; with
-    ``want_grad`` the policy tile ``z`` is overwritten, a few rows at a time, by its logits gradient
-    ``scale (p - p_ref)``."""
+def _kl_tile_(z, zr, scale, want_grad: bool, total: torch.Tensor) -> None:
+    """Add ``sum_r s_r KL(softmax(zr_r) || softmax(z_r))`` of a pair of fp32 logits tiles to ``total`` (``s_r``:
+    the rows of a per-row ``scale`` tensor; a float scale is applied by the caller); with ``want_grad`` the policy
+    tile ``z`` is overwritten, a few rows at a time, by its logits gradient ``s_r (p - p_ref)``."""
+    per_row = isinstance(scale, torch.Tensor)
     for k0 in range(0, z.shape[0], KL_BLOCK_ROWS):
         zb, zrb = z[k0 : k0 + KL_BLOCK_ROWS], zr[k0 : k0 + KL_BLOCK_ROWS]
+        s = scale[k0 : k0 + KL_BLOCK_ROWS].to(z.dtype) if per_row else scale
         lq = torch.log_softmax(zrb, dim=1)
         lp = torch.log_softmax(zb, dim=1)
         q = lq.exp()
         # 0 * log 0 := 0 where the reference assigns no mass (lq = -inf); -inf - -inf would give NaN
-        total += torch.where(q > 0, q * (lq - lp), 0.0).sum()
+        kl = torch.where(q > 0, q * (lq - lp), 0.0).sum(1)
+        total += (kl * s).sum() if per_row else kl.sum()
         if want_grad:
-            torch.exp(lp, out=zb).sub_(q).mul_(scale)
+            torch.exp(lp, out=zb).sub_(q).mul_(s.unsqueeze(1) if per_row else s)
         del lq, lp, q
 
 
-def chunked_kl(inp: HeadInputs, ref: HeadInputs, scale: float, needs: GradNeeds, R: int):
-    """``(scale * sum_r KL(p_ref(.|r) || p(.|r)), dx, dw, db)`` over the packed rows, 8 M d V flops.
+def chunked_kl(inp: HeadInputs, ref: HeadInputs, scale, needs: GradNeeds, R: int):
+    """``(scale * sum_r KL(p_ref(.|r) || p(.|r)), dx, dw, db)`` over the packed rows, 8 M d V flops (``scale``: a
+    number, or a ``[M]`` tensor of per-row scales: ``sum_r scale_r KL_r``).
 
     ``p`` = softmax of ``x_r w^T + b`` (differentiable), ``p_ref`` = softmax of ``xr_r wr^T + br`` (the frozen
     reference ``ref`` on the same rows; its own hidden size allowed). Per tile of ``R`` rows (the fp32 chunk rule
@@ -62,6 +66,7 @@ def chunked_kl(inp: HeadInputs, ref: HeadInputs, scale: float, needs: GradNeeds,
     zbuf = torch.empty(n * V, dtype=acc_t, device=x.device)
     rbuf = torch.empty(n * V, dtype=acc_t, device=x.device)
     flt = inp.grad_filter
+    per_row = isinstance(scale, torch.Tensor)
     # the filter needs the tile in the GEMM dtype (fp32 / fp64 inputs, or 16-bit ones widened to fp32)
     sparse = flt is not None and flt.probs > 0 and w.dtype == acc_t
     src, rsrc = RowSource(x, inp.rows, R, w.dtype), RowSource(ref.x, ref.rows, R, ref.w.dtype)
@@ -70,12 +75,14 @@ def chunked_kl(inp: HeadInputs, ref: HeadInputs, scale: float, needs: GradNeeds,
         xc = src.get(r0, r1)
         z = _fp32_logits(xc, w, b, zbuf[: (r1 - r0) * V].view(r1 - r0, V))
         zr = _fp32_logits(rsrc.get(r0, r1), ref.w, ref.b, rbuf[: (r1 - r0) * V].view(r1 - r0, V))
-        _kl_tile_(z, zr, scale, acc.any, total)
+        s = scale[r0:r1] if per_row else scale
+        _kl_tile_(z, zr, s, acc.any, total)
         if not acc.any:
             continue
         if sparse:  # softmax filter: entries with |p - p_ref| < eps left out of the products
-            thr = torch.full((r1 - r0,), flt.probs * abs(scale), dtype=acc_t, device=x.device)
+            thr = (flt.probs * s.abs()).to(acc_t) if per_row else torch.full(
+                (r1 - r0,), flt.probs * abs(scale), dtype=acc_t, device=x.device)
             acc.add_tile_sparse(z, xc, w, inp.dst_rows(r0, r1), None, thr, None, flt.block_rows)
         else:
             acc.add_tile(z, xc, w, r0, r1, inp.rows)
-    return (total * scale, *acc.finish())
+    return (total if per_row else total * scale, *acc.finish())

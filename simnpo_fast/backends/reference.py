@@ -54,7 +54,10 @@ class ReferenceBackend(Backend):
             lq = torch.log_softmax(self._logits(ref.packed_x(), ref.w, ref.b), dim=-1)
         lp = torch.log_softmax(self._logits(inp.packed_x(), inp.w, inp.b), dim=-1)
         q = lq.exp()
-        return torch.where(q > 0, q * (lq - lp), 0.0).sum() * scale
+        kl = torch.where(q > 0, q * (lq - lp), 0.0).sum(-1)
+        if isinstance(scale, torch.Tensor):  # per-row scales
+            return (kl * scale.to(kl.dtype)).sum()
+        return kl.sum() * scale
 
     # -- the contract ---------------------------------------------------------------------------------------
     def logprob_forward(self, inp: HeadInputs):

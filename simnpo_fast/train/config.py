@@ -46,6 +46,10 @@ class LossConfig:
     forget_weight: float = 1.0
     retain_weight: float = 1.0
     retain_loss: str = "nll"  # nll | kl (for methods with a retain term)
+    # token-normalised terms (retain NLL / KL, the GA forget term of ga / graddiff): token = the sum over the step's
+    # answer tokens / their count; sequence = the mean over sequences of each sequence's token mean (the SimNPO
+    # authors' one-row micro-batches, OPTML-Group/Unlearn-Simple TOFU/dataloader.py compute_loss)
+    normalize: str = "token"
     # gradient filter of every fused term (simnpo_fast.backends.filter): auto (exact) | off | on | a mapping of
     # GradFilter's fields, e.g. {rows: 1.0e-3, probs: 0.000244}
     grad_filter: Any = "auto"

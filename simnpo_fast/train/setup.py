@@ -55,7 +55,7 @@ class Run:
 def build_criterion(cfg: TrainConfig) -> UnlearningLoss:
     L = cfg.loss
     return UnlearningLoss(L.objective, forget_weight=L.forget_weight, retain_weight=L.retain_weight, beta=L.beta,
-                          gamma=L.gamma, retain_loss=L.retain_loss, grad_filter=L.grad_filter)
+                          gamma=L.gamma, retain_loss=L.retain_loss, grad_filter=L.grad_filter, normalize=L.normalize)
 
 
 def _shard(model: UnlearnModel, cfg: TrainConfig, info: DistInfo, reshard: bool) -> None:

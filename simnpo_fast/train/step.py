@@ -84,7 +84,8 @@ class StepRecord:
 def step_counts(run, batches: List[ForgetRetainBatch]) -> StepCounts:
     """The step's global counts (one all-reduce); an error when no rank holds a forget answer token."""
     dev = run.info.device
-    counts = StepCounts.of(batches, run.criterion.method, reduce=lambda c: all_reduce_sum(c.to(dev)))
+    counts = StepCounts.of(batches, run.criterion.method, reduce=lambda c: all_reduce_sum(c.to(dev)),
+                           normalize=run.criterion.normalize)
     if counts.forget <= 0:
         raise ValueError("this step holds no forget answer token on any rank (check the labels / template)")
     return counts

@@ -73,6 +73,7 @@ def _loss(L) -> None:
     check_num("loss.forget_weight", L.forget_weight, ge=0)
     check_num("loss.retain_weight", L.retain_weight, ge=0)
     check_choice("loss.retain_loss", L.retain_loss, ("nll", "kl"))
+    check_choice("loss.normalize", L.normalize, ("token", "sequence"))
     try:
         resolve(L.grad_filter, torch.bfloat16)
     except (ValueError, TypeError) as e:

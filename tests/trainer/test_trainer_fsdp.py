@@ -4,7 +4,8 @@ Three oracles for one optimizer step (global batch 4): the 2-rank run (torchrun,
 accumulation steps per rank), the same trainer in one process (world size 1, one micro-batch of 4), and a plain
 HF model with a naive full-logits loss written here. Gradients are compared parameter by parameter (the LM head
 included: reading the sharded head weight outside its FSDP forward is the classic silent bug), for SimNPO, NPO,
-and SimNPO with tied embeddings.
+SimNPO with tied embeddings, and SimNPO / GradDiff with ``loss.normalize=sequence`` (each term the mean over
+sequences of their token means: the naive side computes it per sequence by hand).
 """
 import json
 import os
@@ -21,6 +22,11 @@ CASES = {
     "simnpo": {"loss.objective": "simnpo", "loss.beta": 2.5, "loss.gamma": 0.5, "loss.retain_weight": 0.7},
     "npo": {"loss.objective": "npo", "loss.beta": 0.5, "loss.retain_weight": 1.0},
     "simnpo_tied": {"loss.objective": "simnpo", "loss.beta": 2.5, "model.config": TIED},
+    # issue 23: the mean over sequences of each sequence's token mean, exact at micro-batch 1 x 2 ranks
+    "simnpo_sequence": {"loss.objective": "simnpo", "loss.beta": 2.5, "loss.retain_weight": 0.7,
+                        "loss.normalize": "sequence"},
+    "graddiff_sequence": {"loss.objective": "graddiff", "loss.retain_weight": 0.7, "loss.forget_weight": 0.5,
+                          "loss.normalize": "sequence"},
 }
 
 
@@ -49,12 +55,21 @@ def _naive_grads(cfg):
     n = mask.sum(1)
     L = cfg.loss
     if L.objective == "simnpo":
-        f = -(2 / L.beta) * F.logsigmoid(-L.beta * seq / n - L.gamma)
+        f = (-(2 / L.beta) * F.logsigmoid(-L.beta * seq / n - L.gamma)).mean()
+    elif L.objective == "graddiff":  # gradient ascent: + the log-likelihood, token or sequence mean
+        f = seq.sum() / n.sum() if L.normalize == "token" else (seq / n).mean()
     else:  # npo; the reference is the initial model = this model at step 0
-        f = -(2 / L.beta) * F.logsigmoid(-L.beta * (seq - seq.detach()))
-    loss = L.forget_weight * f.mean()
-    # retain: HF's own shifted token-mean cross-entropy
-    loss = loss + L.retain_weight * hf(**rb).loss
+        f = (-(2 / L.beta) * F.logsigmoid(-L.beta * (seq - seq.detach()))).mean()
+    loss = L.forget_weight * f
+    if L.normalize == "token":  # retain: HF's own shifted token-mean cross-entropy
+        loss = loss + L.retain_weight * hf(**rb).loss
+    else:  # each retain sequence's token-mean cross-entropy, averaged over the sequences
+        rlogits = hf(input_ids=rb["input_ids"], attention_mask=rb["attention_mask"]).logits.float()
+        rl = torch.log_softmax(rlogits[:, :-1], -1)
+        rt = rb["labels"][:, 1:]
+        rm = rt != -100
+        rseq = -(rl.gather(-1, rt.clamp_min(0)[..., None])[..., 0] * rm).sum(1)
+        loss = loss + L.retain_weight * (rseq / rm.sum(1)).mean()
     loss.backward()
     return {"lm." + k: p.grad for k, p in hf.named_parameters()}, float(loss)
 

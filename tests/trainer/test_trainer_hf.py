@@ -107,10 +107,12 @@ def test_unlearning_trainer_compute_loss_matches_naive(qa, tmp_path, objective):
     assert any(not torch.equal(before[n], p) for n, p in base.named_parameters())
 
 
+@pytest.mark.parametrize("normalize", ["token", "sequence"])
 @pytest.mark.parametrize("objective", ["simnpo", "graddiff"])
-def test_unlearning_trainer_gradient_accumulation_equals_full_batch(qa, tmp_path, objective):
+def test_unlearning_trainer_gradient_accumulation_equals_full_batch(qa, tmp_path, objective, normalize):
     """2 micro-batches of 2 accumulate to the gradient of one batch of 4 (exact global normalisation: forget
-    sequences / tokens and retain tokens of the whole step), not to a mean of two per-micro-batch means."""
+    sequences / tokens and retain tokens -- or sequences, ``normalize="sequence"`` -- of the whole step), not to
+    a mean of two per-micro-batch means."""
     from transformers import TrainerCallback, TrainingArguments
 
     from simnpo_fast import data as D
@@ -134,7 +136,7 @@ def test_unlearning_trainer_gradient_accumulation_equals_full_batch(qa, tmp_path
                                  report_to=[], use_cpu=True, remove_unused_columns=False, save_strategy="no",
                                  dataloader_num_workers=0, seed=3, max_grad_norm=0.0)
         tr = UnlearningTrainer(model=model, args=args, train_dataset=ds, data_collator=col, objective=objective,
-                               retain_weight=0.7, callbacks=[Grab()])
+                               retain_weight=0.7, callbacks=[Grab()], normalize=normalize)
         tr.train()
         return grads
 
