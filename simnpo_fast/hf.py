@@ -23,6 +23,7 @@ is kept). A method with alternate answers (IdkDPO) trains on a dataset whose ite
 from __future__ import annotations
 
 import functools
+import os
 from typing import Optional
 
 import torch
@@ -123,7 +124,19 @@ class UnlearningTrainer(transformers.Trainer):
     """``transformers.Trainer`` whose ``compute_loss`` is the fused unlearning loss on forget/retain batches.
 
     ``objective`` names a registered method (:func:`simnpo_fast.methods.get_method`); the other keywords go to
-    :class:`~simnpo_fast.modules.UnlearningLoss`."""
+    :class:`~simnpo_fast.modules.UnlearningLoss`. The defaults are the library's (SimNPO beta 2.5, weights 1);
+    :meth:`from_preset` takes a paper setting's instead (``tofu_forget10``: beta 4.5, forget weight 0.125, ...)."""
+
+    @classmethod
+    def from_preset(cls, name: str, *args, output_dir: Optional[str] = None, **kw) -> "UnlearningTrainer":
+        """An ``UnlearningTrainer`` with the loss of the packaged preset ``name`` (:func:`preset_loss_kwargs`) and,
+        unless ``args=`` is given, its :func:`preset_training_arguments` (into ``output_dir``, default
+        ``runs/<name>``); loss keywords given here win over the preset's."""
+        loss = preset_loss_kwargs(name)
+        loss.update({k: kw.pop(k) for k in PRESET_LOSS_KEYS if k in kw})
+        if "args" not in kw and len(args) < 2:
+            kw["args"] = preset_training_arguments(name, output_dir or os.path.join("runs", name))
+        return cls(*args, **loss, **kw)
 
     def __init__(self, *args, objective: str = "simnpo", beta: Optional[float] = None, gamma: float = 0.0,
                  forget_weight: float = 1.0, retain_weight: float = 1.0, grad_filter="auto",
@@ -199,3 +212,49 @@ class UnlearningTrainer(transformers.Trainer):
         if counts is not None and self.accelerator.num_processes > 1:
             loss = loss * self.accelerator.num_processes  # the data-parallel gradient reduction is a mean
         return (loss, {"loss": loss}) if return_outputs else loss
+
+
+#: the loss keywords of :class:`UnlearningTrainer` a preset's ``loss:`` section sets (the config's names)
+PRESET_LOSS_KEYS = ("objective", "beta", "gamma", "forget_weight", "retain_weight", "grad_filter", "normalize")
+
+
+def read_preset(name: str) -> dict:
+    """A packaged preset (``simnpo_fast/configs/<name>.yaml``: ``tofu_forget10``, ``muse_news``, ...) as a dict."""
+    import yaml
+
+    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+    path = os.path.join(folder, f"{name}.yaml")
+    if not os.path.isfile(path):
+        names = sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".yaml"))
+        raise ValueError(f"unknown preset {name!r}; choose one of {names}")
+    with open(path, encoding="utf-8") as f:
+        return yaml.safe_load(f) or {}
+
+
+def preset_loss_kwargs(name: str) -> dict:
+    """The :class:`UnlearningTrainer` loss keywords of preset ``name`` (its ``loss:`` section)."""
+    loss = read_preset(name).get("loss", {})
+    return {k: loss[k] for k in PRESET_LOSS_KEYS if k in loss}
+
+
+def preset_training_arguments(name: str, output_dir: str, *, world_size: int = 1, **overrides):
+    """``transformers.TrainingArguments`` of preset ``name``: learning rate, weight decay, clipping, schedule,
+    warm-up, steps (or epochs), seed, per-device batch (``micro_batch_size``) and the accumulation that makes the
+    preset's global ``batch_size`` over ``world_size`` processes; ``overrides`` win. HF's warm-up starts at 0 (the
+    trainer config's ``optim.warmup_from_zero: true``, which the TOFU presets set)."""
+    p = read_preset(name)
+    o, micro, batch = p.get("optim", {}), int(p.get("micro_batch_size", 4)), int(p.get("batch_size", 32))
+    if batch % (micro * world_size):
+        raise ValueError(f"preset {name!r}: batch_size {batch} is not a multiple of micro_batch_size {micro} x "
+                         f"world_size {world_size}")
+    kw = dict(output_dir=output_dir, learning_rate=float(o.get("lr", 1e-5)),
+              weight_decay=float(o.get("weight_decay", 0.0)), max_grad_norm=float(o.get("max_grad_norm", 1.0)),
+              lr_scheduler_type=o.get("schedule", "linear"), warmup_steps=int(o.get("warmup_steps", 0)),
+              seed=int(p.get("seed", 42)), per_device_train_batch_size=micro,
+              gradient_accumulation_steps=batch // (micro * world_size), remove_unused_columns=False)
+    if int(p.get("max_steps", 0)) > 0:
+        kw["max_steps"] = int(p["max_steps"])
+    else:
+        kw["num_train_epochs"] = float(p.get("epochs", 1))
+    kw.update(overrides)
+    return transformers.TrainingArguments(**kw)

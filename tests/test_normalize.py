@@ -141,3 +141,32 @@ def test_micro_batches_with_the_step_counts_equal_the_whole_batch(data, method, 
 def test_bad_normalize_is_refused():
     with pytest.raises(ValueError, match="normalize must be 'token' or 'sequence'"):
         sf.UnlearningLoss("simnpo", normalize="tokens")
+
+
+def test_warmup_from_zero_is_hf_linear_schedule():
+    """Issue 23: the authors' runs use HF's linear schedule (TrainingArguments' default, warmup_steps =
+    steps_per_epoch, OPTML-Group/Unlearn-Simple TOFU/forget.py): the first step takes learning rate 0. The oracle
+    is transformers' own get_linear_schedule_with_warmup; the default (warmup_from_zero=False) starts at lr / W."""
+    from types import SimpleNamespace
+
+    from transformers import get_linear_schedule_with_warmup
+
+    from simnpo_fast.train.schedule import build_scheduler
+
+    def lrs(make):
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-5)
+        sched = make(opt)
+        out = []
+        for _ in range(125):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    cfg = SimpleNamespace(schedule="linear", warmup_steps=12, warmup_ratio=0.0, min_lr_ratio=0.0,
+                          warmup_from_zero=True)
+    ours = lrs(lambda o: build_scheduler(o, cfg, 125))
+    hf = lrs(lambda o: get_linear_schedule_with_warmup(o, 12, 125))
+    assert ours == pytest.approx(hf, rel=1e-12, abs=0) and ours[0] == 0.0
+    cfg.warmup_from_zero = False
+    assert lrs(lambda o: build_scheduler(o, cfg, 125))[0] == pytest.approx(1e-5 / 12)

@@ -71,6 +71,10 @@ class DataCollator:
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+#: forget -> retain pairing rules of :class:`ForgetRetainDataset`
+PAIRINGS = ("random", "cycle", "fixed", "seeded_offset")
+
+
 class ForgetRetainDataset(torch.utils.data.Dataset):
     """Each item is ``{"forget": forget[i], "retain": retain[j]}``, one item per forget example.
 
@@ -80,14 +84,18 @@ class ForgetRetainDataset(torch.utils.data.Dataset):
       drawn from ``(seed, epoch)``; forget examples get distinct partners while ``i < R``.
     * ``pairing="cycle"``: ``j = (i + offset) % R`` with ``offset`` drawn from ``(seed, epoch)``.
     * ``pairing="fixed"``: ``j = i % R`` (no randomness).
+    * ``pairing="seeded_offset"``: ``j = (i + r_i) % R`` with ``r_i`` the first ``torch.randint(0, R)`` draw after
+      ``torch.manual_seed(i)``: the same partner every epoch, the SimNPO authors' rule (OPTML-Group/Unlearn-Simple
+      ``TOFU/data_module.py`` ``TextForgetDatasetQA.__getitem__``), drawn from a generator of its own here (their
+      code reseeds the global RNG on every item).
 
     :meth:`set_epoch` re-draws the pairing (call it in the main process before creating the epoch's iterator).
     Examples shared by the two sets (same token ids) raise a :class:`DataWarning` with the count.
     """
 
     def __init__(self, forget, retain, *, seed: int = 0, pairing: str = "random", check_overlap: bool = True):
-        if pairing not in ("random", "cycle", "fixed"):
-            raise ValueError(f"pairing must be 'random', 'cycle' or 'fixed', got {pairing!r}")
+        if pairing not in PAIRINGS:
+            raise ValueError(f"pairing must be one of {', '.join(PAIRINGS)}, got {pairing!r}")
         if len(forget) == 0:
             raise DataError(getattr(forget, "source", "forget"), "the forget set is empty")
         if len(retain) == 0:
@@ -127,6 +135,9 @@ class ForgetRetainDataset(torch.utils.data.Dataset):
             return int(self._perm[i % R])
         if self.pairing == "cycle":
             return (i + self._offset) % R
+        if self.pairing == "seeded_offset":
+            g = torch.Generator().manual_seed(int(i))
+            return (i + int(torch.randint(0, R, (1,), generator=g))) % R
         return i % R
 
     def __len__(self) -> int:

@@ -65,6 +65,7 @@ class OptimConfig:
     schedule: str = "cosine"  # cosine | linear | constant
     warmup_steps: int = 0
     warmup_ratio: float = 0.0
+    warmup_from_zero: bool = False  # true: step s < W takes s / W of lr (HF's warmup: the first step takes 0)
     min_lr_ratio: float = 0.0
 
 

@@ -20,7 +20,8 @@ from .coerce import coerce
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = ("cosine", "linear", "constant")
 DATA_KINDS = ("synthetic", "tofu", "qa", "muse")
-PAIRINGS = ("random", "cycle", "fixed")
+#: data.collate.PAIRINGS, written here so that validating a config does not import the data package
+PAIRINGS = ("random", "cycle", "fixed", "seeded_offset")
 SYNTHETIC_KEYS = {"n_authors": int, "facts_per_author": int, "seed": int, "n_perturbed": int}
 #: What a run writes into its output folder (no input may lie there).
 WRITTEN = ("hf", "hf.tmp", "checkpoints", "replaced", "log.jsonl", "config.yaml")

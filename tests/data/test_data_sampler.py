@@ -134,6 +134,30 @@ def test_pairing_is_seeded_and_distinct():
         [0, 1, 2, 3, 0, 1]
 
 
+def test_seeded_offset_pairing_is_the_authors_rule():
+    """Issue 23: OPTML-Group/Unlearn-Simple TOFU/data_module.py TextForgetDatasetQA.__getitem__ pairs forget item
+    idx with ``(idx + torch.randint(0, R, (1,)).item()) % R`` right after ``torch.manual_seed(idx)``: the oracle
+    is that code's rule on the global RNG; ours draws from a generator of its own and leaves the global RNG be."""
+    import torch
+
+    from simnpo_fast.data.collate import PAIRINGS
+    from simnpo_fast.train.validation import PAIRINGS as CONFIG_PAIRINGS
+
+    assert CONFIG_PAIRINGS == PAIRINGS
+    forget, retain = _ds([[1, i] for i in range(40)]), _ds([[2, i] for i in range(360)])
+    ds = ForgetRetainDataset(forget, retain, pairing="seeded_offset")
+    want = []
+    for idx in range(40):
+        torch.manual_seed(idx)
+        want.append((idx + torch.randint(0, 360, (1,)).item()) % 360)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    assert [ds.retain_index(i) for i in range(40)] == want
+    assert torch.equal(torch.get_rng_state(), state)
+    ds.set_epoch(3)
+    assert [ds.retain_index(i) for i in range(40)] == want  # the same partner every epoch
+
+
 def test_pairing_overlap_warns_and_empty_errors():
     forget = _ds([[1, 0], [1, 1], [1, 2]])
     retain = _ds([[1, 2], [9, 9], [1, 0]])

@@ -164,3 +164,33 @@ def test_step_counts_follow_the_objective_denominator(qa, tmp_path):
         tr = UnlearningTrainer(model=_tiny(len(tok)), args=args, train_dataset=ds, data_collator=col,
                                objective=objective)
         assert tr.step_counts(batches) == {"forget": want_f, "retain": float(r_tok)}
+
+
+def test_from_preset_takes_the_papers_values(qa, tmp_path):
+    """Issue 23: the HF drop-in's defaults are the library's (beta 2.5, weights 1); from_preset gives the paper
+    setting's loss and schedule, as the trainer config's preset (read from the same YAML), keywords winning."""
+    from simnpo_fast import data as D
+    from simnpo_fast.hf import ForgetRetainCollator, UnlearningTrainer
+    from simnpo_fast.trainer import load_config
+
+    tok, forget, retain = qa
+    ds = D.ForgetRetainDataset(forget, retain, seed=0)
+    col = ForgetRetainCollator.from_tokenizer(tok)
+    tr = UnlearningTrainer.from_preset("tofu_forget10", model=_tiny(len(tok)), train_dataset=ds, data_collator=col,
+                                       output_dir=str(tmp_path / "p"))
+    (tmp_path / "m").mkdir()
+    (tmp_path / "d").mkdir()
+    cfg = load_config("tofu_forget10", [f"model.path={tmp_path / 'm'}", f"data.path={tmp_path / 'd'}"])
+    c, a = tr.criterion, tr.args
+    assert (c.objective, c.forget_objective.beta, c.forget_weight, c.retain_weight, c.normalize) == \
+        (cfg.loss.objective, cfg.loss.beta, cfg.loss.forget_weight, cfg.loss.retain_weight, cfg.loss.normalize)
+    assert (a.learning_rate, a.weight_decay, a.max_grad_norm, a.warmup_steps, a.max_steps, a.seed) == \
+        (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.max_grad_norm, cfg.optim.warmup_steps, cfg.max_steps,
+         cfg.seed)
+    assert getattr(a.lr_scheduler_type, "value", a.lr_scheduler_type) == "linear" and cfg.optim.warmup_from_zero
+    assert a.per_device_train_batch_size * a.gradient_accumulation_steps == cfg.batch_size
+    again = UnlearningTrainer.from_preset("tofu_forget10", model=_tiny(len(tok)), train_dataset=ds,
+                                          data_collator=col, output_dir=str(tmp_path / "q"), beta=3.0)
+    assert again.criterion.forget_objective.beta == 3.0 and again.criterion.forget_weight == 0.125
+    with pytest.raises(ValueError, match="unknown preset 'tofu_forget11'"):
+        UnlearningTrainer.from_preset("tofu_forget11", model=_tiny(len(tok)))

@@ -160,10 +160,20 @@ def test_packaged_configs_load(tmp_path):
     paths = [f"model.path={tmp_path / 'm'}", f"data.path={tmp_path / 'd'}"]
     tofu = load_config("tofu_forget10", paths)
     assert (tofu.loss.objective, tofu.loss.beta, tofu.loss.forget_weight, tofu.loss.retain_weight,
-            tofu.loss.gamma, tofu.optim.lr, tofu.epochs, tofu.batch_size) == ("simnpo", 4.5, 0.125, 1.0, 0.0,
-                                                                              1e-5, 10, 32)
-    muse = load_config("muse_news", paths)
-    assert muse.data.kind == "muse" and muse.loss.objective == "simnpo"
+            tofu.loss.gamma, tofu.optim.lr, tofu.max_steps, tofu.batch_size) == ("simnpo", 4.5, 0.125, 1.0, 0.0,
+                                                                                 1e-5, 125, 32)
+    # the authors' schedule (issue 23): warm-up from 0 over one epoch's steps, no clipping, per-row retain means
+    assert (tofu.optim.warmup_steps, tofu.optim.warmup_from_zero, tofu.optim.max_grad_norm, tofu.loss.normalize,
+            tofu.data.pairing, tofu.data.max_length, tofu.seed) == (12, True, 0.0, "sequence", "seeded_offset",
+                                                                    500, 1001)
+    for split, steps, warm, beta in (("forget05", 62, 6, 2.5), ("forget01", 12, 1, 2.5)):
+        c = load_config(f"tofu_{split}", paths)
+        assert (c.max_steps, c.optim.warmup_steps, c.loss.beta, c.data.retain_split) == \
+            (steps, warm, beta, "retain" + str(100 - int(split[-2:])))
+    for corpus, beta, gamma in (("news", 0.75, 3.0), ("books", 0.7, 0.0)):
+        muse = load_config(f"muse_{corpus}", paths)
+        assert muse.data.kind == "muse" and (muse.loss.objective, muse.loss.beta, muse.loss.gamma) == \
+            ("simnpo", beta, gamma) and muse.optim.schedule == "constant" and muse.optim.weight_decay == 0.0
     d = load_config("default", ["optim.lr=2e-4", "loss.beta=3"])
     assert d.optim.lr == 2e-4 and d.loss.beta == 3.0 and d.finetune.enabled
 
