@@ -1,4 +1,4 @@
-"""Preemption: a signal ends the run at the next step boundary with a verified checkpoint, on every rank together.
+"""Preemption: a signal ends the run at the next step boundary with a checkpoint, on every rank together.
 
 SLURM and Kubernetes send ``SIGTERM`` before they kill a job (SLURM's ``--signal=USR1@120`` sends ``SIGUSR1``
 that many seconds earlier). While the step loop runs, :class:`PreemptionGuard` turns either signal into a flag;

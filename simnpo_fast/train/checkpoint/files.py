@@ -5,9 +5,9 @@ import errno
 import hashlib
 import io
 import os
-import shutil
 import random
 import re
+import shutil
 from typing import List, Optional
 
 import torch
