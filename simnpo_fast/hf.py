@@ -56,7 +56,7 @@ class ForgetRetainCollator:
             out["alternate_index"] = torch.tensor([int(f["alternate_index"]) for f in features], dtype=torch.long)
         for key in ("ref_logp_sum", "ref_alt_logp_sum"):
             if key in features[0]:
-                out[key] = torch.tensor([float(f[key]) for f in features], dtype=torch.float32)
+                out[key] = torch.tensor([float(f[key]) for f in features], dtype=torch.float64)
         return out
 
 
@@ -82,13 +82,13 @@ class _WithRef(torch.utils.data.Dataset):
 def _score(model, examples, collator: DataCollator, batch_size: int) -> torch.Tensor:
     """``[len(examples)]`` summed answer log-likelihoods under ``model`` (patched, in eval mode)."""
     dev = next(model.parameters()).device
-    out = torch.zeros(len(examples))
+    out = torch.zeros(len(examples), dtype=torch.float64)  # as exact as the model's log-likelihoods
     for s in range(0, len(examples), batch_size):
         idx = list(range(s, min(len(examples), s + batch_size)))
         b = collator.pad([examples[i] for i in idx])
         logp, _ = model(input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev),
                         loss_fn=functools.partial(logprob_head, labels=b["labels"].to(dev)))
-        out[idx] = logp.float().cpu()
+        out[idx] = logp.double().cpu()
     return out
 
 

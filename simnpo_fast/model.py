@@ -42,7 +42,8 @@ PRESET_CONFIGS: Dict[str, Dict[str, Any]] = {
 }
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+          "float16": torch.float16, "fp16": torch.float16,
+          "float64": torch.float64, "fp64": torch.float64}  # fp64: equality tests against reference code
 
 
 @dataclass

@@ -100,7 +100,8 @@ def fused_sequence_loss(
         if not isinstance(v, torch.Tensor) or v.shape != (B,):
             raise ValueError(f"{k} must be a tensor of shape [{B}] (one value per sequence), got "
                              f"{getattr(v, 'shape', type(v).__name__)}")
-        extras[k] = v.detach().to(device=hidden.device, dtype=torch.float32)
+        extras[k] = v.detach().to(device=hidden.device,  # the accumulation dtype (fp64 inputs keep fp64)
+                                  dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32)
 
     if reduction == "none":
         logp = be.sequence_logprob(inp)

@@ -66,6 +66,7 @@ class OptimConfig:
     warmup_steps: int = 0
     warmup_ratio: float = 0.0
     warmup_from_zero: bool = False  # true: step s < W takes s / W of lr (HF's warmup: the first step takes 0)
+    weight_decay_rule: str = "all"  # all | hf (HF Trainer's: no decay on biases and normalisation weights)
     min_lr_ratio: float = 0.0
 
 

@@ -67,9 +67,10 @@ def start(run: Run, folder) -> Dict[str, float]:
         return state.get("eval_before", {})
     eval_before = evaluate(run) if run.cfg.evaluate else {}
     if run.criterion.method.reference == "logp":
-        run.ref_logp = sequence_logps(run.model, run.forget, _collator(run), run.info.device)[:, 0].float()
+        # fp64 cache (B numbers): as exact as the model's own log-likelihoods, whatever its dtype
+        run.ref_logp = sequence_logps(run.model, run.forget, _collator(run), run.info.device)[:, 0].double()
         if run.alternates is not None:
-            run.ref_alt_logp = sequence_logps(run.model, run.alternates, _collator(run), run.info.device)[:, 0].float()
+            run.ref_alt_logp = sequence_logps(run.model, run.alternates, _collator(run), run.info.device)[:, 0].double()
     return eval_before
 
 

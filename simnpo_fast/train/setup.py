@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import math
 import random
+import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -50,6 +51,25 @@ class Run:
     step: int = 0
     alternates: Any = None  # the method's alternate answers (data.alternates.AlternateAnswers), or None
     ref_alt_logp: Optional[torch.Tensor] = None  # cached reference log p per alternate candidate ("logp" methods)
+
+
+#: parameter names without weight decay under ``optim.weight_decay_rule: hf``: transformers
+#: ``Trainer.get_decay_parameter_names`` (its patterns; parameters of ``nn.LayerNorm`` modules likewise)
+NO_DECAY_PATTERNS = tuple(re.compile(p) for p in (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)",
+                                                   r"_norm(?:$|\.)"))
+
+
+def param_groups(model, optim_cfg) -> list:
+    """The optimizer's parameter groups: every trainable parameter decayed (``weight_decay_rule: all``), or HF
+    Trainer's rule (``hf``, what the SimNPO authors' runs used): biases and normalisation weights undecayed."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if getattr(optim_cfg, "weight_decay_rule", "all") == "all":
+        return [p for _, p in params]
+    in_layernorm = {f"{m}.{n}" if m else n for m, mod in model.named_modules()
+                    if isinstance(mod, torch.nn.LayerNorm) for n, _ in mod.named_parameters(recurse=False)}
+    skip = {n for n, _ in params if n in in_layernorm or any(p.search(n.lower()) for p in NO_DECAY_PATTERNS)}
+    return [{"params": [p for n, p in params if n not in skip]},
+            {"params": [p for n, p in params if n in skip], "weight_decay": 0.0}]
 
 
 def build_criterion(cfg: TrainConfig) -> UnlearningLoss:
@@ -127,9 +147,8 @@ def setup(cfg: TrainConfig) -> Run:
     stream = build_stream(cfg, info, tok, forget, retain if criterion.uses_retain else None, accum, alternates)
     total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * stream.sampler.num_steps))
     o = cfg.optim
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
-                                  foreach=True)
+    optimizer = torch.optim.AdamW(param_groups(model, o), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                  weight_decay=o.weight_decay, foreach=True)
     scheduler = build_scheduler(optimizer, o, total)
     return Run(cfg, info, model, optimizer, scheduler, stream, tok, forget, retain, total, accum,
                criterion=criterion, reference=reference, alternates=alternates)

@@ -132,6 +132,7 @@ def _optim(o) -> None:
     check_choice("optim.schedule", o.schedule, SCHEDULES)
     check_int("optim.warmup_steps", o.warmup_steps, ge=0)
     check_num("optim.warmup_ratio", o.warmup_ratio, ge=0, lt=1)
+    check_choice("optim.weight_decay_rule", o.weight_decay_rule, ("all", "hf"))
     check_num("optim.min_lr_ratio", o.min_lr_ratio, ge=0, le=1)
 
 

@@ -164,8 +164,8 @@ def test_packaged_configs_load(tmp_path):
                                                                                  1e-5, 125, 32)
     # the authors' schedule (issue 23): warm-up from 0 over one epoch's steps, no clipping, per-row retain means
     assert (tofu.optim.warmup_steps, tofu.optim.warmup_from_zero, tofu.optim.max_grad_norm, tofu.loss.normalize,
-            tofu.data.pairing, tofu.data.max_length, tofu.seed) == (12, True, 0.0, "sequence", "seeded_offset",
-                                                                    500, 1001)
+            tofu.data.pairing, tofu.data.max_length, tofu.seed, tofu.optim.weight_decay_rule) == \
+        (12, True, 0.0, "sequence", "seeded_offset", 500, 1001, "hf")
     for split, steps, warm, beta in (("forget05", 62, 6, 2.5), ("forget01", 12, 1, 2.5)):
         c = load_config(f"tofu_{split}", paths)
         assert (c.max_steps, c.optim.warmup_steps, c.loss.beta, c.data.retain_split) == \
