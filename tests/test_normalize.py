@@ -61,7 +61,7 @@ def oracle_kl(h, W, y, hr, Wr, normalize):
 
 def oracle_simnpo(h, W, y, beta, gamma):
     tok, m = _token_logp(h, W, y)
-    n = m.sum(1)
+    n = m.sum(1).double()  # (an int tensor divided by a float would be fp32)
     return (-(2 / beta) * F.logsigmoid(-(beta / n) * tok.sum(1) - gamma)).mean()
 
 
