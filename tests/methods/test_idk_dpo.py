@@ -405,8 +405,9 @@ def test_hf_trainer_compute_loss_matches_naive_with_another_reference(idk_qa, tm
     loss.backward()
     with torch.no_grad():
         rf, ra = _hf_logp(ref_model, batch["forget"]), _hf_logp(ref_model, batch["alternate"])
-    torch.testing.assert_close(batch["ref_logp_sum"], rf, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(batch["ref_alt_logp_sum"], ra, rtol=1e-5, atol=1e-4)
+    # the cache is fp64 (as exact as the reference model's log-likelihoods); the naive scores are fp32
+    torch.testing.assert_close(batch["ref_logp_sum"], rf, rtol=1e-5, atol=1e-4, check_dtype=False)
+    torch.testing.assert_close(batch["ref_alt_logp_sum"], ra, rtol=1e-5, atol=1e-4, check_dtype=False)
     d = (_hf_logp(naive, batch["alternate"]) - ra) - (_hf_logp(naive, batch["forget"]) - rf)
     assert float(d.detach().abs().min()) > 0.5 and float(d.detach().abs().max()) > 2.0
     want = 0.7 * (-(2 / 0.5) * F.logsigmoid(0.5 * d)).mean() + 0.9 * naive(**batch["retain"]).loss
