@@ -21,6 +21,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from ._inputs import answer_tokens
+from .objectives import check_normalize
 
 IGNORE_INDEX = -100
 
@@ -198,9 +199,7 @@ class StepCounts:
         if per not in ("sequence", "token", "alternate_token"):
             raise ValueError(f"method {getattr(method, 'name', method)!r}: per must be 'sequence', 'token' or "
                              "'alternate_token'")
-        if normalize not in ("token", "sequence"):
-            raise ValueError(f"normalize must be 'token' or 'sequence', got {normalize!r}")
-        if normalize == "sequence" and per == "token":
+        if check_normalize(normalize) == "sequence" and per == "token":
             per = "sequence"
         c = torch.zeros(6, dtype=torch.float64)
         for b in batches:
@@ -222,5 +221,9 @@ class StepCounts:
         """``(forget_normalizer, retain_normalizer)``: each count (retain: tokens, or sequences with
         ``normalize="sequence"``), or ``None`` where it is 0 (the term's own mean then applies, which is 0 for an
         empty term)."""
-        retain = self.retain_sequences if self.normalize == "sequence" else self.retain_tokens
-        return (self.forget if self.forget > 0 else None, retain if retain > 0 else None)
+        return (self.forget if self.forget > 0 else None, self.retain if self.retain > 0 else None)
+
+    @property
+    def retain(self) -> float:
+        """The retain term's count: retain answer tokens, or retain sequences with ``normalize="sequence"``."""
+        return self.retain_sequences if self.normalize == "sequence" else self.retain_tokens

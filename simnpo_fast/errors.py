@@ -153,7 +153,32 @@ def classify(exc: BaseException) -> tuple[int, str]:
     return EXIT_INTERNAL, "unexpected error"
 
 
+def exception_chain(exc: BaseException):
+    """``exc``, the exceptions inside torch's ``CheckpointException`` (``failures``: rank -> (exception, trace))
+    and the ``__cause__`` / ``__context__`` chain of each."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict):
+            for _, wrapped in sorted(failures.items(), key=lambda kv: str(kv[0])):
+                inner = wrapped[0] if isinstance(wrapped, tuple) and wrapped else wrapped
+                if isinstance(inner, BaseException):
+                    todo.append(inner)
+        todo += [e.__cause__, e.__context__]
+
+
 def one_line(exc: BaseException) -> str:
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:  # torch's CheckpointException: its str holds tracebacks
+        inner = list(exception_chain(exc))[1:2]
+        if inner:
+            ranks = ", ".join(str(r) for r in sorted(failures, key=str))
+            return f"on rank(s) {ranks}: {type(inner[0]).__name__}: {one_line(inner[0])}"
     msg = " ".join(str(exc).split()) or type(exc).__name__
     return msg if len(msg) <= 2000 else msg[:2000] + " ..."
 

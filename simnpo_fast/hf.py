@@ -198,9 +198,7 @@ class UnlearningTrainer(transformers.Trainer):
         GradDiff with ``normalize="token"``), "retain": retain answer tokens (retain sequences with
         ``normalize="sequence"``)}``, summed over ``batches`` and every process."""
         c = self._counts(batches, device)
-        if c is None:
-            return None
-        return {"forget": c.forget, "retain": c.retain_sequences if c.normalize == "sequence" else c.retain_tokens}
+        return None if c is None else {"forget": c.forget, "retain": c.retain}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         batch = self._batch(inputs)

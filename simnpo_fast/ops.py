@@ -18,8 +18,8 @@ import torch
 from ._inputs import check_inputs, check_reference, pack
 from .backends import Backend, ChunkedBackend, HeadInputs, get_backend
 from .backends.filter import FilterSpec, resolve
-from .objectives import GA, NLL, NPO, SequenceObjective, SimNPO
-from .objectives import check_normalize
+from .backends.tiles import acc_dtype
+from .objectives import GA, NLL, NPO, SequenceObjective, SimNPO, check_normalize
 from .objectives.base import check_reduction
 
 BackendArg = Union[None, str, Backend]
@@ -100,8 +100,7 @@ def fused_sequence_loss(
         if not isinstance(v, torch.Tensor) or v.shape != (B,):
             raise ValueError(f"{k} must be a tensor of shape [{B}] (one value per sequence), got "
                              f"{getattr(v, 'shape', type(v).__name__)}")
-        extras[k] = v.detach().to(device=hidden.device,  # the accumulation dtype (fp64 inputs keep fp64)
-                                  dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32)
+        extras[k] = v.detach().to(device=hidden.device, dtype=acc_dtype(hidden))
 
     if reduction == "none":
         logp = be.sequence_logprob(inp)
@@ -197,6 +196,5 @@ def kl_loss(hidden, weight, labels, ref_hidden, ref_weight, *, bias=None, ref_bi
         scale = 1.0 / float(normalizer) if normalizer is not None else 1.0
     if normalize == "sequence" and M > 0:  # row r of sequence i: scale / n_i
         per_seq = 1.0 / n_tokens.clamp(min=1).to(device=hidden.device, dtype=torch.float64)
-        scale = (per_seq[inp.seq_ids.to(hidden.device)] * scale).to(torch.float32 if hidden.dtype != torch.float64
-                                                                      else torch.float64)
+        scale = (per_seq[inp.seq_ids.to(hidden.device)] * scale).to(acc_dtype(hidden))
     return get_backend(backend, hidden.device).kl_loss(inp, ref, scale)

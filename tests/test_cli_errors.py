@@ -320,7 +320,7 @@ def test_storage_failures_are_not_called_bugs(exc, code, capsys):
     assert ("storage error" in err[0]) == (code == 11) and ("--debug" in err[0]) == (code == 1)
 
 
-def test_torch_checkpoint_exception_is_one_line():
+def test_torch_checkpoint_exception_is_one_line(capsys):
     """torch's CheckpointException derives from BaseException: it still ends as one line, never a traceback."""
     from torch.distributed.checkpoint.api import CheckpointException
 
@@ -329,5 +329,6 @@ def test_torch_checkpoint_exception_is_one_line():
     def fail():
         raise CheckpointException("save failed", {0: (ValueError("boom"), None)})
 
-    proc_code = run_command(fail)
-    assert proc_code == 1
+    assert run_command(fail) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "rank(s) 0: ValueError: boom" in err[0] and "Traceback" not in err[0], err

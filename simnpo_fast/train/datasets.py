@@ -9,7 +9,6 @@ stops.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 
@@ -18,6 +17,7 @@ import yaml
 
 from ..distributed import DistInfo, on_rank0
 from ..errors import ConfigError
+from .run_lock import folder_flock
 from ..methods import get_method
 
 
@@ -42,31 +42,16 @@ def uses_retain(cfg) -> bool:
     return get_method(cfg.loss.objective).retain != "none" and cfg.loss.retain_weight > 0
 
 
-@contextlib.contextmanager
-def _exclusive(lock_path: str):
-    """An exclusive ``flock`` on ``lock_path`` (created; left in place): a second process waits here. Released
-    by the kernel if its holder dies, so it never goes stale. A no-op where the file system has no flock."""
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            import fcntl
-
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except (ImportError, OSError):
-            pass
-        yield
-    finally:
-        os.close(fd)  # releases the flock
-
-
 def synthetic_corpus(path: str, params: dict) -> bool:
     """Rank 0: make sure ``path`` holds the synthetic corpus of ``params``: generated into a missing or empty
     folder, reused when its recorded parameters match, and never written over a folder of other files. Runs
-    that share a not-yet-generated folder take turns on ``<path>.lock``: the first generates it (into a
-    temporary folder renamed into place, so a crash never leaves half a corpus), the others reuse it. Returns
-    whether this call generated it."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with _exclusive(os.path.abspath(path) + ".lock"):
+    that share a not-yet-generated folder take turns on an ``flock`` of its parent folder (the run lock's
+    :func:`~simnpo_fast.train.run_lock.folder_flock`): the first generates it (into a temporary folder renamed
+    into place, so a crash never leaves half a corpus), the others reuse it. Returns whether this call generated
+    it."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    with folder_flock(parent):
         return _synthetic_corpus(path, params)
 
 

@@ -90,9 +90,10 @@ def _describe(info: dict, path: str) -> str:
 
 
 @contextlib.contextmanager
-def _guard(folder: str):
-    """An advisory ``flock`` on the folder itself for the few lines of check-and-take-over (skipped where the
-    file system has no ``flock``): two processes never both take over one stale lock."""
+def folder_flock(folder: str):
+    """An exclusive advisory ``flock`` on the folder itself (skipped where the file system has no ``flock``);
+    released by the kernel if its holder dies, so it never goes stale. The run lock's check-and-take-over (two
+    processes never both take over one stale lock) and the synthetic corpus's generation use it."""
     fd = None
     try:
         import fcntl
@@ -132,7 +133,7 @@ class RunLock:
             f.flush()
             os.fsync(f.fileno())
         try:
-            with _guard(self.folder):
+            with folder_flock(self.folder):
                 try:
                     os.link(tmp, self.path)
                 except FileExistsError:

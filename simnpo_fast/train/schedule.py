@@ -38,4 +38,4 @@ def build_scheduler(optimizer: torch.optim.Optimizer, optim_cfg, total_steps: in
     o = optim_cfg
     warm = o.warmup_steps or int(round(o.warmup_ratio * total_steps))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o.schedule, warm, total_steps, o.min_lr_ratio,
-                                                                  getattr(o, "warmup_from_zero", False)))
+                                                                  o.warmup_from_zero))

@@ -63,7 +63,7 @@ def param_groups(model, optim_cfg) -> list:
     """The optimizer's parameter groups: every trainable parameter decayed (``weight_decay_rule: all``), or HF
     Trainer's rule (``hf``, what the SimNPO authors' runs used): biases and normalisation weights undecayed."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if getattr(optim_cfg, "weight_decay_rule", "all") == "all":
+    if optim_cfg.weight_decay_rule == "all":
         return [p for _, p in params]
     in_layernorm = {f"{m}.{n}" if m else n for m, mod in model.named_modules()
                     if isinstance(mod, torch.nn.LayerNorm) for n, _ in mod.named_parameters(recurse=False)}

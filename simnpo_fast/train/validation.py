@@ -15,6 +15,7 @@ import torch
 from ..errors import ConfigError, DataPathError, ModelPathError, TokenizerPathError
 from ..backends.filter import resolve
 from ..methods import get_method
+from ..objectives import NORMALIZATIONS
 from .coerce import coerce
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -74,7 +75,7 @@ def _loss(L) -> None:
     check_num("loss.forget_weight", L.forget_weight, ge=0)
     check_num("loss.retain_weight", L.retain_weight, ge=0)
     check_choice("loss.retain_loss", L.retain_loss, ("nll", "kl"))
-    check_choice("loss.normalize", L.normalize, ("token", "sequence"))
+    check_choice("loss.normalize", L.normalize, NORMALIZATIONS)
     try:
         resolve(L.grad_filter, torch.bfloat16)
     except (ValueError, TypeError) as e:

@@ -13,6 +13,7 @@ from typing import List, Optional
 import torch
 
 from ...distributed import rank, world_size
+from ...errors import exception_chain
 
 STEP_RE = re.compile(r"^step_(\d+)$")
 MARKER = "COMPLETE"
@@ -129,30 +130,11 @@ _DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 _LOW_SPACE = 64 << 20
 
 
-def _chain(exc: BaseException):
-    """``exc``, the exceptions inside torch's ``CheckpointException`` (``failures``: rank -> (exception, trace))
-    and the ``__cause__`` / ``__context__`` chain of each."""
-    seen, todo = set(), [exc]
-    while todo:
-        e = todo.pop(0)
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        yield e
-        failures = getattr(e, "failures", None)
-        if isinstance(failures, dict):
-            for _, wrapped in sorted(failures.items(), key=lambda kv: str(kv[0])):
-                inner = wrapped[0] if isinstance(wrapped, tuple) and wrapped else wrapped
-                if isinstance(inner, BaseException):
-                    todo.append(inner)
-        todo += [e.__cause__, e.__context__]
-
-
 def failure_cause(exc: BaseException, where: Optional[str] = None) -> str:
     """One line for a failed checkpoint save or load: the innermost informative error (an ``OSError`` by its
     strerror and file first), and, when the file system of ``where`` is full or the error says so, how many
     bytes are free there."""
-    errors = list(_chain(exc))
+    errors = list(exception_chain(exc))
     os_err = next((e for e in errors if isinstance(e, OSError) and e.errno), None)
     if os_err is not None:
         text = f"{os_err.strerror or type(os_err).__name__}" + (f" ({os_err.filename})" if os_err.filename else "")
