@@ -5,8 +5,8 @@ with the naive full-logits SimNPO that unlearning frameworks write: tokens/s and
     python -m bench.gpu_unlearn --dry-run               # CPU: a tiny Llama, 3 steps (the code path, not a result)
     python -m bench.gpu_unlearn --worker --variant ours # one variant; its JSON is the last stdout line
 
-Model: a Llama built from a config (default the ``llama-3.2-1b`` shape of :data:`simnpo_fast.plan.PRESETS`: 1.24 B
-parameters, V=128256, tied embeddings), random weights from seed 0, so both variants start from the same model.
+Model: a Llama built from a config (default the ``llama-3.2-1b`` shape of :data:`simnpo_fast.model.PRESET_CONFIGS`:
+1.24 B parameters, V=128256, tied embeddings), random weights from seed 0, so both variants start from the same model.
 Batch (``bench.step._batch``, the same every step): ``B`` forget + ``B`` retain sequences of ``T`` tokens, the
 first ``prompt`` tokens masked, right padding. Both variants: fp32 master weights, bf16 compute, activation
 checkpointing of every decoder layer, AdamW (lr 1e-5), gradient clipping at 1.0.
@@ -40,13 +40,15 @@ BETA = 2.5
 
 
 def model_shape(name: str) -> dict:
-    """A preset of :data:`simnpo_fast.plan.PRESETS`, ``"dry"``, or a JSON dict of LlamaConfig fields."""
-    from simnpo_fast.plan import PRESETS
+    """A preset of :data:`simnpo_fast.model.PRESET_CONFIGS` (its shape keys), ``"dry"``, or a JSON dict of LlamaConfig
+    fields."""
+    from simnpo_fast.model import PRESET_CONFIGS
+    from simnpo_fast.plan import SHAPE_KEYS
 
     if name == "dry":
         return dict(DRY_MODEL)
-    if name in PRESETS:
-        return dict(PRESETS[name])
+    if name in PRESET_CONFIGS:
+        return {k: v for k, v in PRESET_CONFIGS[name].items() if k in SHAPE_KEYS}
     return json.loads(name)
 
 

@@ -7,9 +7,9 @@
    ``eval.protocol`` of the config, default ``tofu``) and print the table, plus where the report, the plots and
    the unlearned HF model were written.
 
-Sizes and hyper-parameters: ``simnpo_fast/configs/demo.yaml``. ``python -m simnpo_fast.cli demo --out DIR``.
-The fused-loss showcase (full logits vs the chunked backend: agreement, time, largest tensor held) is
-:func:`showcase` (``--showcase``).
+Sizes and hyper-parameters: ``simnpo_fast/configs/demo.yaml``. :func:`run_demo` runs it; the command is
+``simnpo-fast demo --out DIR`` (:mod:`simnpo_fast.cli.demo`). The fused-loss showcase (full logits vs the chunked
+backend: agreement, time, largest tensor held) is :func:`showcase` (``--showcase``).
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def print_showcase() -> None:
         print(f"{name:<10} {r['loss']:12.6f} {r['seconds']:10.2f} {r['largest_mib']:20.1f}")
 
 
-def main(out_dir: str = "demo_out", config: str = "demo", overrides=None, with_showcase: bool = False) -> int:
+def run_demo(out_dir: str = "demo_out", config: str = "demo", overrides=None, with_showcase: bool = False) -> int:
     from .eval import evaluate_tofu
     from .eval.hook import EvalHook
     from .eval.report import text_table, write_report
@@ -134,7 +134,3 @@ def _train_steps(run_dir: str) -> int:
                 if line.strip():
                     last = max(last, int(json.loads(line).get("step", 0)))
     return last
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -33,12 +33,30 @@ from .modules import ReferenceHead
 from .objectives import NLL
 from .ops import fused_sequence_loss, sequence_logprob
 
-#: ``model.preset`` name -> the HF config of a model built from scratch (the embedded default: a tiny Llama; its
-#: vocab comes from the trained tokenizer). Not :data:`simnpo_fast.plan.PRESETS` (architecture shapes for the planner).
+#: The named model shapes (hub downloads are impossible), one table for both users: ``model.preset`` name -> the HF
+#: config of a model built from scratch (``model_type`` llama unless given), and the memory planner's ``--model``
+#: (:func:`simnpo_fast.plan.load_model` reads the shape keys). ``tiny-llama`` is the embedded default (its vocab
+#: comes from the trained tokenizer); the others are Llama-style shapes with their published config.json values.
 PRESET_CONFIGS: Dict[str, Dict[str, Any]] = {
     "tiny-llama": dict(model_type="llama", hidden_size=64, intermediate_size=176, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                        rms_norm_eps=1e-5, tie_word_embeddings=False, vocab_size=1024),
+    "tiny": dict(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False),
+    "llama-2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False),
+    "llama-2-13b": dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                        num_attention_heads=40, num_key_value_heads=40, tie_word_embeddings=False),
+    "llama-3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
+    "llama-3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),
+    "llama-3.2-3b": dict(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                         num_attention_heads=24, num_key_value_heads=8, tie_word_embeddings=True),
+    "llama-3.1-70b": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                          num_attention_heads=64, num_key_value_heads=8, tie_word_embeddings=False),
+    "mistral-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
 }
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,

@@ -45,36 +45,16 @@ README). :func:`sharded_state_bytes` is the persistent per-rank state (parameter
 """
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, Optional
 
-from .methods import get_method, method_names
+from .methods import get_method
+from .model import PRESET_CONFIGS
 
 GiB = 2**30
 MiB = 2**20
-
-#: Built-in configs (hub downloads are impossible): published config.json values.
-PRESETS: Dict[str, dict] = {
-    "tiny": dict(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                 num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False),
-    "llama-2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False),
-    "llama-2-13b": dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
-                        num_attention_heads=40, num_key_value_heads=40, tie_word_embeddings=False),
-    "llama-3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                         num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
-    "llama-3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                         num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),
-    "llama-3.2-3b": dict(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
-                         num_attention_heads=24, num_key_value_heads=8, tie_word_embeddings=True),
-    "llama-3.1-70b": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                          num_attention_heads=64, num_key_value_heads=8, tie_word_embeddings=False),
-    "mistral-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
-}
 
 #: usable memory of common cards (GiB, as reported by the driver)
 CARDS: Dict[str, float] = {
@@ -142,22 +122,31 @@ class ModelShape:
             + self.num_attention_heads + 2
 
 
+#: the HF config keys a :class:`ModelShape` reads
+SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "tie_word_embeddings", "attention_bias", "mlp_bias")
+
+
+def shape_of(name: str, config: dict) -> ModelShape:
+    """The :class:`ModelShape` of an HF config dict (its other keys are ignored)."""
+    return ModelShape(name=name, **{k: config[k] for k in SHAPE_KEYS if config.get(k) is not None})
+
+
 def load_model(model: str) -> ModelShape:
-    """A preset name, a local config.json path, or a folder holding one."""
-    if model in PRESETS:
-        return ModelShape(name=model, **PRESETS[model])
+    """A preset name (:data:`simnpo_fast.model.PRESET_CONFIGS`), a local config.json path, or a folder holding
+    one."""
+    if model in PRESET_CONFIGS:
+        return shape_of(model, PRESET_CONFIGS[model])
     p = Path(model)
     if p.is_dir():
         p = p / "config.json"
     if not p.exists():
-        raise ValueError(f"unknown model {model!r}: not a preset ({', '.join(PRESETS)}) nor a config.json path "
-                         "(hub downloads are not supported: pass a local config.json)")
+        raise ValueError(f"unknown model {model!r}: not a preset ({', '.join(PRESET_CONFIGS)}) nor a config.json "
+                         "path (hub downloads are not supported: pass a local config.json)")
     cfg = json.loads(p.read_text())
     if "text_config" in cfg:  # multimodal wrappers
         cfg = {**cfg, **cfg["text_config"]}
-    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "head_dim", "tie_word_embeddings", "attention_bias", "mlp_bias")
-    return ModelShape(name=str(p), **{k: cfg[k] for k in keys if cfg.get(k) is not None})
+    return shape_of(str(p), cfg)
 
 
 @dataclass
@@ -277,84 +266,3 @@ def format_plan(model: ModelShape, res: dict, cards=None, compare: Optional[dict
                 extra = f"  (naive logits: {'fits' if fits(compare, gib) else 'does NOT fit'})"
             out.append(f"{name} ({gib:.0f} GiB): {verdict}, {100 * res['peak_bytes'] / (gib * GiB):.0f}% used{extra}")
     return "\n".join(out)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None,
-                   help=f"a local HF config.json (or its folder) or a preset: {', '.join(PRESETS)}")
-    p.add_argument("--table", action="store_true", help="the 7-8B / 70B table on 1, 8 and 64 GPUs (Markdown)")
-    p.add_argument("--rates", default=None, help="with --table: a make gpu-check JSON for expected tokens/s")
-    p.add_argument("--reference", default="cached", choices=["cached", "live"],
-                   help="NPO's reference log-likelihoods: cached before training (this trainer) or a live model")
-    p.add_argument("--gpus", type=int, default=1)
-    p.add_argument("--seq", type=int, default=1024, help="tokens per sequence")
-    p.add_argument("--batch", type=int, default=4, help="sequences per GPU per micro-step (forget + retain)")
-    p.add_argument("--lora", action="store_true")
-    p.add_argument("--lora-r", type=int, default=16)
-    p.add_argument("--loss", default="simnpo", choices=method_names())
-    p.add_argument("--logits", default="fused", choices=["fused", "naive"])
-    p.add_argument("--no-checkpointing", action="store_true")
-    p.add_argument("--device", default="gpu", choices=["gpu", "cpu"])
-    p.add_argument("--param-dtype", default=None, choices=["fp32", "bf16"])
-    p.add_argument("--compute-dtype", default=None, choices=["fp32", "bf16"])
-    p.add_argument("--overhead-gib", type=float, default=None)
-    p.add_argument("--card", default=None, help=f"one of {', '.join(CARDS)} or a size in GiB (default: all)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
-
-
-def config_from_args(args) -> PlanConfig:
-    return PlanConfig(gpus=args.gpus, seq=args.seq, batch=args.batch, lora=args.lora, lora_r=args.lora_r,
-                      loss=args.loss, logits=args.logits, checkpointing=not args.no_checkpointing,
-                      device=args.device, param_dtype=args.param_dtype, compute_dtype=args.compute_dtype,
-                      overhead_gib=args.overhead_gib, reference=args.reference)
-
-
-def run(args) -> int:
-    if args.table:
-        from .plan_table import format_table, load_rates, scale_table
-
-        rates = load_rates(args.rates) if args.rates else None
-        print(format_table(scale_table(seq=args.seq, batch=args.batch, rates=rates), rates))
-        return 0
-    if args.model is None:
-        raise ValueError("plan needs --model (a preset or a config.json) or --table")
-    model = load_model(args.model)
-    cfg = config_from_args(args)
-    res = plan(model, cfg)
-    other = None
-    if cfg.logits == "fused":
-        other = plan(model, PlanConfig(**{**asdict(cfg), "logits": "naive"}))
-    if args.card is None:
-        cards = CARDS if cfg.device == "gpu" else {}
-    elif args.card in CARDS:
-        cards = {args.card: CARDS[args.card]}
-    else:
-        try:
-            cards = {f"{float(args.card):g} GiB card": float(args.card)}
-        except ValueError:
-            raise SystemExit(f"unknown card {args.card!r}: one of {', '.join(CARDS)} or a number of GiB")
-    if args.json:
-        print(json.dumps({"fused" if cfg.logits == "fused" else "naive": res,
-                          **({"naive": other} if other else {}),
-                          "fits": {k: fits(res, v) for k, v in cards.items()}}, indent=2))
-    else:
-        print(format_plan(model, res, cards, other))
-    return 0
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="simnpo-fast plan", description=__doc__.split("\n")[0])
-    add_arguments(p)
-    return run(p.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
-
-
-def add_plan_parser(sub) -> None:
-    """Register ``simnpo-fast plan`` on an argparse subparsers object."""
-    p = sub.add_parser("plan", help="per-GPU memory of an unlearning run (analytic) and whether it fits a card",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    p.set_defaults(func=run)

@@ -29,7 +29,7 @@ import json
 from dataclasses import replace
 from typing import Optional
 
-from .plan import GiB, PRESETS, ModelShape, PlanConfig, load_model, plan
+from .plan import GiB, ModelShape, PlanConfig, load_model, plan
 
 TABLE_MODELS = ("llama-3.1-8b", "llama-3.1-70b")
 TABLE_GPUS = (1, 8, 64)
@@ -147,5 +147,5 @@ def format_table(rows: list, rates: Optional[dict] = None) -> str:
     return "\n".join(out)
 
 
-__all__ = ["PRESETS", "body_params", "body_flops_per_token", "expected_tokens_per_s", "format_table", "load_rates",
+__all__ = ["body_params", "body_flops_per_token", "expected_tokens_per_s", "format_table", "load_rates",
            "rates_from_gpu_check", "scale_table"]

@@ -10,11 +10,11 @@ with :func:`simnpo_fast.eval.evaluate_tofu`; optionally the relearning attack is
     simnpo-fast study tofu-mini --data ../shared/data/tofu --seeds 0 1 2 --out runs/study
     simnpo-fast study my.yaml key=value ...             # any study config, dotted overrides
 
-Training goes through :func:`simnpo_fast.train.train` (the FSDP2 trainer, one CPU process here).
+Training goes through :func:`simnpo_fast.train.train` (the FSDP2 trainer, one CPU process here); the command
+line is :mod:`simnpo_fast.cli.study`.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -351,48 +351,3 @@ def write_study_results(study: dict, results_dir: str) -> Dict[str, str]:
         f.write("\n".join(md))
     js = save_json({k: v for k, v in study.items()}, os.path.join(results_dir, f"{name}.json"))
     return {"markdown": md_path, "plot": png, "json": js}
-
-
-# ============================================================================= CLI
-
-def add_study_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("study", help="run a small unlearning study (GA/GradDiff/NPO/SimNPO, relearning)")
-    p.add_argument("config", help="study name (tofu-mini) or YAML path")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
-    p.add_argument("--data", default=None, help="a TOFU-layout folder (default: the synthetic corpus)")
-    p.add_argument("--seeds", type=int, nargs="*", default=None)
-    p.add_argument("--methods", nargs="*", default=None,
-                   help="GA GradDiff NPO SimNPO, or variants defined under unlearn.methods (with base:)")
-    p.add_argument("--out", default=None, help="work folder (default runs/study-<name>)")
-    p.add_argument("--results", default=None, help="where the table/plot go (default docs/results)")
-    p.add_argument("--quick", action="store_true", help="study markov only: the small end-to-end run (< 1 min)")
-    p.set_defaults(func=run_study_cli)
-    return p
-
-
-def run_study_cli(args) -> int:
-    import shlex
-    import sys
-
-    raw = load_study_config(args.config)
-    if raw.get("kind") == "markov":  # the mixture-of-Markov-chains study (simnpo_fast/markov/) has its own driver
-        from .markov.study import run_cli
-
-        return run_cli(args, raw)
-    cfg = load_study_config(args.config, args.overrides)
-    if getattr(args, "quick", False):
-        from .errors import ConfigError
-
-        raise ConfigError("--quick applies to `simnpo-fast study markov` only")
-    if args.data:
-        cfg.setdefault("data", {})["path"] = args.data
-    name = cfg.get("name", "tofu-mini")
-    out = args.out or os.path.join("runs", f"study-{name}")
-    results = args.results or os.path.join("docs", "results")
-    cmd = "simnpo-fast " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["study"] else ""
-    res = run_study(cfg, out, seeds=args.seeds, methods=args.methods, results_dir=results, command=cmd)
-    from .eval.report import text_table
-
-    print(text_table(res["rows"]))
-    print(f"\nresults: {results}/{name}.md, {results}/{name}.png ({res['elapsed_s'] / 60:.1f} min)")
-    return 0

@@ -23,13 +23,10 @@ LAYERS = [
     ("model glue", {"model", "hf", "likelihood", ""}),
     ("training", {"train"}),
     ("evaluation", {"eval"}),
-    ("entry points", {"plan", "trainer", "trainer_cli", "markov", "study", "demo", "cli"}),
+    ("entry points", {"plan", "plan_table", "trainer", "markov", "study", "demo"}),
+    ("command line", {"cli"}),  # every argparse parser and `main`; no library module imports it
 ]
 LAYER_OF = {part: i for i, (_, parts) in enumerate(LAYERS) for part in parts}
-
-#: Modules that are one part with another, as if they were one package (lazy imports between them are allowed,
-#: module-level cycles are not): plan_table.py is the planner's ``plan --table``.
-SAME_PART = {"plan_table": "plan"}
 
 
 def modules() -> dict:
@@ -85,8 +82,7 @@ def imports(module: str, path: Path, mods: dict, *, module_level_only: bool = Fa
 
 def part(module: str) -> str:
     names = module.split(".")
-    name = names[1] if len(names) > 1 else ""
-    return SAME_PART.get(name, name)
+    return names[1] if len(names) > 1 else ""
 
 
 def find_cycle(graph: dict):

@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from simnpo_fast.plan import PRESETS, ModelShape, PlanConfig, load_model, plan
+from simnpo_fast.model import PRESET_CONFIGS
+from simnpo_fast.plan import ModelShape, PlanConfig, load_model, plan
 
 TINY = dict(vocab_size=1000, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, tie_word_embeddings=False)
@@ -96,15 +97,21 @@ def test_checkpointing_keeps_layer_inputs_only():
 def test_peak_is_max_of_phases():
     r = plan(load_model("tiny"), PlanConfig(device="cpu", seq=256, batch=4))
     assert r["peak_bytes"] == max(r["fwd_bwd_bytes"], r["optimizer_step_bytes"])
-    assert set(PRESETS) >= {"tiny", "llama-2-7b", "llama-3.1-8b"}
+    assert set(PRESET_CONFIGS) >= {"tiny", "tiny-llama", "llama-2-7b", "llama-3.1-8b"}
 
 
-def test_cli_plan_runs(capsys):
-    from simnpo_fast.cli import main
+@pytest.mark.parametrize("name", sorted(PRESET_CONFIGS))
+def test_every_preset_plans_the_model_it_builds(name):
+    """One table (model.PRESET_CONFIGS) for ``model.preset`` and ``plan --model``: the planner's parameter count
+    of a preset is that of the HF model the trainer builds from it (on the meta device: no memory)."""
+    import torch
+    transformers = pytest.importorskip("transformers")
 
-    assert main(["plan", "--model", "llama-3.1-8b", "--gpus", "8", "--card", "h100-80gb"]) == 0
-    out = capsys.readouterr().out
-    assert "h100-80gb" in out and "fits" in out and "naive logits" in out
+    kw = dict(PRESET_CONFIGS[name])
+    conf = transformers.AutoConfig.for_model(kw.pop("model_type", "llama"), **kw)
+    with torch.device("meta"):
+        hf = transformers.AutoModelForCausalLM.from_config(conf)
+    assert load_model(name).params() == sum(p.numel() for p in hf.parameters())
 
 
 def test_cpu_ranks_shard_the_persistent_state():
@@ -193,16 +200,3 @@ def test_scale_table_rows_are_the_planner():
         # * marks a setting over an 80 GB card
         assert cells[3].endswith("*") == (r["peak_gib"]["ac_fused"] > 79.1), (cells, r["peak_gib"])
         assert float(cells[3].rstrip("*").replace(",", "")) == pytest.approx(r["peak_gib"]["ac_fused"], rel=0.05)
-
-
-def test_cli_plan_table(capsys, tmp_path):
-    from simnpo_fast.plan import main
-
-    assert main(["--table", "--seq", "2048", "--batch", "4"]) == 0
-    assert "| llama-3.1-8b | 8 | full |" in capsys.readouterr().out
-    path = tmp_path / "gpu.json"
-    path.write_text(json.dumps(_gpu_check_payload()))
-    assert main(["--table", "--rates", str(path)]) == 0
-    assert "tokens/s (AC, fused)" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="--model"):
-        main([])

@@ -227,25 +227,3 @@ def run_markov(cfg: dict, out_dir: str, *, seeds: Optional[List[int]] = None, me
     if results_dir:
         study["files"] = report.write_results(study, results_dir)
     return study
-
-
-def run_cli(args, config: dict) -> int:
-    """``simnpo-fast study markov [--quick] [--seeds ...] [--methods ...] [--out DIR] [--results DIR] [k=v ...]``:
-    ``config`` is the study config as read from its file (``--quick`` and the overrides not applied yet)."""
-    import shlex
-    import sys
-
-    if getattr(args, "data", None):
-        raise ConfigError("study markov generates its own data: --data does not apply")
-    quick = bool(getattr(args, "quick", False))
-    cfg = resolve(config, quick=quick, overrides=args.overrides)
-    name = cfg.get("name", "markov")
-    out = args.out or os.path.join("runs", f"study-{name}")
-    results = args.results or (os.path.join(out, "results") if quick else os.path.join("docs", "results"))
-    cmd = "simnpo-fast " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["study"] else ""
-    study = run_markov(cfg, out, seeds=args.seeds, methods=args.methods, results_dir=results, command=cmd)
-    from .report import text_summary
-
-    print(text_summary(study))
-    print(f"\nresults: {', '.join(study['files'].values())} ({study['timing']['elapsed_s'] / 60:.1f} min)")
-    return 0

@@ -66,7 +66,7 @@ def test_demo_main_job_toy_size(tmp_path, capsys):
 
 def _no_model(monkeypatch):
     """Any model load fails the test: the checks must come first."""
-    import simnpo_fast.eval.cli as C
+    import simnpo_fast.cli.eval as C
 
     monkeypatch.setattr(C, "_setup", lambda args: pytest.fail("the model was loaded before the check"))
 

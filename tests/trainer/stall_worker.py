@@ -15,7 +15,7 @@ import time
 def main() -> int:
     import simnpo_fast.train as T
     from simnpo_fast.train.preempt import signal_received
-    from simnpo_fast.trainer_cli import main as cli_main
+    from simnpo_fast.cli import main as cli_main
 
     after = int(os.environ["SIMNPO_TEST_STALL_AFTER"])
     original = T.train

@@ -190,7 +190,7 @@ def test_two_ranks_equal_the_authors_code(corpus, tmp_path, monkeypatch):
     out = tmp_path / "two"
     ov = _overrides(corpus, str(out), "simnpo", 1)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "simnpo_fast.trainer_cli",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "simnpo_fast.cli",
            "unlearn", "--config", os.path.join(ROOT, "simnpo_fast", "configs", "default.yaml"), *ov]
     done = subprocess.run(cmd, cwd=ROOT, env=child_env(1), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

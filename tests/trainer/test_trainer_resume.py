@@ -142,7 +142,7 @@ def test_config_errors_raise_on_load(override, match):
 
 def test_cli_config_error_fails_before_any_work(tmp_path):
     out = tmp_path / "never"
-    cmd = [sys.executable, "-m", "simnpo_fast.trainer_cli", "unlearn", "--config", "default",
+    cmd = [sys.executable, "-m", "simnpo_fast.cli", "unlearn", "--config", "default",
            f"output_dir={out}", "loss.beta=-1"]
     proc = subprocess.run(cmd, cwd=ROOT, env=child_env(1), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]

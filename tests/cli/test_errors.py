@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _env():
@@ -110,7 +110,7 @@ def test_bad_config_files_name_the_file(text, message, tmp_path, capsys):
 def test_config_error_in_a_real_process_has_no_traceback_and_debug_adds_it(tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("a: [1,\n")
-    cmd = [sys.executable, "-m", "simnpo_fast.trainer_cli", "unlearn", "--config", str(cfg)]
+    cmd = [sys.executable, "-m", "simnpo_fast.cli", "unlearn", "--config", str(cfg)]
     p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines() == [p.stderr.strip()] and "bad.yaml: invalid YAML" in p.stderr
@@ -288,7 +288,7 @@ def test_plan_with_an_unknown_model_is_an_option_error(capsys):
 
 
 def test_options_and_overrides_mix_in_any_order():
-    from simnpo_fast.trainer_cli import normalize_argv
+    from simnpo_fast.cli.unlearn import normalize_argv
 
     assert normalize_argv(["unlearn", "a=1", "--resume", "b=2", "--config", "x=y.yaml", "--overwrite"]) == \
         ["unlearn", "--resume", "--config", "x=y.yaml", "--overwrite", "a=1", "b=2"]

@@ -2,7 +2,7 @@
 
     simnpo-fast unlearn --config default                      # embedded default (CPU, no downloads)
     simnpo-fast unlearn --config tofu_forget10 model.path=/models/llama2-7b-tofu data.path=/data/tofu
-    torchrun --nnodes 2 --nproc_per_node 8 -m simnpo_fast.trainer_cli unlearn --config tofu_forget10 ...
+    torchrun --nnodes 2 --nproc_per_node 8 -m simnpo_fast.cli unlearn --config tofu_forget10 ...
     simnpo-fast unlearn --config default --resume             # continue from the newest verified checkpoint
     simnpo-fast unlearn --config default --resume=auto        # resume if there is a checkpoint, else start fresh
     simnpo-fast unlearn --config default --overwrite          # move the folder's previous run aside, start fresh
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -36,6 +35,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="print the traceback of an error")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides, e.g. optim.lr=1e-5 loss.beta=4.5 output_dir=runs/x")
+
+
+def add_parsers(subparsers) -> None:
+    """Register ``unlearn`` and ``finetune``."""
+    add_unlearn_parser(subparsers)
+    add_finetune_parser(subparsers)
 
 
 def add_unlearn_parser(subparsers) -> argparse.ArgumentParser:
@@ -79,7 +84,7 @@ def normalize_argv(argv):
 
 
 def _load(args):
-    from .train import load_config
+    from ..train import load_config
 
     ov = list(args.overrides or [])
     if args.resume:
@@ -88,8 +93,8 @@ def _load(args):
 
 
 def run_unlearn(args) -> int:
-    from .distributed import rank
-    from .train import train
+    from ..distributed import rank
+    from ..train import train
 
     cfg = _load(args)
     res = train(cfg, overwrite=args.overwrite)
@@ -101,9 +106,9 @@ def run_unlearn(args) -> int:
 
 
 def run_finetune(args) -> int:
-    from .distributed import rank
-    from .errors import ConfigError
-    from .train import finetune_config, train
+    from ..distributed import rank
+    from ..errors import ConfigError
+    from ..train import finetune_config, train
 
     if args.resume:
         raise ConfigError("finetune: the finetune stage keeps no checkpoints, so --resume does not apply "
@@ -113,27 +118,3 @@ def run_finetune(args) -> int:
     if rank() == 0:
         print(json.dumps({"output_dir": res.output_dir, "run_id": res.run_id, "steps": res.steps, "hf": res.hf_dir}))
     return 0
-
-
-def main(argv=None) -> int:
-    from .errors import pop_debug_flag, run_command
-
-    argv, debug = pop_debug_flag(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="simnpo_fast.trainer_cli")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    add_unlearn_parser(sub)
-    add_finetune_parser(sub)
-    args = parser.parse_args(normalize_argv(argv))
-    from .distributed import owned_process_group
-
-    def command() -> int:
-        from .data.formats import empty_splits_are_errors
-
-        with owned_process_group(), empty_splits_are_errors():
-            return args.func(args)
-
-    return run_command(command, debug=debug)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -73,6 +73,12 @@ def _common(p):
     p.add_argument("--no-progress", action="store_true", help="no progress bars (model loading included)")
 
 
+def add_parsers(sub) -> None:
+    """Register ``eval`` and ``relearn``."""
+    add_eval_parser(sub)
+    add_relearn_parser(sub)
+
+
 def add_eval_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="TOFU, MUSE or multiple-choice (WMDP / MMLU) metrics of a model (JSON + "
                                     "Markdown + PNG)", description=__doc__,
@@ -135,7 +141,7 @@ def _task_options(args, task: str) -> None:
 def _check_reference(args) -> None:
     """``--reference`` read and checked (a TOFU evaluation JSON with per-candidate numbers) before any model work."""
     from ..errors import ConfigError, ConfigPathError
-    from .tofu import reference_truth_ratios
+    from ..eval.tofu import reference_truth_ratios
 
     if args.reference is None:
         return
@@ -231,7 +237,7 @@ def _setup(args):
 
 
 def _tofu_cfg(args, sets=None):
-    from .tofu import SETS, TofuEvalConfig
+    from ..eval.tofu import SETS, TofuEvalConfig
 
     return TofuEvalConfig(forget_split=args.forget_split, sets=tuple(sets or SETS), protocol=args.protocol,
                           batch_size=args.batch_size, gen_batch_size=args.batch_size,
@@ -243,7 +249,7 @@ def _tofu_cfg(args, sets=None):
 def _checked_tofu_cfg(args, sets):
     """The TOFU config of the command line, every value checked (ConfigError, exit 2) before any model work."""
     from ..errors import ConfigError
-    from .tofu import SETS
+    from ..eval.tofu import SETS
 
     unknown = sorted(set(sets or ()) - set(SETS))
     if unknown:
@@ -259,7 +265,7 @@ def _checked_tofu_cfg(args, sets):
 
 def _muse_cfg(args):
     from ..errors import ConfigError
-    from .muse import FILE_CANDIDATES, MUSE_SUBSETS, MuseEvalConfig
+    from ..eval.muse import FILE_CANDIDATES, MUSE_SUBSETS, MuseEvalConfig
 
     files = {}
     for spec in args.muse_file:
@@ -302,14 +308,13 @@ def _rank0() -> bool:
 
 
 def run_eval(args) -> int:
-    from .report import text_table, write_report
-
     from ..errors import check_finite
+    from ..eval.report import text_table, write_report
 
     _check_args(args)
     progress = not args.no_progress
     if args.task == "tofu":
-        from .tofu import evaluate_tofu
+        from ..eval.tofu import evaluate_tofu
 
         _require_folder(args)
         cfg = _checked_tofu_cfg(args, args.sets)  # protocol, sets, --reference: before the model is loaded
@@ -318,7 +323,7 @@ def run_eval(args) -> int:
         cfg.template = args.template
         res = evaluate_tofu(model, tok, args.data, cfg, reference=args.reference, progress=progress)
     elif args.task == "mcq":
-        from .mcq import McqEvalConfig, evaluate_mcq, load_mcq
+        from ..eval.mcq import McqEvalConfig, evaluate_mcq, load_mcq
 
         cfg = McqEvalConfig(format=args.mcq_format, subject=None if args.subject == "none" else args.subject,
                             sets=args.sets or None, batch_size=args.batch_size, max_examples=args.max_examples,
@@ -328,7 +333,7 @@ def run_eval(args) -> int:
         model, tok = _setup(args)
         res = evaluate_mcq(model, tok, args.data, cfg, data=data, progress=progress)
     else:
-        from .muse import evaluate_muse, load_muse_files, read_retrain_auc
+        from ..eval.muse import evaluate_muse, load_muse_files, read_retrain_auc
 
         cfg = _muse_cfg(args)
         data = load_muse_files(args.data, cfg)  # every file checked before any model work
@@ -348,10 +353,9 @@ def run_eval(args) -> int:
 
 
 def run_relearn(args) -> int:
-    from .relearn import RelearnConfig, relearn_attack
-    from .report import save_json, text_table, write_report
-
     from ..errors import check_finite
+    from ..eval.relearn import RelearnConfig, relearn_attack
+    from ..eval.report import save_json, text_table, write_report
 
     _check_args(args)
     _require_folder(args)
