@@ -8,7 +8,7 @@
 Scripts import from here (``from bench.harness import ...``); the method table is bench/methods.py.
 """
 from .library import (BETA, DTYPES, GAMMA, IGNORE, chunked_backend, lm_inputs, lowp_gemm_report, oracle,
-                      reference_backend, simnpo, valid_rows)
+                      reference_backend, simnpo, tile_gemm_report, valid_rows)
 from .machine import (RESULTS, ROOT, cpu_model_and_flags, fresh_path, machine_info, machine_tag, result_header,
                       write_result)
 from .measure import (PeakRSS, alternate, cuda_median_s, cuda_peak_mib, emit, fwd_bwd_memory, fwd_bwd_step,
@@ -17,7 +17,7 @@ from .oracle import TOL, check_method, check_methods, fwd_bwd, rel_err, rel_norm
 
 __all__ = [
     "BETA", "DTYPES", "GAMMA", "IGNORE", "chunked_backend", "lm_inputs", "lowp_gemm_report", "oracle",
-    "reference_backend", "simnpo", "valid_rows",
+    "reference_backend", "simnpo", "tile_gemm_report", "valid_rows",
     "RESULTS", "ROOT", "cpu_model_and_flags", "fresh_path", "machine_info", "machine_tag", "result_header",
     "write_result", "PeakRSS", "alternate", "cuda_median_s", "cuda_peak_mib", "emit", "fwd_bwd_memory",
     "fwd_bwd_step", "gemm_floor", "median_time", "mem_available_mib", "reset_hwm", "rss_kib", "run_script",

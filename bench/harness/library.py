@@ -43,6 +43,13 @@ def lowp_gemm_report() -> dict:
     return report("cpu")
 
 
+def tile_gemm_report() -> dict:
+    """The engine of the chunked backend's fp32 / bf16 tile products here (``simnpo_fast/backends/gemm.py``)."""
+    from simnpo_fast.backends.gemm import report
+
+    return report()
+
+
 def oracle() -> Callable:
     """SimNPO computed in fp64 from full logits: the reference every method is checked against."""
     import torch

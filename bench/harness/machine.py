@@ -43,6 +43,34 @@ def cpu_model_and_flags() -> tuple[str, list[str]]:
     return model, sorted(f for f in flags if f.startswith(SIMD_FLAG_PREFIXES))
 
 
+def cpu_vendor() -> str:
+    """``vendor_id`` of /proc/cpuinfo (GenuineIntel, AuthenticAMD, ...), or '' where there is none (ARM)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key.strip() == "vendor_id":
+                    return value.strip()
+    except OSError:
+        pass
+    return ""
+
+
+def cpu_family(vendor: str, flags: list[str]) -> str:
+    """The CPU family a result belongs to; figures are compared only within one (the GEMM engines and their
+    16-bit paths differ between them): ``intel-avx512-amx``, ``intel-avx512``, ``amd-avx512-bf16``,
+    ``amd-avx512``, ``<vendor>-avx2``, ``arm``, or ``other``."""
+    fl = set(flags)
+    who = {"GenuineIntel": "intel", "AuthenticAMD": "amd"}.get(vendor, "")
+    if not who:
+        return "arm" if "asimd" in fl else "other"
+    if "avx512f" in fl:
+        if "amx_bf16" in fl:
+            return f"{who}-avx512-amx"
+        return f"{who}-avx512-bf16" if (who == "amd" and "avx512_bf16" in fl) else f"{who}-avx512"
+    return f"{who}-avx2" if "avx2" in fl else "other"
+
+
 def package_versions() -> dict:
     from importlib import metadata
 
@@ -73,12 +101,15 @@ def load_average() -> list[float] | None:
 
 
 def machine_info() -> dict:
-    """Where a result came from: host, CPU model + SIMD flags, the 16-bit GEMM probe, load average, cores,
+    """Where a result came from: host, CPU model, vendor, family + SIMD flags, the 16-bit GEMM probe, the tile GEMM
+    engine, load average, cores,
     threads, GPU, versions, commit, date."""
     import torch
 
     cpu, flags = cpu_model_and_flags()
-    info = {"host": socket.gethostname(), "cpu": cpu, "cpu_flags": flags, "cores": os.cpu_count(),
+    vendor = cpu_vendor()
+    info = {"host": socket.gethostname(), "cpu": cpu, "cpu_vendor": vendor, "cpu_family": cpu_family(vendor, flags),
+            "cpu_flags": flags, "cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__,
             "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET")}
@@ -98,6 +129,12 @@ def machine_info() -> dict:
         info["lowp_gemm"] = lowp_gemm_report()
     except Exception as e:  # an older library: the record says so
         info["lowp_gemm"] = {"error": f"{type(e).__name__}: {e}"}
+    try:  # the engine of the fp32 tile products (backends/gemm.py)
+        from .library import tile_gemm_report
+
+        info["tile_gemm"] = tile_gemm_report()
+    except Exception as e:
+        info["tile_gemm"] = {"error": f"{type(e).__name__}: {e}"}
     info["loadavg"] = load_average()
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)

@@ -189,8 +189,14 @@ def spread(ts: list[float]) -> dict:
 
 def gemm_floor(rows: int, d: int, V: int, dtype, repeats: int, device: str = "cpu") -> dict:
     """Time of the three GEMMs any exact method runs -- logits ``x W^T``, ``dX = G W``, ``dW = G^T x`` with
-    ``x [rows, d]``, ``W [V, d]``, ``G [rows, V]`` -- each into a preallocated output (the GEMMs alone, not the
-    page faults of a fresh ``[rows, V]`` result); ``floor_s`` is their sum, ``gemm_gflops`` = 6 rows d V / floor."""
+    ``x [rows, d]``, ``W [V, d]``, ``G [rows, V]`` -- on whole-batch operands; ``floor_s`` is their sum,
+    ``gemm_gflops`` = 6 rows d V / floor.
+
+    Each product is timed by ``torch.mm`` into a preallocated output (the GEMM alone, not the page faults of a
+    fresh ``[rows, V]`` result) and, on a CPU whose torch has oneDNN, also by oneDNN's matmul on the same
+    operands (``mkldnn._linear_pointwise``, a fresh output: its faults included); ``t_<product>`` is the faster
+    of the two, so the floor is that of the fastest engine torch offers for each product (both times are kept
+    under ``engines``)."""
     import torch
 
     x = torch.randn(rows, d, device=device).to(dtype)
@@ -199,9 +205,26 @@ def gemm_floor(rows: int, d: int, V: int, dtype, repeats: int, device: str = "cp
     o_logits = torch.empty(rows, V, dtype=dtype, device=device)
     o_dx, o_dw = torch.empty(rows, d, dtype=dtype, device=device), torch.empty(V, d, dtype=dtype, device=device)
     torch.mm(x[:64], w.t())  # library start-up
-    products = {"t_logits": lambda: torch.mm(x, w.t(), out=o_logits), "t_dx": lambda: torch.mm(g, w, out=o_dx),
-                "t_dw": lambda: torch.mm(g.t(), x, out=o_dw)}
-    out = {k: cuda_median_s(f, repeats) if device == "cuda" else median_time(f, repeats)[0]
-           for k, f in products.items()}
+    engines = {"torch": {"t_logits": lambda: torch.mm(x, w.t(), out=o_logits),
+                         "t_dx": lambda: torch.mm(g, w, out=o_dx), "t_dw": lambda: torch.mm(g.t(), x, out=o_dw)}}
+    if device == "cpu" and _onednn_cpu(dtype):
+        lin = torch.ops.mkldnn._linear_pointwise
+        engines["onednn"] = {"t_logits": lambda: lin(x, w, None, "none", [], ""),
+                             "t_dx": lambda: lin(g, w.t(), None, "none", [], ""),
+                             "t_dw": lambda: lin(g.t(), x.t(), None, "none", [], "")}
+    times = {e: {} for e in engines}
+    for k in engines["torch"]:  # the engines of one product back to back: the same machine state for both
+        for e, fs in engines.items():
+            times[e][k] = cuda_median_s(fs[k], repeats) if device == "cuda" else median_time(fs[k], repeats)[0]
+    out = {k: min(times[e][k] for e in engines) for k in engines["torch"]}
     floor = sum(out.values())
-    return dict(out, rows=rows, d=d, V=V, floor_s=floor, gemm_gflops=6 * rows * d * V / floor / 1e9)
+    return dict(out, rows=rows, d=d, V=V, floor_s=floor, gemm_gflops=6 * rows * d * V / floor / 1e9,
+                engines=times)
+
+
+def _onednn_cpu(dtype) -> bool:
+    """Whether torch runs oneDNN matmuls of ``dtype`` CPU tensors here (fp32 / bf16 builds with oneDNN)."""
+    import torch
+
+    return (dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))

@@ -66,17 +66,18 @@ class ChunkedBackend(Backend):
 
     # -- tile epilogue ------------------------------------------------------------------------------------
     def tile_logits(self, xc, w, b, out=None):
-        """Logits tile ``xc w^T (+ b)``; ``out`` is a ``[rows, V]`` buffer of the input dtype to write into."""
+        """Logits tile ``xc w^T (+ b)``; ``out(rows)`` gives a ``[rows, V]`` buffer of the GEMM dtype to write into
+        (``TileBuffer.take``; an engine that returns a fresh tile never asks for it)."""
         return tile_logits(xc, w, b, out)
 
     def tile_forward(self, z, tgt, relogits):
         """``(lse, lp, state)`` of a logits tile (``lp`` = target log-probabilities); overwrites ``z`` (see
-        ``backends/tiles.py``: fp32/fp64 ``exp(z - m)``, bf16 softmax, fp16 softmax of the other entries).
+        ``backends/tiles.py``: fp32/bf16 softmax, fp64 ``exp(z - m)``, fp16 softmax of the other entries).
 
         ``relogits(idx)`` returns the logits of tile rows ``idx`` afresh (a ``[len(idx), V]`` tensor), for the
-        rare bf16 rows whose target probability is below the smallest normal bf16.
+        rare fp32 / bf16 rows whose target probability is below the smallest normal number (``lp_t < -87.3``).
         """
-        if z.dtype == torch.bfloat16:
+        if z.dtype in (torch.bfloat16, torch.float32):
             return forward_softmax_(z, tgt, relogits)
         if z.dtype == torch.float16:
             return forward_masked_softmax_(z, tgt)
@@ -113,7 +114,7 @@ class ChunkedBackend(Backend):
             if keep is not None and not bool(keep[r0:r1].any()):
                 continue
             xc = src.get(r0, r1)
-            yield r0, r1, xc, self.tile_logits(xc, w, b, out=buf.take(r1 - r0))
+            yield r0, r1, xc, self.tile_logits(xc, w, b, out=buf.take)
 
     def logprob_forward(self, inp: HeadInputs):
         inp = self.widen(inp)
@@ -122,6 +123,7 @@ class ChunkedBackend(Backend):
         lse = torch.empty(inp.num_rows, dtype=acc_dtype(x), device=x.device)
         for r0, r1, xc, z in self._token_tiles(inp):
             lse[r0:r1], lp[r0:r1], _ = self.tile_forward(z, targets[r0:r1], relogits_fn(self, xc, w, b))
+            del z  # a fresh tile per step (oneDNN): drop this one before the next is made
         return lp, lse
 
     def logprob_backward(self, inp: HeadInputs, lse, lp, grad_lp, needs: GradNeeds):
@@ -143,6 +145,7 @@ class ChunkedBackend(Backend):
             else:
                 filtered_backward(acc, flt, p, row_scale, grad_lp[r0:r1], xc, w, targets[r0:r1],
                                   inp.dst_rows(r0, r1), None if keep is None else keep[r0:r1])
+            del z, p
         self.last_filter_stats = filter_stats(acc, None, keep)
         return acc.finish()
 
@@ -185,7 +188,7 @@ class _SeqLossRun:
         w, b = inp.w, inp.b
         r0, r1 = inp.offsets[s0], inp.offsets[s1]
         xc, tgt = self.src.get(r0, r1), inp.targets[r0:r1]
-        z = be.tile_logits(xc, w, b, out=self.buf.take(r1 - r0))
+        z = be.tile_logits(xc, w, b, out=self.buf.take)
         _, lp, state = be.tile_forward(z, tgt, relogits_fn(be, xc, w, b))
         local = inp.seq_ids[r0:r1] - s0
         seq_lp = torch.zeros(s1 - s0, dtype=self.acc_t, device=dev).index_add_(0, local, lp.to(self.acc_t))
@@ -224,7 +227,7 @@ class _SeqLossRun:
         for t0 in range(r0, r1, R):
             t1 = min(r1, t0 + R)
             xc = self.src.get(t0, t1)
-            z = be.tile_logits(xc, w, b, out=self.buf.take(t1 - t0))
+            z = be.tile_logits(xc, w, b, out=self.buf.take)
             g_rows = g.expand(t1 - t0).contiguous()
             p, row_scale = be.tile_dlogits_from_logits(
                 z, lse[t0 - r0 : t1 - r0], lp[t0 - r0 : t1 - r0], inp.targets[t0:t1], g_rows, relogits_fn(be, xc, w, b))

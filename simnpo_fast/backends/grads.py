@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 
+from . import gemm
 from .tiles import acc_dtype, pow2_split, row_pow2_
 
 
@@ -90,11 +91,9 @@ class TileGrads:
             else:
                 self.db.add_(torch.mv(p.t(), sn.to(p.dtype)).to(self.acc), alpha=alpha)
         if self.dx is not None:
-            if scale is None:
-                prod_fn, dt = (lambda out: torch.mm(p, w, out=out)), p.dtype  # noqa: E731
-            elif self.dx.dtype == p.dtype:
+            if scale is None or self.dx.dtype == p.dtype:
                 # fp32 row scale (not rounded to 16 bits: that would be a systematic 2^-9 error per row)
-                prod_fn, dt = (lambda out: torch.mm(p, w, out=out).mul_(scale.unsqueeze(1))), p.dtype  # noqa: E731
+                prod_fn, dt = (lambda out: gemm.rows_times_w(p, w, out, scale)), p.dtype  # noqa: E731
             else:  # fp16 tile, fp32 dX rows: the fp16 product (|p W| <= 2 max |W|) scaled in fp32
                 prod_fn = lambda out: torch.mul(self._prod16(p, w), scale.unsqueeze(1), out=out)  # noqa: E731
                 dt = self.dx.dtype

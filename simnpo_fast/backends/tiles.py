@@ -20,14 +20,16 @@ The target entries carry ``1 - p_t`` (or ``p_t - 1``) computed from the *other* 
 difference of rounded numbers (``simnpo_fast.kernels.target_terms``, the repository's ``kernels/target_terms.py``), so
 the gradient keeps its relative accuracy however close ``p_t`` is to 1 (a memorised forget set):
 
-- fp32 / fp64 tiles: ``m = max z``; ``z <- exp(z - m)``; ``z_t <- 0``; ``so = sum z`` (the other entries; torch's
+- fp32 and bf16 tiles: ``z <- softmax(z)`` (ATen's fused row kernel, fp32 inside: each row is read from memory
+  once and written over itself, where the max / ``exp`` / sum passes of separate ops would cross the whole tile
+  four times); rows with ``p_t > 1/2``: ``z_t <- 0``, ``so = sum z`` (fp32 accumulation: ``1 - p_t`` to the
+  relative rounding of the entries themselves, 2^-24 fp32, 2^-9 bf16), ``lp_t = log1p(-so)``; other rows:
+  ``lp_t = log p_t`` (``p_t`` rounded once: 2^-24 / 2^-9 relative on ``p_t``, i.e. <= 6e-8 / 0.002 on
+  ``lp_t``); ``z_t <- p_t - 1``; ``row_scale = -g``. The ``so`` sum reads the rows with ``p_t > 1/2`` once more
+  (all of them on a memorised forget set, none on random logits).
+- fp64 tiles: ``m = max z``; ``z <- exp(z - m)``; ``z_t <- 0``; ``so = sum z`` (the other entries; torch's
   cascade sum, good to ~1 ulp at any V) and ``s = so + exp(z_t - m)``; ``lp_t = -log1p(so / exp(z_t - m))`` when
   ``p_t >= 1/2``, else ``(z_t - m) - log s``; ``z_t <- -so`` (= ``s (p_t - 1)``); ``row_scale = -g / s``.
-- bf16 tiles: ``z <- softmax(z)`` (ATen's fused row kernel, fp32 inside, one pass, no max pass); rows with
-  ``p_t > 1/2``: ``z_t <- 0``, ``so = sum z`` (fp32 accumulation: ``1 - p_t`` to the 2^-9 relative rounding of
-  the entries themselves), ``lp_t = log1p(-so)``; other rows: ``lp_t = log p_t`` (``p_t`` rounded once to bf16:
-  2^-9 relative on ``p_t``, i.e. <= 0.002 on ``lp_t``); ``z_t <- p_t - 1``; ``row_scale = -g``. The ``so`` sum
-  reads the rows with ``p_t > 1/2`` once more (all of them on a memorised forget set, none on random logits).
 - fp16 tiles: ``z_t <- -inf``; ``mo = max z``; ``z <- softmax(z)`` = ``q``, the distribution of the *other*
   tokens (``q_v = p_v / (1 - p_t)``); ``lo = mo - log max q``; ``z_t <- -1``; ``row_scale = -g (1 - p_t)``. An
   fp16 softmax of the whole row would flush every ``p_v`` of a peaked row to zero (below 6e-8); ``q`` keeps them
@@ -38,10 +40,10 @@ Precision. fp32 inputs: everything in fp32 (fp64 inputs: fp64). bf16/fp16 inputs
 input dtype like the naive path's logits (halving the memory traffic of the epilogue), every reduction is
 fp32 (row sums, ``lse``, per-sequence sums) and each 16-bit number is rounded once. Beyond the rounding of the
 logits themselves (``~|z| 2^-9`` each in bf16, as in the naive path, whose GEMM output they are), ``lp_t`` and
-``1 - p_t`` carry the relative rounding of the tile's entries (2^-9 bf16, 2^-11 fp16). Where a bf16 ``p_t`` is
-below the smallest normal bf16 (``lp_t < -87``) it is ``z_t - lse`` with the row's logits recomputed (the same
-GEMM, a few rows at a time) and their ``lse`` taken in fp32: no pass over the tile is spent on a case that
-normal tiles never meet.
+``1 - p_t`` carry the relative rounding of the tile's entries (2^-9 bf16, 2^-11 fp16). Where an fp32 or bf16
+``p_t`` is below the smallest normal number (``lp_t < -87.3``, the same bound for both) it is ``z_t - lse`` with
+the row's logits recomputed (the same GEMM, a few rows at a time) and their ``lse`` taken in fp32: no pass over
+the tile is spent on a case that normal tiles never meet.
 """
 from __future__ import annotations
 
@@ -53,8 +55,10 @@ import torch
 
 from simnpo_fast.kernels.target_terms import target_terms
 
+from . import gemm
+
 _MIN_ROWS = 128
-_BF16_LOG_TINY = math.log(torch.finfo(torch.bfloat16).tiny)  # ~ -87.3: below it a bf16 p_t is subnormal
+_LOG_TINY = math.log(torch.finfo(torch.float32).tiny)  # ~ -87.3: below it an fp32 / bf16 p_t is subnormal
 _RELOGITS_ELEMS = 1 << 21  # rows recomputed by tile_forward, per block: <= 8 MiB of fp32 logits
 
 
@@ -76,13 +80,10 @@ def acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def tile_logits(xc: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor],
-                out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Logits tile in the input dtype (the GEMM accumulates in fp32 internally), into ``out`` if given."""
-    z = torch.mm(xc, w.t()) if out is None else torch.mm(xc, w.t(), out=out)
-    if b is not None:
-        z.add_(b.to(z.dtype))
-    return z
+def tile_logits(xc: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], out=None) -> torch.Tensor:
+    """Logits tile in the GEMM dtype (fp32 accumulation inside) by the tile engine of ``backends/gemm.py``;
+    ``out(rows)`` (e.g. ``TileBuffer.take``) gives a buffer to write into where the engine writes in place."""
+    return gemm.logits(xc, w, b, out)
 
 
 class TileBuffer:
@@ -201,7 +202,7 @@ def gather_targets(z: torch.Tensor, tgt: torch.Tensor, dtype: torch.dtype) -> to
 
 
 def forward_exp_(z, tgt):
-    """fp32/fp64 tile -> ``(lse, lp, ("exp", s, so))``; ``z <- exp(z - m)`` with its target entries zeroed."""
+    """fp64 tile -> ``(lse, lp, ("exp", s, so))``; ``z <- exp(z - m)`` with its target entries zeroed."""
     zt = gather_targets(z, tgt, z.dtype)
     m = z.amax(dim=1)
     z.sub_(m.unsqueeze(1)).exp_()
@@ -216,7 +217,7 @@ def forward_exp_(z, tgt):
 
 
 def forward_softmax_(z, tgt, relogits):
-    """bf16 tile -> ``(lse, lp, ("p", omp))``; ``z <- softmax(z)`` with its target entries zeroed."""
+    """fp32 / bf16 tile -> ``(lse, lp, ("p", omp))``; ``z <- softmax(z)`` with its target entries zeroed."""
     zt = gather_targets(z, tgt, torch.float32)
     softmax_(z)
     pt = gather_targets(z, tgt, torch.float32)
@@ -231,7 +232,7 @@ def forward_softmax_(z, tgt, relogits):
             idx = near1.nonzero().squeeze(1)
             so = so.index_copy(0, idx, z.index_select(0, idx).sum(dim=1).float())
     lp = torch.where(near1, torch.log1p(-so), torch.log(pt))
-    small = (lp < _BF16_LOG_TINY).nonzero().squeeze(1)
+    small = (lp < _LOG_TINY).nonzero().squeeze(1)
     if small.numel():  # p_t below the smallest normal bf16: recompute the row, its lse in fp32
         step = max(1, _RELOGITS_ELEMS // z.shape[1])
         for i in range(0, small.numel(), step):

@@ -262,9 +262,10 @@ class TritonGemmBackend(ChunkedBackend):
     def tile_logits(self, xc, w, b, out=None):
         if xc.dtype == torch.float64:
             return super().tile_logits(xc, w, b, out)
+        buf = None if out is None else out(xc.shape[0])
         if b is None:
-            return torch.mm(xc, w.t(), out=out)
-        return torch.addmm(b.to(xc.dtype), xc, w.t(), out=out)  # bias in the GEMM epilogue, GEMM dtype
+            return torch.mm(xc, w.t(), out=buf)
+        return torch.addmm(b.to(xc.dtype), xc, w.t(), out=buf)  # bias in the GEMM epilogue, GEMM dtype
 
     def tile_forward(self, z, tgt, relogits=None):
         if z.dtype == torch.float64:

@@ -1,0 +1,81 @@
+"""The tile-product engine of the chunked backend (backends/gemm.py): the rule, its override, both engines' products
+against fp64, and the whole fused loss under each engine against the fp64 oracle."""
+import pytest
+import torch
+
+import simnpo_fast as sf
+from simnpo_fast.backends import gemm
+from simnpo_fast.synthetic_batch import lm_batch
+
+ONEDNN = gemm.onednn_available()
+
+
+def test_rule_and_override(monkeypatch):
+    x32, x64, x16 = torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.float64), torch.zeros(2, 2, dtype=torch.bfloat16)
+    monkeypatch.setenv("SIMNPO_FAST_TILE_GEMM", "auto")
+    assert gemm.engine(x32) == ("onednn" if ONEDNN else "torch")
+    assert gemm.engine(x64) == gemm.engine(x16) == "torch"  # no fp64 oneDNN; torch.mm's bf16 is oneDNN already
+    monkeypatch.setenv("SIMNPO_FAST_TILE_GEMM", "torch")
+    assert gemm.engine(x32) == "torch"
+    monkeypatch.setenv("SIMNPO_FAST_TILE_GEMM", "onednn")
+    assert gemm.engine(x32) == ("onednn" if ONEDNN else "torch")
+    rep = gemm.report()
+    assert rep["mode"] == "onednn" and rep["onednn"] == ONEDNN and rep["bf16"] == "torch"
+
+
+def test_bad_override_names_the_variable(monkeypatch):
+    monkeypatch.setenv("SIMNPO_FAST_TILE_GEMM", "mkl")
+    with pytest.raises(ValueError, match="SIMNPO_FAST_TILE_GEMM"):
+        gemm.engine(torch.zeros(2, 2))
+
+
+@pytest.mark.parametrize("mode", ["torch", "onednn"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_products_against_fp64(monkeypatch, mode, bias):
+    monkeypatch.setenv("SIMNPO_FAST_TILE_GEMM", mode)
+    g = torch.Generator().manual_seed(0)
+    R, d, V = 37, 48, 301  # odd sizes: every edge of the engines' blocking
+    x, w, p = torch.randn(R, d, generator=g), torch.randn(V, d, generator=g), torch.randn(R, V, generator=g)
+    b = torch.randn(V, generator=g) if bias else None
+    asked = []
+
+    def take(rows):
+        asked.append(rows)
+        return torch.empty(rows, V)
+
+    z = gemm.logits(x, w, b, take)
+    want = x.double() @ w.double().t() + (0 if b is None else b.double())
+    assert z.shape == (R, V) and z.dtype == torch.float32
+    assert (z.double() - want).abs().max() <= 1e-5 * want.abs().max()
+    # the buffer is asked for exactly when the engine writes in place
+    assert asked == ([] if gemm.engine(w) == "onednn" else [R])
+    scale = torch.rand(R, generator=g) + 0.5
+    for s in (None, scale):
+        out = torch.full((R, d), float("nan"))
+        got = gemm.rows_times_w(p, w, out, s)
+        want = p.double() @ w.double()
+        if s is not None:
+            want = want * s.double()[:, None]
+        assert got.data_ptr() == out.data_ptr()
+        assert (out.double() - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+@pytest.mark.parametrize("mode", ["torch", "onednn"])
+def test_fused_simnpo_under_each_engine_matches_fp64(monkeypatch, mode):
+    """SimNPO on a batch whose forget set is memorised (target probabilities near 1) and with a bias."""
+    monkeypatch.setenv("SIMNPO_FAST_TILE_GEMM", mode)
+    h, w, lab = lm_batch(3, 40, 32, 500, dtype=torch.float32, seed=3)
+    w = w * 4.0  # peaked rows: p_t near 1 for many tokens
+    b = torch.randn(500, generator=torch.Generator().manual_seed(1))
+
+    def run(dtype, backend):
+        hh = h.to(dtype).detach().requires_grad_()
+        ww = w.to(dtype).detach().requires_grad_()
+        bb = b.to(dtype).detach().requires_grad_()
+        loss = sf.simnpo_loss(hh, ww, lab, bias=bb, backend=backend)
+        loss.backward()
+        return loss.double(), hh.grad.double(), ww.grad.double(), bb.grad.double()
+
+    got, want = run(torch.float32, "chunked"), run(torch.float64, "reference")
+    for a, e in zip(got, want):
+        assert (a - e).abs().max() <= 2e-5 * max(e.abs().max().item(), 1e-12)
