@@ -31,7 +31,8 @@ import transformers
 
 from .batch import ForgetRetainBatch, StepCounts
 from .data import DataCollator
-from .model import logprob_head, patch
+from .likelihood import sequence_logps
+from .model import patch
 from .modules import UnlearningLoss
 
 
@@ -79,45 +80,19 @@ class _WithRef(torch.utils.data.Dataset):
             self.ds.set_epoch(epoch)
 
 
-def _score(model, examples, collator: DataCollator, batch_size: int) -> torch.Tensor:
-    """``[len(examples)]`` summed answer log-likelihoods under ``model`` (patched, in eval mode)."""
-    dev = next(model.parameters()).device
-    out = torch.zeros(len(examples), dtype=torch.float64)  # as exact as the model's log-likelihoods
-    for s in range(0, len(examples), batch_size):
-        idx = list(range(s, min(len(examples), s + batch_size)))
-        b = collator.pad([examples[i] for i in idx])
-        logp, _ = model(input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev),
-                        loss_fn=functools.partial(logprob_head, labels=b["labels"].to(dev)))
-        out[idx] = logp.double().cpu()
-    return out
-
-
-class _Forget(torch.utils.data.Dataset):
-    def __init__(self, ds):
-        self.ds = ds
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, i):
-        return self.ds[i]["forget"]
-
-
 @torch.no_grad()
 def add_reference_logps(dataset, model, collator: DataCollator, batch_size: int = 16):
     """NPO / IdkDPO without a live reference model: score every forget example (and, for a dataset with
     ``alternates``, every alternate candidate) once with ``model`` (the reference, i.e. the model before
     unlearning) and return a dataset whose items carry ``ref_logp_sum`` (and ``ref_alt_logp_sum``)."""
     patch(model)
-    was = model.training
-    model.eval()
-    try:
-        ref = _score(model, _Forget(dataset), collator, batch_size)
-        alts = getattr(dataset, "alternates", None)
-        alt_ref = None if alts is None else _score(model, alts, collator, batch_size)
-    finally:
-        model.train(was)
-    return _WithRef(dataset, ref, alt_ref)
+
+    def ref_logps(examples):  # every process scores every example (no collective before the Trainer runs)
+        return sequence_logps(model, examples, collator, batch_size=batch_size, sharded=False)[:, 0]
+
+    ref = ref_logps([dataset[i]["forget"] for i in range(len(dataset))])
+    alts = getattr(dataset, "alternates", None)
+    return _WithRef(dataset, ref, None if alts is None else ref_logps(alts))
 
 
 class UnlearningTrainer(transformers.Trainer):

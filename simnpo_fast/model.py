@@ -267,9 +267,10 @@ class UnlearnModel(nn.Module):
 # ----------------------------------------------------------------------------- head losses
 # Each is loss_fn(weight, bias, hidden, **kw); UnlearningLoss.batch_loss is the unlearning one.
 
-def logprob_head(weight, bias, hidden, *, labels):
-    """``(logp_sum [B], n_tokens [B])`` of ``labels`` (use under ``torch.no_grad()`` to cache them)."""
-    return sequence_logprob(hidden, weight, labels, bias=bias)
+def logprob_head(weight, bias, hidden, *, labels, backend=None, shift: bool = True):
+    """``(logp_sum [B], n_tokens [B])`` of ``labels`` (use under ``torch.no_grad()`` to cache them;
+    ``backend`` and ``shift`` as in :func:`~simnpo_fast.ops.sequence_logprob`)."""
+    return sequence_logprob(hidden, weight, labels, bias=bias, shift=shift, backend=backend)
 
 
 def nll_head(weight, bias, hidden, *, labels, normalizer=None):

@@ -60,3 +60,79 @@ def test_sequence_logps_match_full_logits_in_fp64():
     hf.float()
     assert mean_loglik(model, data, _Collator(), torch.device("cpu")) == pytest.approx(
         float(want[:, 0].sum() / want[:, 1].sum()), rel=1e-5)
+
+
+def _tiny_llama(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, pad_token_id=0))
+
+
+def _examples(n=7, seed=2, shifted=False):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        L = 3 + (5 * i) % 9
+        ids = torch.randint(1, 40, (L,), generator=g).tolist()
+        labels = [-100] * (1 + i % 3) + ids[1 + i % 3:]
+        if i == 3:
+            labels = [-100] * L  # no answer token: (0, 0)
+        if shifted:  # label t = the target of position t
+            labels = labels[1:] + [-100]
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+def _naive_logps(hf, examples, shifted):
+    """The oracle: one example at a time, full fp64 logits, log_softmax, gather, fp64 sums."""
+    import copy
+
+    ref = copy.deepcopy(hf).double().eval()
+    rows = []
+    with torch.no_grad():
+        for e in examples:
+            logits = ref(input_ids=torch.tensor([e["input_ids"]])).logits[0]
+            tgt = torch.tensor(e["labels"])
+            if not shifted:
+                logits, tgt = logits[:-1], tgt[1:]
+            m = tgt != -100
+            lp = torch.log_softmax(logits, -1).gather(-1, tgt.clamp_min(0)[:, None])[:, 0]
+            rows.append([float(lp[m].sum()), float(m.sum())])
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("kind", ["plain", "patched", "unlearn"])
+@pytest.mark.parametrize("by_length, sharded, shifted, batch", [(False, True, False, 3), (True, True, False, 2),
+                                                                (False, False, True, 4), (True, True, True, 16)])
+def test_the_one_scorer_matches_full_logits_in_fp64(kind, by_length, sharded, shifted, batch):
+    """sequence_logps on every model kind it takes (a plain HF causal LM, a patched one, an UnlearnModel), both
+    batch plans, sharded or not, HF-aligned or already shifted labels, against the naive fp64 computation."""
+    from simnpo_fast.data import DataCollator
+    from simnpo_fast.model import UnlearnModel, patch
+
+    hf = _tiny_llama().double()
+    data = _examples(shifted=shifted)
+    want = _naive_logps(hf, data, shifted)
+    model = {"plain": lambda m: m, "patched": patch, "unlearn": UnlearnModel}[kind](hf)
+    model.train()
+    got = sequence_logps(model, data, DataCollator(0), batch_size=batch, by_length=by_length, sharded=sharded,
+                         shift=not shifted)
+    assert model.training and got.dtype == torch.float64 and got.shape == (len(data), 2)
+    assert torch.equal(got[:, 1], want[:, 1]) and got[3].tolist() == [0.0, 0.0]
+    torch.testing.assert_close(got[:, 0], want[:, 0], rtol=1e-10, atol=1e-10)
+
+
+def test_the_one_scorer_in_fp32_and_its_batch_step():
+    """An fp32 model: within fp32 rounding of the fp64 oracle, and each row equal to batch_logps of its batch."""
+    from simnpo_fast.data import DataCollator
+    from simnpo_fast.likelihood import batch_logps
+
+    hf = _tiny_llama(seed=1)
+    data = _examples(n=5, seed=4)
+    got = sequence_logps(hf, data, DataCollator(0), batch_size=2)
+    torch.testing.assert_close(got, _naive_logps(hf, data, False), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        lp, n = batch_logps(hf.eval(), DataCollator(0).pad(data[2:4]))
+    assert got[2:4].tolist() == torch.stack([lp.double(), n.double()], 1).tolist()

@@ -30,7 +30,7 @@ log-likelihood protocol, as its code defines it (EleutherAI/lm-evaluation-harnes
 
 Likelihoods go through the fused :func:`simnpo_fast.sequence_logprob` (no ``[tokens, V]`` logits), one
 (question, choice) pair per row, in the world-size-independent length-sorted batches of
-:func:`simnpo_fast.likelihood.sharded_logps` (1 and N ranks give the same numbers). ``is_greedy`` (lm-eval's
+:func:`simnpo_fast.likelihood.sequence_logps` (1 and N ranks give the same numbers). ``is_greedy`` (lm-eval's
 ``exact_match``) is not computed.
 
 Data: a JSON (array), JSON Lines or parquet file, or a folder of them (one set per file, by stem), rows with
@@ -50,10 +50,8 @@ import numpy as np
 from ..data.collate import DataCollator
 from ..data.formats import DataError, DataFileNotFoundError, read_records
 from ..distributed import world_size
-from ..likelihood import sharded_logps
-from ..model import final_hidden
-from ..ops import sequence_logprob
-from .runner import eval_mode, head_params, model_device, pad_id_of, progress_bar, unwrap
+from ..likelihood import sequence_logps
+from .runner import pad_id_of, progress_bar, unwrap
 
 FORMATS = ("letters", "text")
 TARGET_DELIMITER = " "  # lm-eval TaskConfig.target_delimiter default
@@ -215,15 +213,6 @@ def request_example(ctx: list[int], cont: list[int], max_length: int) -> dict:
 
 # ----------------------------------------------------------------------------- scoring
 
-def _batch_logprob(model, examples: Sequence[dict], pad_id: int):
-    model = unwrap(model)
-    with eval_mode(model):
-        b = {k: t.to(model_device(model)) for k, t in DataCollator(pad_id).pad(examples).items()}
-        h = final_hidden(model, b["input_ids"], b["attention_mask"])
-        w, bias = head_params(model)
-        return sequence_logprob(h, w, b["labels"], bias=bias, shift=False)
-
-
 def score_question(lls: Sequence[float], norm_texts: Sequence[str], answer: int) -> dict:
     """lm-eval ``process_results`` (multiple_choice) of one question."""
     lls = np.asarray(lls, dtype=np.float64)
@@ -260,8 +249,8 @@ def evaluate_mcq(model, tokenizer, data_path: str, cfg: Optional[McqEvalConfig] 
     max_length = int(cfg.max_length or resolve_max_length(model, tokenizer))
     reqs, questions = _requests(tokenizer, data, cfg, max_length)
     pad = pad_id_of(tokenizer)
-    lp = sharded_logps(lambda b: _batch_logprob(model, [reqs[i] for i in b], pad), len(reqs), cfg.batch_size,
-                       lengths=[len(r["input_ids"]) for r in reqs], each=progress_bar("mcq", progress)).tolist()
+    lp = sequence_logps(unwrap(model), reqs, DataCollator(pad), batch_size=cfg.batch_size, by_length=True,
+                        shift=False, each=progress_bar("mcq", progress)).tolist()
     sets: Dict[str, dict] = {name: {"path": d["path"], "per_question": []} for name, d in data.items()}
     for q in questions:
         row = data[q["set"]]["rows"][q["index"]]

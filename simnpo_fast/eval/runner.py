@@ -4,9 +4,10 @@ world-size-independent sharding that makes 1-rank and N-rank evaluation give bit
 Sharding rule: the examples are ordered by length (stable), cut into *global* batches of ``batch_size`` and
 batch ``b`` goes to rank ``b % world_size``. Every batch therefore has the same composition, padding and shapes
 whatever the world size, so each number is computed by exactly the same ops; the per-example results are then
-gathered and re-assembled in input order on every rank (rank 0 writes the reports). The plan and the gather
-live in :mod:`simnpo_fast.likelihood`; padding is the data collator's; the backbone and its final hidden
-states come from :mod:`simnpo_fast.model`.
+gathered and re-assembled in input order on every rank (rank 0 writes the reports). The plan, the gather and
+the per-example log-likelihood scorer (:func:`~simnpo_fast.likelihood.sequence_logps`, behind :func:`logprobs`)
+live in :mod:`simnpo_fast.likelihood`; padding is the data collator's; the backbone and its final hidden states
+come from :mod:`simnpo_fast.model`.
 
 Likelihoods never materialise ``[tokens, V]`` logits: hidden states come from the backbone and go through
 :func:`simnpo_fast.sequence_logprob` (or the backend's per-token log-prob kernel for Min-K%). Generation only
@@ -14,7 +15,6 @@ ever holds the ``[B, V]`` logits of the last position.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional, Sequence, Union
 
 import torch
@@ -24,9 +24,8 @@ from .._inputs import pack
 from ..backends import get_backend
 from ..data import DataCollator
 from ..distributed import rank, world_size
-from ..likelihood import global_batches, rank_share, run_sharded, sharded_logps
+from ..likelihood import eval_mode, global_batches, model_device, rank_share, run_sharded, sequence_logps
 from ..model import backbone_of, final_hidden, last_hidden_state
-from ..ops import sequence_logprob
 
 IGNORE = -100
 
@@ -50,24 +49,6 @@ def unwrap(model):
 def head_params(model):
     head = model.get_output_embeddings()
     return head.weight, getattr(head, "bias", None)
-
-
-@contextlib.contextmanager
-def eval_mode(model):
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was)
-
-
-def model_device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:  # pragma: no cover
-        return torch.device("cpu")
 
 
 # ----------------------------------------------------------------------------- sharding
@@ -98,14 +79,6 @@ def _final_hidden(model, examples: Sequence[dict], pad_id: int):
     return (final_hidden(model, b["input_ids"], b["attention_mask"]), *head_params(model), b["labels"])
 
 
-def batch_logprob(model, examples: Sequence[dict], pad_id: int, backend=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(sum of answer-token log p [B], answer-token count [B])`` of the examples (fused; no logits held)."""
-    model = unwrap(model)
-    with eval_mode(model):
-        h, w, b, labels = _final_hidden(model, examples, pad_id)
-        return sequence_logprob(h, w, labels, bias=b, backend=backend)
-
-
 def batch_token_logprobs(model, examples: Sequence[dict], pad_id: int, backend=None) -> list[list[float]]:
     """Per-target-token log-probabilities of each example (the fused backend's per-token kernel)."""
     model = unwrap(model)
@@ -121,10 +94,9 @@ def batch_token_logprobs(model, examples: Sequence[dict], pad_id: int, backend=N
 def logprobs(model, examples: Sequence[dict], pad_id: int, batch_size: int = 16, *, desc: str = "log-likelihood",
              progress: bool = False, backend=None) -> list[tuple[float, int]]:
     """``[(sum of answer-token log p, answer-token count)]`` of every example, in input order on every rank:
-    :func:`~simnpo_fast.likelihood.sharded_logps` on the length-sorted global batches."""
-    lp = sharded_logps(lambda b: batch_logprob(model, [examples[i] for i in b], pad_id, backend),
-                       len(examples), batch_size, lengths=[len(e["input_ids"]) for e in examples],
-                       each=progress_bar(desc, progress))
+    :func:`~simnpo_fast.likelihood.sequence_logps` on the length-sorted global batches."""
+    lp = sequence_logps(unwrap(model), examples, DataCollator(pad_id), batch_size=batch_size, by_length=True,
+                        backend=backend, each=progress_bar(desc, progress))
     return [(float(s), int(n)) for s, n in lp.tolist()]
 
 

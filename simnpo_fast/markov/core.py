@@ -34,8 +34,8 @@ from torch import nn
 
 from ..batch import ForgetRetainBatch
 from ..errors import NonFiniteError
-from ..likelihood import sharded_logps
-from ..model import ModelConfig, UnlearnModel, build_hf_model, logprob_head, nll_head
+from ..likelihood import batch_logps, sharded_logps
+from ..model import ModelConfig, UnlearnModel, build_hf_model, nll_head
 from ..modules import UnlearningLoss
 from ..ops import kl_loss, sequence_logprob
 from .chains import batch
@@ -172,7 +172,7 @@ def cache_ref_logp(model: UnlearnModel, forget: List[np.ndarray], idx: Sequence[
 
     def score(ks):
         b = batch([forget[idx[k]] for k in ks])
-        return model(b["input_ids"], _mask(b), logprob_head, labels=b["labels"])
+        return batch_logps(model, dict(b, attention_mask=_mask(b)))
 
     lp = sharded_logps(score, len(idx), bs)
     return {i: float(lp[k, 0]) for k, i in enumerate(idx)}
