@@ -24,6 +24,7 @@ Batching (``collate``, ``sampler``)::
 
     DataCollator.from_tokenizer(tok, padding_side="right")   -> input_ids / attention_mask / labels tensors
     ForgetRetainDataset(forget, retain, seed=, pairing="random"|"cycle"|"fixed")  items {"forget", "retain"}
+        (retain=None: items {"forget"}, a method without a retain term)
     load_forget_retain(source, tokenizer, "forget10", retain_split=None -> "retain90", ...) -> ForgetRetainDataset
     ShardedBatchSampler(n, batch_size, rank=, world_size=, seed=, drop_last=, lengths=)  set_epoch,
         state_dict(consumed=) / load_state_dict: exact mid-epoch resume; same global batches for any world size

@@ -76,7 +76,8 @@ PAIRINGS = ("random", "cycle", "fixed", "seeded_offset")
 
 
 class ForgetRetainDataset(torch.utils.data.Dataset):
-    """Each item is ``{"forget": forget[i], "retain": retain[j]}``, one item per forget example.
+    """Each item is ``{"forget": forget[i], "retain": retain[j]}``, one item per forget example; with
+    ``retain=None`` (a method without a retain term) each item is ``{"forget": forget[i]}``, nothing is drawn.
 
     The retain partner ``j`` follows a seeded rule, identical on every rank and process:
 
@@ -93,17 +94,17 @@ class ForgetRetainDataset(torch.utils.data.Dataset):
     Examples shared by the two sets (same token ids) raise a :class:`DataWarning` with the count.
     """
 
-    def __init__(self, forget, retain, *, seed: int = 0, pairing: str = "random", check_overlap: bool = True):
+    def __init__(self, forget, retain=None, *, seed: int = 0, pairing: str = "random", check_overlap: bool = True):
         if pairing not in PAIRINGS:
             raise ValueError(f"pairing must be one of {', '.join(PAIRINGS)}, got {pairing!r}")
         if len(forget) == 0:
             raise DataError(getattr(forget, "source", "forget"), "the forget set is empty")
-        if len(retain) == 0:
+        if retain is not None and len(retain) == 0:
             raise DataError(getattr(retain, "source", "retain"), "the retain set is empty")
         self.forget, self.retain = forget, retain
         self.seed, self.pairing = int(seed), pairing
         self.epoch = 0
-        self.shared = self._overlap() if check_overlap else []
+        self.shared = self._overlap() if check_overlap and retain is not None else []
         if self.shared:
             warnings.warn(f"forget and retain share {len(self.shared)} example(s) "
                           f"(forget items {_lines(self.shared)})", DataWarning, stacklevel=2)
@@ -118,6 +119,8 @@ class ForgetRetainDataset(torch.utils.data.Dataset):
         return [i for i, k in enumerate(keys(self.forget)) if k in seen]
 
     def _draw(self) -> None:
+        if self.retain is None:
+            return
         R = len(self.retain)
         rng = np.random.default_rng([self.seed, self.epoch])
         if self.pairing == "random":
@@ -146,11 +149,15 @@ class ForgetRetainDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         if i < 0:
             i += len(self)
+        if self.retain is None:
+            return {"forget": self.forget[i]}
         return {"forget": self.forget[i], "retain": self.retain[self.retain_index(i)]}
 
     @property
     def lengths(self) -> list[int]:
         """Per item, the longer of its forget and retain example (for length bucketing)."""
+        if self.retain is None:
+            return [len(self.forget[i]["input_ids"]) for i in range(len(self))]
         return [max(len(self.forget[i]["input_ids"]), len(self.retain[self.retain_index(i)]["input_ids"]))
                 for i in range(len(self))]
 

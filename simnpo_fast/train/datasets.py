@@ -12,29 +12,12 @@ from __future__ import annotations
 import os
 import shutil
 
-import torch
 import yaml
 
 from ..distributed import DistInfo, on_rank0
 from ..errors import ConfigError
 from .run_lock import folder_flock
 from ..methods import get_method
-
-
-class SingleDataset(torch.utils.data.Dataset):
-    """Items ``{"forget": ex}``: one dataset, no retain partner (a method without a retain term)."""
-
-    def __init__(self, ds):
-        self.ds = ds
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, i):
-        return {"forget": self.ds[i]}
-
-    def set_epoch(self, epoch):
-        pass
 
 
 def uses_retain(cfg) -> bool:

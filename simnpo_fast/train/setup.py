@@ -25,7 +25,7 @@ from ..errors import ModelError
 from ..model import FrozenReference, UnlearnModel, build_hf_model
 from ..modules import UnlearningLoss
 from .config import TrainConfig, grad_accum
-from .datasets import SingleDataset, prepare_alternates, prepare_data
+from .datasets import prepare_alternates, prepare_data
 from .schedule import build_scheduler
 from .stream import StepStream
 
@@ -122,8 +122,7 @@ def build_stream(cfg: TrainConfig, info: DistInfo, tok, forget, retain, accum: i
     each forget row's alternate answer of the epoch when ``alternates`` are given)."""
     from .. import data as D
 
-    dataset = SingleDataset(forget) if retain is None else D.ForgetRetainDataset(forget, retain, seed=cfg.seed,
-                                                                                 pairing=cfg.data.pairing)
+    dataset = D.ForgetRetainDataset(forget, retain, seed=cfg.seed, pairing=cfg.data.pairing)
     if alternates is not None:
         dataset = D.WithAlternates(dataset, alternates)
     sampler = D.ShardedBatchSampler(len(dataset), cfg.batch_size // info.world_size, rank=info.rank,

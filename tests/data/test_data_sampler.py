@@ -168,6 +168,20 @@ def test_pairing_overlap_warns_and_empty_errors():
         ForgetRetainDataset(_ds([]), retain)
 
 
+def test_forget_only_items_without_a_retain_set():
+    """``retain=None`` (a method without a retain term): items ``{"forget": forget[i]}``, nothing drawn or
+    checked for overlap; the same items every epoch."""
+    forget = _ds([[1, 0], [1, 1, 5], [1, 2]])
+    ds = ForgetRetainDataset(forget, None, seed=3)
+    assert len(ds) == 3 and ds.retain is None and ds.shared == []
+    assert [ds[i] for i in range(3)] == [{"forget": forget[i]} for i in range(3)] and ds[-1] == {"forget": forget[2]}
+    assert ds.lengths == [2, 3, 2]
+    ds.set_epoch(4)
+    assert [ds[i] for i in range(3)] == [{"forget": forget[i]} for i in range(3)]
+    with pytest.raises(DataError, match="forget set is empty"):
+        ForgetRetainDataset(_ds([]))
+
+
 @pytest.mark.parametrize("ws", [1, 2])
 def test_tofu_paired_loader_across_ranks(tofu_dir, bpe_tok, ws):
     f = encode_qa(load_tofu(tofu_dir, "forget10"), bpe_tok)
