@@ -49,7 +49,7 @@ def make_plots(data: dict, out_dir: Path, stem: str) -> list[Path]:
     import matplotlib.pyplot as plt
 
     out = []
-    for sw in data.get("sweeps", []):
+    for prefix, sw in [("", sw) for sw in data.get("sweeps", [])] + [("scaling-", sw) for sw in data.get("scaling", [])]:
         axis, dt = sw["axis"], sw["dtype"]
         fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
         methods = sorted({m for p in sw["points"] for m in p["methods"]}, key=lambda m: list(STYLE).index(m)
@@ -85,7 +85,7 @@ def make_plots(data: dict, out_dir: Path, stem: str) -> list[Path]:
                      f"{' ' + m['gpu'] if m.get('gpu') else ''}, {m.get('date', '')[:10]}"
                      f"{' (quick)' if data.get('quick') else ''}", fontsize=9)
         fig.tight_layout()
-        path = Path(out_dir) / f"{stem}-{axis}-{dt}.png"
+        path = Path(out_dir) / f"{stem}-{prefix}{axis}-{dt}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         out.append(path)
@@ -191,12 +191,34 @@ def _md_scaling(data: dict, png_rels: list[str], png_stems: list[str]) -> list[s
     L = []
     if png_rels:
         L += ["### Scaling", ""] + [f"![{s}]({p})" for s, p in zip(png_stems, png_rels)] + [""]
-    skipped = [(p["N"], p["d"], p["V"], p["dtype"], mth, r["skipped"]) for sw in data.get("sweeps", [])
+    for sw in data.get("scaling", []):
+        L += _md_scaling_table(sw)
+    skipped = [(p["N"], p["d"], p["V"], p["dtype"], mth, r["skipped"])
+               for sw in data.get("sweeps", []) + data.get("scaling", [])
                for p in sw["points"] for mth, r in p["methods"].items() if "skipped" in r]
     if skipped:
         L += ["Skipped (memory): " + "; ".join(f"{m} at N={n} d={d} V={v} {dt}" for n, d, v, dt, m, _ in
                                                sorted(set(skipped))) + ".", ""]
     return L
+
+
+def _md_scaling_table(sw: dict) -> list[str]:
+    """Time and peak memory above the inputs per method and N (the scaling stage); skipped points say so."""
+    methods = sorted({m for p in sw["points"] for m in p["methods"]}, key=lambda m: list(STYLE).index(m)
+                     if m in STYLE else 99)
+    b = sw["base"]
+    L = [f"Scaling in N at d={b['d']}, V={b['V']} ({sw['dtype']}): time / peak memory above the inputs "
+         "(gradients included); 'out of memory' = estimated peak above the run's budget, not run.", "",
+         "| N | GEMM floor | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
+    for p in sw["points"]:
+        cells = []
+        for m in methods:
+            r = p["methods"].get(m, {})
+            cells.append(f"{r['median_s']:.2f} s / {r['peak_extra_mib']:.0f} MiB" if "median_s" in r else
+                         ("out of memory" if "skipped" in r else "error"))
+        floor = p.get("gemm", {}).get("floor_s")
+        L.append(f"| {p['N']} | {f'{floor:.2f} s' if floor else '-'} | " + " | ".join(cells) + " |")
+    return L + [""]
 
 
 def _md_step(step: dict | None) -> list[str]:

@@ -15,14 +15,14 @@ def _r(method, t, mem):
 def _point(N, d, V, dt="fp32", scale=1.0):
     ms = {"naive": _r("naive", 2.0 * scale, 1000.0), "chunked": _r("chunked", 1.0 * scale, 50.0),
           "torch_lce": _r("torch_lce", 1.5 * scale, 80.0), "cce": {"method": "cce", "skipped": "memory"}}
-    return {"N": N, "d": d, "V": V, "dtype": dt, "gemm": {"floor_s": 0.9 * scale, "gemm_gflops": 10.0}, "methods": ms}
+    return {"N": N, "d": d, "V": V, "dtype": dt, "gemm": {"floor_s": 0.95 * scale, "gemm_gflops": 10.0}, "methods": ms}
 
 
 def test_targets():
     t = suite.targets(_point(2048, 512, 32000), "chunked")
     assert t["time_vs_naive"] == pytest.approx(0.5)
     assert t["memory_vs_naive"] == pytest.approx(0.05)
-    assert t["time_vs_floor"] == pytest.approx(1 / 0.9)
+    assert t["time_vs_floor"] == pytest.approx(1 / 0.95)
     assert t["best_peer"] == "torch_lce" and t["time_vs_best_peer"] == pytest.approx(1 / 1.5)
     assert t["met"] == {"time_vs_naive": True, "memory_vs_naive": True, "time_vs_floor": True,
                         "time_vs_best_peer": True}
@@ -55,6 +55,33 @@ def test_plots_and_readme(tmp_path):
     assert "`python -m bench.step` (exit 1)" in md
     assert len(written) == 2
     assert report.latest_result(tmp_path) == path
+
+
+def test_scaling_stage_report(tmp_path):
+    """The scaling stage gets its own plot and a table where a method that could not hold a point says so."""
+    pts = [_point(n, 512, 128256, scale=n / 2048) for n in (2048, 4096)]
+    pts[1]["methods"]["naive"] = {"method": "naive", "skipped": "estimated peak 20000 MiB > budget 11000 MiB"}
+    data = {"benchmark": "suite", "command": "python -m bench.suite --stages scaling", "quick": False,
+            "seconds": 1, "machine": {"cpu": "Test CPU", "cores": 2, "date": "2026-01-01T00:00:00Z"},
+            "scaling": [{"axis": "N", "dtype": "fp32", "base": {"d": 512, "V": 128256}, "points": pts}]}
+    path = tmp_path / "cpu2-2026-01-02.json"
+    path.write_text(json.dumps(data))
+    report.report(path, tmp_path)
+    md = (tmp_path / "README_section.md").read_text()
+    assert (tmp_path / "cpu2-2026-01-02-scaling-N-fp32.png").stat().st_size > 1000
+    assert "| 2048 | 0.95 s | 2.00 s / 1000 MiB | 1.00 s / 50 MiB |" in md
+    row = next(line for line in md.splitlines() if line.startswith("| 4096 |"))
+    assert row.split(" | ")[2] == "out of memory" and "naive at N=4096 d=512 V=128256 fp32" in md
+
+
+def test_machine_family():
+    assert harness.machine.cpu_family("AuthenticAMD", ["avx2", "avx512_bf16", "avx512f"]) == "amd-avx512-bf16"
+    assert harness.machine.cpu_family("AuthenticAMD", ["avx2", "fma"]) == "amd-avx2"
+    assert harness.machine.cpu_family("GenuineIntel", ["amx_bf16", "avx512f"]) == "intel-avx512-amx"
+    assert harness.machine.cpu_family("GenuineIntel", ["avx2", "avx512f"]) == "intel-avx512"
+    assert harness.machine.cpu_family("", ["asimd"]) == "arm"
+    info = harness.machine_info()
+    assert info["cpu_family"] == harness.machine.cpu_family(info["cpu_vendor"], info["cpu_flags"])
 
 
 def test_results_are_never_overwritten(tmp_path):
