@@ -11,7 +11,9 @@ Stages (``--stages`` picks a subset; each measurement is a fresh subprocess of `
             TRITON_INTERPRET=1 on CPU) and at a bench-sized shape (the methods timed at full size). A method
             that fails is reported with its errors and never timed.
   headline  N=2048 tokens, d=512, V=32000, fp32 and bf16: median time, spread, peak memory, GFLOP/s and x the
-            6NdV floor at the GEMM rate measured in the same run; target ratios (``TARGETS``).
+            6NdV floor at the GEMM rate measured in the same run; target ratios (``TARGETS``). Each method's
+            peak memory comes from one call in an exact-RSS worker, its times from another worker under the
+            default allocator (``_measure``).
   sweeps    time and peak memory vs N, vs V and vs d (fp32; + bf16 in full mode); points whose estimated peak
             exceeds ``--mem-frac`` of the free memory are skipped and listed. Full mode: a fresh process per
             (method, point); quick mode: one fresh process per method measures all its points (start-up /
@@ -52,7 +54,7 @@ SCALING = {"N": [2048, 4096, 8192, 16384], "d": 512, "V": 128256, "dtypes": ["fp
 def config(quick: bool, gpu: bool) -> dict:
     if quick:
         return {
-            "repeats": 2, "gemm_repeats": 2,
+            "repeats": 5, "gemm_repeats": 3,
             "check_tiny": {"N": 64, "d": 48, "V": 300, "seq_len": 16},
             "check_mid": {"N": 512, "d": 128, "V": 4096, "seq_len": 128},
             "headline": {"N": 2048, "d": 512, "V": 32000, "dtypes": ["fp32", "bf16"]},
@@ -141,15 +143,29 @@ def _skipped(method: str, N: int, d: int, V: int, dt: str, budget: float) -> dic
             "skipped": f"estimated peak {est:.0f} MiB > budget {budget:.0f} MiB"}
 
 
-def _measure(method: str, N: int, d: int, V: int, dt: str, repeats: int, budget: float) -> dict:
+#: the fields of a result that come from the timing worker (the rest from the memory worker)
+TIME_FIELDS = ("median_s", "min_s", "max_s", "n", "spread", "times_s", "gflops", "threads")
+
+
+def _measure(method: str, N: int, d: int, V: int, dt: str, repeats: int, budget: float, split: bool = True) -> dict:
+    """One method (or the GEMM floor) at one point, each in fresh processes: peak memory from one call under the
+    exact-RSS allocator, times from ``repeats`` calls (after an untimed one) under the default allocator, as
+    programs run (exact-RSS mode page-faults every large allocation afresh: ``bench/harness/measure.py``).
+    ``split=False``: one exact-RSS worker gives both (its ``repeats`` calls timed, the first with the memory)."""
     skipped = _skipped(method, N, d, V, dt, budget)
     if skipped:
         return skipped
+    args = ["--method", method, "--dtype", dt, "--N", str(N), "--d", str(d), "--V", str(V)]
     try:
-        return run_worker("bench.sweep", ["--method", method, "--dtype", dt, "--N", str(N), "--d", str(d),
-                                          "--V", str(V), "--repeats", str(repeats)])
+        if method == "gemm":
+            return run_worker("bench.sweep", args + ["--repeats", str(repeats)], exact_rss=False)
+        mem = run_worker("bench.sweep", args + ["--repeats", "1" if split else str(repeats)])
+        if not split:
+            return mem
+        timed = run_worker("bench.sweep", args + ["--repeats", str(repeats), "--what", "time"], exact_rss=False)
     except Exception as e:
         return {"method": method, "dtype": dt, "N": N, "d": d, "V": V, "error": str(e)[-800:]}
+    return dict(mem, memory_call_s=mem["median_s"], **{k: timed[k] for k in TIME_FIELDS if k in timed})
 
 
 def _assemble(N: int, d: int, V: int, dt: str, gemm: dict, rows: dict) -> dict:
@@ -167,7 +183,7 @@ def _point(methods, N, d, V, dt, cfg, budget, cache: dict) -> dict:
     key = (N, d, V, dt)
     if key not in cache:
         gemm = _measure("gemm", N, d, V, dt, cfg["gemm_repeats"], budget)
-        rows = {m: _measure(m, N, d, V, dt, cfg["repeats"], budget) for m in methods}
+        rows = {m: _measure(m, N, d, V, dt, cfg["repeats"], budget, cfg.get("split_time", True)) for m in methods}
         cache[key] = _assemble(N, d, V, dt, gemm, rows)
     return cache[key]
 
@@ -265,7 +281,7 @@ def stage_scaling(cfg: dict, passed: dict, gpu: bool, budget: float, cache: dict
     """Time and peak memory vs N at Llama-3's vocabulary (``SCALING``): ours should stay flat in memory beyond
     the gradients and linear in time; points a method cannot hold are listed as skipped (estimated peak)."""
     sc, out = cfg["scaling"], []
-    run_cfg = dict(cfg, repeats=sc["repeats"], gemm_repeats=sc["repeats"])
+    run_cfg = dict(cfg, repeats=sc["repeats"], gemm_repeats=sc["repeats"], split_time=False)
     for dt in sc["dtypes"]:
         methods = [m for m in _pool(gpu) if m in passed.get(dt, [])]
         _log(f"\n[scaling] {dt} d={sc['d']} V={sc['V']}: {', '.join(methods)}")
