@@ -14,8 +14,10 @@ Tests the suspected cause of the tile penalty (the GEMM packs all of ``W`` again
 rounds over a batch of 8 x 255 rows of the logits products whole (``x W^T`` into a preallocated output), tile by
 tile with ``torch.mm`` (what the chunked backend runs), and tile by tile on a ``W`` packed once per batch by
 oneDNN (``torch.ops.mkldnn._reorder_linear_weight`` + ``_linear_pointwise``, the packing timed with them; one
-packed copy of ``W`` more in memory); the same three for the ``dX = g W`` products (``dx_*``: oneDNN packs
-``W^T``); medians written as a result JSON (``tile_gemm-<machine>-<date>.json``).
+packed copy of ``W`` more in memory), and tile by tile by oneDNN on the plain ``W`` (``tiles_onednn``: what
+``simnpo_fast/backends/gemm.py`` runs, a fresh tile per call); the same four for the ``dX = g W`` products
+(``dx_*``: the prepacked variant packs ``W^T``, the plain one takes ``W^T`` as a view); medians written as a
+result JSON (``tile_gemm-<machine>-<date>.json``).
 """
 from __future__ import annotations
 
@@ -77,6 +79,10 @@ def prepacked_ab(a, argv) -> int:
         for r0 in range(0, R * n_tiles, R):
             torch.ops.mkldnn._linear_pointwise(x[r0 : r0 + R], pw, None, "none", [], "")
 
+    def tiles_onednn():  # what backends/gemm.py runs: oneDNN on the plain W, a fresh tile per call
+        for r0 in range(0, R * n_tiles, R):
+            torch.ops.mkldnn._linear_pointwise(x[r0 : r0 + R], W, None, "none", [], "")
+
     g = torch.randn(R * n_tiles, a.V) / a.V
     dx_all, dx = torch.empty(R * n_tiles, a.d), torch.empty(R, a.d)
 
@@ -89,11 +95,15 @@ def prepacked_ab(a, argv) -> int:
         for r0 in range(0, R * n_tiles, R):
             torch.ops.mkldnn._linear_pointwise(g[r0 : r0 + R], pt, None, "none", [], "")
 
+    def dx_tiles_onednn():  # backends/gemm.py: W^T as a view, no copy
+        for r0 in range(0, R * n_tiles, R):
+            torch.ops.mkldnn._linear_pointwise(g[r0 : r0 + R], W.t(), None, "none", [], "")
+
     pw = torch.ops.mkldnn._reorder_linear_weight(W, None)
     err = float((torch.ops.mkldnn._linear_pointwise(x[:R], pw, None, "none", [], "") - x[:R] @ W.t()).abs().max())
     variants = {"whole": lambda: torch.mm(x, W.t(), out=z_all), "tiles_mm": tiles_mm, "tiles_prepacked": tiles_packed,
-                "dx_whole": lambda: torch.mm(g, W, out=dx_all), "dx_tiles_mm": dx_tiles_mm,
-                "dx_tiles_prepacked": dx_tiles_packed}
+                "tiles_onednn": tiles_onednn, "dx_whole": lambda: torch.mm(g, W, out=dx_all),
+                "dx_tiles_mm": dx_tiles_mm, "dx_tiles_prepacked": dx_tiles_packed, "dx_tiles_onednn": dx_tiles_onednn}
     times = {k: [] for k in variants}
     for f in variants.values():
         f()

@@ -10,17 +10,25 @@ from simnpo_fast.synthetic_batch import lm_batch
 ONEDNN = gemm.onednn_available()
 
 
-def test_rule_and_override(monkeypatch):
+@pytest.mark.parametrize("avx512", [True, False])
+def test_rule_and_override(monkeypatch, avx512):
+    monkeypatch.setattr(gemm, "_avx512", lambda: avx512)
     x32, x64, x16 = torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.float64), torch.zeros(2, 2, dtype=torch.bfloat16)
+    dnn = "onednn" if ONEDNN else "torch"
     monkeypatch.setenv("SIMNPO_FAST_TILE_GEMM", "auto")
-    assert gemm.engine(x32) == ("onednn" if ONEDNN else "torch")
-    assert gemm.engine(x64) == gemm.engine(x16) == "torch"  # no fp64 oneDNN; torch.mm's bf16 is oneDNN already
+    assert gemm.engine(x32, "logits") == dnn
+    assert gemm.engine(x32, "dx") == (dnn if avx512 else "torch")  # AVX2: oneDNN's dX tiles measured slower
+    for p in gemm.PRODUCTS:  # no fp64 oneDNN; torch.mm's bf16 is oneDNN already
+        assert gemm.engine(x64, p) == gemm.engine(x16, p) == "torch"
     monkeypatch.setenv("SIMNPO_FAST_TILE_GEMM", "torch")
-    assert gemm.engine(x32) == "torch"
+    assert gemm.engine(x32, "logits") == gemm.engine(x32, "dx") == "torch"
     monkeypatch.setenv("SIMNPO_FAST_TILE_GEMM", "onednn")
-    assert gemm.engine(x32) == ("onednn" if ONEDNN else "torch")
+    assert gemm.engine(x32, "logits") == gemm.engine(x32, "dx") == dnn
     rep = gemm.report()
-    assert rep["mode"] == "onednn" and rep["onednn"] == ONEDNN and rep["bf16"] == "torch"
+    assert rep["mode"] == "onednn" and rep["onednn"] == ONEDNN and rep["avx512"] == avx512
+    assert rep["bf16"] == {"logits": "torch", "dx": "torch"} and rep["fp32"] == {"logits": dnn, "dx": dnn}
+    with pytest.raises(ValueError, match="product"):
+        gemm.engine(x32, "dw")
 
 
 def test_bad_override_names_the_variable(monkeypatch):
@@ -48,7 +56,7 @@ def test_products_against_fp64(monkeypatch, mode, bias):
     assert z.shape == (R, V) and z.dtype == torch.float32
     assert (z.double() - want).abs().max() <= 1e-5 * want.abs().max()
     # the buffer is asked for exactly when the engine writes in place
-    assert asked == ([] if gemm.engine(w) == "onednn" else [R])
+    assert asked == ([] if gemm.engine(w, "logits") == "onednn" else [R])
     scale = torch.rand(R, generator=g) + 0.5
     for s in (None, scale):
         out = torch.full((R, d), float("nan"))
