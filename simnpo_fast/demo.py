@@ -67,60 +67,67 @@ def print_showcase() -> None:
 
 
 def run_demo(out_dir: str = "demo_out", config: str = "demo", overrides=None, with_showcase: bool = False) -> int:
+    """The demo of the module docstring; the unlearning method is the first (in the committed config, the only)
+    label of the config's ``unlearn.methods``."""
     from .eval import evaluate_tofu
     from .eval.hook import EvalHook
     from .eval.report import text_table, write_report
-    from .study import (eval_config, finetune, load_hf, load_study_config, prepare_corpus, retain_split, set_threads,
-                        unlearn)
+    from .eval.tofu import summarize
+    from .studies import load_study_config
+    from .studies.tofu import (eval_config, finetune_stage, finish, load_hf, prepare_corpus, retain_split,
+                               set_threads, unlearn_stage, variant)
 
     t0 = time.perf_counter()
     cfg = load_study_config(config, overrides)
     set_threads(cfg)
     out_dir = os.path.abspath(out_dir)
     seed = int(cfg.get("seed", 0))
+    label = next(iter(cfg["unlearn"]["methods"]))
+    method = variant(cfg, label)[0].name
     print(f"simnpo-fast demo -> {out_dir}")
     print("[1/5] corpus + tokenizer", flush=True)
-    data_dir, kind, tok_dir, tok = prepare_corpus(cfg, out_dir)
+    corpus = prepare_corpus(cfg, out_dir)
     print("[2/5] finetune the target model on the full corpus (+ real-authors / world-facts QA)", flush=True)
-    target = finetune(cfg, data_dir, kind, tok_dir, os.path.join(out_dir, "target"), "pretrain_full", seed)
+    target = finetune_stage(cfg, corpus, os.path.join(out_dir, "target"), "pretrain_full", seed)
+    finish(target)
     print(f"[3/5] finetune the retain-only model ({retain_split(cfg)})", flush=True)
-    retain = finetune(cfg, data_dir, kind, tok_dir, os.path.join(out_dir, "retain"), f"pretrain_{retain_split(cfg)}",
-                      seed)
-    print("[4/5] evaluate retain + target, then unlearn forget10 with SimNPO (evaluated during training)",
-          flush=True)
-    ecfg = eval_config(cfg)
+    retain = finish(finetune_stage(cfg, corpus, os.path.join(out_dir, "retain"), f"pretrain_{retain_split(cfg)}",
+                                   seed))
+    print(f"[4/5] evaluate retain + target, then unlearn {cfg['forget_split']} with {label} (evaluated during "
+          "training)", flush=True)
+    ecfg, tok, data_dir = eval_config(cfg), corpus.tokenizer, corpus.data_dir
     ref = evaluate_tofu(load_hf(retain), tok, data_dir, copy.deepcopy(ecfg), progress=True)
-    from .eval.tofu import summarize
-
     summarize(ref, ref)
-    before = evaluate_tofu(load_hf(target), tok, data_dir, copy.deepcopy(ecfg), reference=ref, progress=True)
+    before = evaluate_tofu(load_hf(target.hf_dir), tok, data_dir, copy.deepcopy(ecfg), reference=ref, progress=True)
     every = int(cfg.get("eval", {}).get("every", 0))
     hook = EvalHook(data_dir, tok, every, copy.deepcopy(ecfg), reference=ref,
                     out_path=os.path.join(out_dir, "report", "history.json")) if every else None
-    hf = unlearn(cfg, "SimNPO", target, data_dir, kind, tok_dir, os.path.join(out_dir, "simnpo"), seed, hook=hook)
+    hf = finish(unlearn_stage(cfg, label, target, corpus, os.path.join(out_dir, method), seed), hook=hook)
     print("[5/5] evaluate the unlearned model", flush=True)
     after = evaluate_tofu(load_hf(hf), tok, data_dir, copy.deepcopy(ecfg), reference=ref, progress=True)
     history = None
     if hook is not None:
-        steps = _train_steps(os.path.join(out_dir, "simnpo"))
+        steps = _train_steps(os.path.join(out_dir, method))
         history = [h for h in hook.history if h["step"] < steps] + [{"step": steps, "summary": after["summary"]}]
-    results = {"target": before, "retain": ref, "simnpo": after}
-    paths = write_report(results, os.path.join(out_dir, "report"), title="demo: SimNPO on forget10",
-                         history=history)
-    rows = {"target (before)": before["summary"], "retain (oracle)": ref["summary"],
-            "SimNPO (after)": after["summary"]}
+    paths = write_report({"target": before, "retain": ref, method: after}, os.path.join(out_dir, "report"),
+                         title=f"demo: {label} on {cfg['forget_split']}", history=history)
+    rows = {"target (before)": before["summary"], "retain (oracle)": ref["summary"], f"{label} (after)": after["summary"]}
+    _print_end(text_table(rows), ecfg.protocol, paths, hf, time.perf_counter() - t0)
+    if with_showcase:
+        print_showcase()
+    return 0
+
+
+def _print_end(table: str, protocol: str, paths: dict, hf: str, seconds: float) -> None:
     print()
-    print(text_table(rows))
+    print(table)
     print()
-    print(f"metrics:         the TOFU reference code's (protocol {ecfg.protocol!r}: truth ratio = geometric mean, "
+    print(f"metrics:         the TOFU reference code's (protocol {protocol!r}: truth ratio = geometric mean, "
           f"forget TR = mean min(R, 1/R), forget quality = KS p-value vs the retain model)")
     print(f"report:          {paths['markdown']}")
     print(f"plots:           {paths['plot']}" + (f", {paths['curves']}" if "curves" in paths else ""))
     print(f"unlearned model: {hf}  (AutoModelForCausalLM.from_pretrained)")
-    print(f"total time:      {time.perf_counter() - t0:.0f} s")
-    if with_showcase:
-        print_showcase()
-    return 0
+    print(f"total time:      {seconds:.0f} s")
 
 
 def _train_steps(run_dir: str) -> int:

@@ -1,5 +1,5 @@
-"""`simnpo-fast study`: the CPU-scale TOFU study (:mod:`simnpo_fast.study`) and the Markov-chain study
-(:mod:`simnpo_fast.markov.study`), picked by the study config's ``kind``.
+"""`simnpo-fast study`: a study config run by the module of :mod:`simnpo_fast.studies` its ``kind`` names (the
+CPU-scale TOFU study, :mod:`simnpo_fast.studies.tofu`; the Markov-chain study, :mod:`simnpo_fast.studies.markov`).
 
     simnpo-fast study tofu-mini                         # the committed study (configs/study_tofu_mini.yaml)
     simnpo-fast study tofu-mini --data ../shared/data/tofu --seeds 0 1 2 --out runs/study
@@ -36,42 +36,14 @@ def _command() -> str:
 
 
 def run(args) -> int:
-    from ..errors import ConfigError
-    from ..eval.report import text_table
-    from ..study import load_study_config, run_study
+    from ..studies import load_study_config, study_kind
 
     raw = load_study_config(args.config)
-    if raw.get("kind") == "markov":  # the mixture-of-Markov-chains study (simnpo_fast/markov/) has its own driver
-        return _run_markov(args, raw)
-    cfg = load_study_config(args.config, args.overrides)
-    if getattr(args, "quick", False):
-        raise ConfigError("--quick applies to `simnpo-fast study markov` only")
-    if args.data:
-        cfg.setdefault("data", {})["path"] = args.data
-    name = cfg.get("name", "tofu-mini")
-    out = args.out or os.path.join("runs", f"study-{name}")
-    results = args.results or os.path.join("docs", "results")
-    res = run_study(cfg, out, seeds=args.seeds, methods=args.methods, results_dir=results, command=_command())
-    print(text_table(res["rows"]))
-    print(f"\nresults: {results}/{name}.md, {results}/{name}.png ({res['elapsed_s'] / 60:.1f} min)")
-    return 0
-
-
-def _run_markov(args, config: dict) -> int:
-    """``simnpo-fast study markov [--quick] [--seeds ...] [--methods ...] [--out DIR] [--results DIR] [k=v ...]``:
-    ``config`` is the study config as read from its file (``--quick`` and the overrides not applied yet)."""
-    from ..errors import ConfigError
-    from ..markov.report import text_summary
-    from ..markov.study import resolve, run_markov
-
-    if getattr(args, "data", None):
-        raise ConfigError("study markov generates its own data: --data does not apply")
+    study = study_kind(raw)
     quick = bool(getattr(args, "quick", False))
-    cfg = resolve(config, quick=quick, overrides=args.overrides)
-    name = cfg.get("name", "markov")
-    out = args.out or os.path.join("runs", f"study-{name}")
-    results = args.results or (os.path.join(out, "results") if quick else os.path.join("docs", "results"))
-    study = run_markov(cfg, out, seeds=args.seeds, methods=args.methods, results_dir=results, command=_command())
-    print(text_summary(study))
-    print(f"\nresults: {', '.join(study['files'].values())} ({study['timing']['elapsed_s'] / 60:.1f} min)")
+    cfg = study.resolve(raw, overrides=args.overrides, quick=quick, data=args.data)
+    out = args.out or os.path.join("runs", f"study-{cfg.get('name', study.DEFAULT_NAME)}")
+    results = args.results or study.default_results(out, quick)
+    result = study.run(cfg, out, seeds=args.seeds, methods=args.methods, results_dir=results, command=_command())
+    print(study.summary_text(result))
     return 0

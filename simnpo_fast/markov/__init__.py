@@ -13,7 +13,8 @@ Reference protocol: OPTML-Group/Unlearn-Simple, ``synthetic/`` (``run_synthetic.
 here is our own.
 
 Modules: :mod:`.chains` (matrices, sampling, batches), :mod:`.core` (model, training, fused evaluation,
-gradient weights, the unlearning loop), :mod:`.study` (jobs, checkpoints, workers, CLI), :mod:`.report`.
+gradient weights, the unlearning loop), :mod:`.report` (summary, plots, Markdown); the study's jobs, checkpoints
+and workers: :mod:`simnpo_fast.studies.markov`.
 """
 from .chains import CHAINS, initial_distribution, make_chain, sample, transition_chi2, transition_matrix
 from .core import TrueChain, evaluate, sequence_weights

@@ -92,7 +92,7 @@ def ensure_finished(stage: Stage) -> None:
         diffs = config_differences(rec.get("config", {}), config_to_dict(stage.cfg)) if rec else ["run.json: missing"]
         if diffs:
             raise RunFolderError(
-                f"{stage.cfg.output_dir} holds a finetuned model made with another finetune config "
+                f"{stage.cfg.output_dir} holds a model made with another {stage.name} config "
                 f"({'; '.join(diffs)}); pass --overwrite to move the previous run aside, or choose another output_dir")
         return
     with claim(stage.cfg) as (folder, requested):

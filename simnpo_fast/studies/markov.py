@@ -1,4 +1,5 @@
-"""``simnpo-fast study markov``: seeds x settings x methods, model checkpoints, worker processes, results.
+"""``simnpo-fast study markov``: the SimNPO paper's mixture-of-Markov-chains study (models, training and
+measurements in :mod:`simnpo_fast.markov`): seeds x settings x methods, model checkpoints, worker processes, results.
 
 Stages: (1) per seed, the retrained (retain-only) model and one pretrained model per setting, trained once and
 kept in ``<out>/models`` under a name that hashes everything they depend on (a changed config trains new
@@ -7,6 +8,8 @@ on the same batch schedule, with the KLs and weights recorded along the way. Bot
 independent jobs, run in ``workers`` spawned processes (1 torch thread each) or in this process. The timing
 records the wall time, the load average and the CPU time of the jobs (on a shared machine the wall time grows
 with the load; the CPU time divided by the worker count estimates the wall time on idle cores).
+
+    simnpo-fast study markov [--quick]                  # configs/study_markov.yaml (--quick: its quick section)
 """
 from __future__ import annotations
 
@@ -21,11 +24,13 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from ..markov.chains import CHAINS, make_chain, transition_chi2
+from ..markov.core import (EvalSet, TrueChain, UnlearnData, build_model, cache_ref_logp, evaluate, make_evalset,
+                           make_schedule, pretrain, unlearn)
 from ..methods import get_method
 from ..train.metrics import load_average, machine_info
-from .chains import CHAINS, make_chain, transition_chi2
-from .core import (EvalSet, TrueChain, UnlearnData, build_model, cache_ref_logp, evaluate, make_evalset,
-                   make_schedule, pretrain, unlearn)
+
+DEFAULT_NAME = "markov"
 
 
 def deep_merge(base: dict, over: dict) -> dict:
@@ -142,11 +147,15 @@ def pool_map(fn, jobs: List[dict], workers: int) -> List[dict]:
         return list(ex.map(fn, jobs))
 
 
-def resolve(cfg: dict, *, quick: bool = False, overrides: Optional[List[str]] = None) -> dict:
-    """The study config: ``quick`` merged over it when asked, then the ``key=value`` overrides."""
+def resolve(raw: dict, *, overrides: Optional[List[str]] = None, quick: bool = False,
+            data: Optional[str] = None) -> dict:
+    """The study config: ``quick`` merged over ``raw`` when asked, then the ``key=value`` overrides; validated.
+    The study generates its own data: ``data`` (a data folder) is a ConfigError."""
     from ..train.config_io import apply_overrides
 
-    cfg = copy.deepcopy(cfg)
+    if data:
+        raise ConfigError("study markov generates its own data: --data does not apply")
+    cfg = copy.deepcopy(raw)
     q = cfg.pop("quick", {})
     if quick:
         cfg = deep_merge(cfg, q)
@@ -186,11 +195,16 @@ def validate(cfg: dict) -> None:
                               f"{s.get('pretrain_on') if isinstance(s, dict) else s!r}")
 
 
-def run_markov(cfg: dict, out_dir: str, *, seeds: Optional[List[int]] = None, methods: Optional[List[str]] = None,
+def default_results(out_dir: str, quick: bool = False) -> str:
+    """``docs/results``; a ``quick`` run's go to ``<out_dir>/results``."""
+    return os.path.join(out_dir, "results") if quick else os.path.join("docs", "results")
+
+
+def run(cfg: dict, out_dir: str, *, seeds: Optional[List[int]] = None, methods: Optional[List[str]] = None,
                results_dir: Optional[str] = None, command: str = "") -> dict:
     """Run the study (stages in the module docstring); write ``<out>/study.json`` and, with ``results_dir``,
     the JSON, plots and Markdown there. Returns the study dict (``runs`` = one entry per seed and setting)."""
-    from . import report
+    from ..markov import report
 
     t0, load0 = time.perf_counter(), load_average()
     date = time.strftime("%Y-%m-%d", time.gmtime())
@@ -227,3 +241,11 @@ def run_markov(cfg: dict, out_dir: str, *, seeds: Optional[List[int]] = None, me
     if results_dir:
         study["files"] = report.write_results(study, results_dir)
     return study
+
+
+def summary_text(study: dict) -> str:
+    """The report's text summary and where the results went."""
+    from ..markov.report import text_summary
+
+    return (f"{text_summary(study)}\n\nresults: {', '.join(study.get('files', {}).values())} "
+            f"({study['timing']['elapsed_s'] / 60:.1f} min)")

@@ -63,8 +63,8 @@ def test_weights_fixed_by_the_protocol(quick):
 
 
 def test_models_are_reused_and_runs_repeat(quick):
-    from simnpo_fast.markov.study import resolve, run_markov
-    from simnpo_fast.study import load_study_config
+    from simnpo_fast.studies import load_study_config
+    from simnpo_fast.studies.markov import resolve, run as run_markov
 
     models = os.path.join(quick["out"], "models")
     stamp = {f: os.path.getmtime(os.path.join(models, f)) for f in os.listdir(models)}
