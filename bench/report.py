@@ -195,7 +195,8 @@ def _md_scaling(data: dict, png_rels: list[str], png_stems: list[str]) -> list[s
         L += _md_scaling_table(sw)
     skipped = [(p["N"], p["d"], p["V"], p["dtype"], mth, r["skipped"])
                for sw in data.get("sweeps", []) + data.get("scaling", [])
-               for p in sw["points"] for mth, r in p["methods"].items() if "skipped" in r]
+               for p in sw["points"] for mth, r in p["methods"].items()
+               if "skipped" in r and not r["skipped"].startswith("time")]
     if skipped:
         L += ["Skipped (memory): " + "; ".join(f"{m} at N={n} d={d} V={v} {dt}" for n, d, v, dt, m, _ in
                                                sorted(set(skipped))) + ".", ""]
@@ -208,14 +209,16 @@ def _md_scaling_table(sw: dict) -> list[str]:
                      if m in STYLE else 99)
     b = sw["base"]
     L = [f"Scaling in N at d={b['d']}, V={b['V']} ({sw['dtype']}): time / peak memory above the inputs "
-         "(gradients included); 'out of memory' = estimated peak above the run's budget, not run.", "",
+         "(gradients included); 'out of memory' = estimated peak above the run's budget, not run; 'not run (time)' "
+         "= its time extrapolated from the previous point exceeds the stage's cap.", "",
          "| N | GEMM floor | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
     for p in sw["points"]:
         cells = []
         for m in methods:
             r = p["methods"].get(m, {})
             cells.append(f"{r['median_s']:.2f} s / {r['peak_extra_mib']:.0f} MiB" if "median_s" in r else
-                         ("out of memory" if "skipped" in r else "error"))
+                         "error" if "skipped" not in r else
+                         "not run (time)" if r["skipped"].startswith("time") else "out of memory")
         floor = p.get("gemm", {}).get("floor_s")
         L.append(f"| {p['N']} | {f'{floor:.2f} s' if floor else '-'} | " + " | ".join(cells) + " |")
     return L + [""]

@@ -48,7 +48,10 @@ TARGETS = {"time_vs_naive": 0.9, "memory_vs_naive": 0.15, "time_vs_floor": 1.10,
 
 #: the scaling stage: Llama-3's vocabulary, N up to 16384 tokens, one timed call per point (the first, whose
 #: peak memory is measured); methods whose estimated peak exceeds the budget are marked, not run
-SCALING = {"N": [2048, 4096, 8192, 16384], "d": 512, "V": 128256, "dtypes": ["fp32"], "repeats": 1}
+#: (``max_call_s``: a method whose time, extrapolated linearly in N from its previous point, exceeds it is not run
+#: at the larger points: the stage stays within ~15 min on 2 cores)
+SCALING = {"N": [2048, 4096, 8192, 16384], "d": 512, "V": 128256, "dtypes": ["fp32"], "repeats": 1,
+           "max_call_s": 90.0}
 
 
 def config(quick: bool, gpu: bool) -> dict:
@@ -285,7 +288,16 @@ def stage_scaling(cfg: dict, passed: dict, gpu: bool, budget: float, cache: dict
     for dt in sc["dtypes"]:
         methods = [m for m in _pool(gpu) if m in passed.get(dt, [])]
         _log(f"\n[scaling] {dt} d={sc['d']} V={sc['V']}: {', '.join(methods)}")
-        pts = [_point(methods, N, sc["d"], sc["V"], dt, run_cfg, budget, cache) for N in sc["N"]]
+        pts, slow = [], {}
+        for i, N in enumerate(sc["N"]):
+            pt = _point([m for m in methods if m not in slow], N, sc["d"], sc["V"], dt, run_cfg, budget, cache)
+            pt["methods"].update({m: {"method": m, "dtype": dt, "N": N, "d": sc["d"], "V": sc["V"], "skipped": why}
+                                  for m, why in slow.items()})
+            nxt = sc["N"][i + 1] if i + 1 < len(sc["N"]) else N
+            for m, r in pt["methods"].items():
+                if m not in slow and r.get("median_s", 0.0) * nxt / N > sc["max_call_s"]:
+                    slow[m] = f"time: {r['median_s']:.0f} s at N={N}, over {sc['max_call_s']:.0f} s at N={nxt}"
+            pts.append(pt)
         out.append({"axis": "N", "dtype": dt, "base": {"d": sc["d"], "V": sc["V"]}, "points": pts})
     return out
 

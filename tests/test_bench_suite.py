@@ -99,3 +99,20 @@ def test_machine_info_records_cpu_model_and_simd_flags():
         text = fh.read()
     for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16"):
         assert (flag in flags) == (f" {flag} " in text.replace("\n", " ") + " "), flag
+
+
+def test_scaling_stage_drops_a_method_whose_next_point_would_exceed_the_cap(monkeypatch):
+    """A method timed at 60 s for N=2048 would take ~120 s at 4096 (> 90 s cap): it is not run from then on."""
+    asked = []
+
+    def fake_point(methods, N, d, V, dt, cfg, budget, cache):
+        asked.append((N, tuple(methods)))
+        ms = {m: _r(m, (60.0 if m == "torch_lce" else 1.0) * N / 2048, 10.0) for m in methods}
+        return {"N": N, "d": d, "V": V, "dtype": dt, "gemm": {"floor_s": N / 2048}, "methods": ms}
+
+    monkeypatch.setattr(suite, "_point", fake_point)
+    cfg = {"scaling": dict(suite.SCALING, N=[2048, 4096, 8192])}
+    (sw,) = suite.stage_scaling(cfg, {"fp32": ["chunked", "torch_lce"]}, False, 1e9, {})
+    assert asked == [(2048, ("chunked", "torch_lce")), (4096, ("chunked",)), (8192, ("chunked",))]
+    assert sw["points"][1]["methods"]["torch_lce"]["skipped"].startswith("time: 60 s at N=2048")
+    assert "median_s" in sw["points"][2]["methods"]["chunked"]
