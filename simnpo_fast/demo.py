@@ -111,7 +111,8 @@ def run_demo(out_dir: str = "demo_out", config: str = "demo", overrides=None, wi
         history = [h for h in hook.history if h["step"] < steps] + [{"step": steps, "summary": after["summary"]}]
     paths = write_report({"target": before, "retain": ref, method: after}, os.path.join(out_dir, "report"),
                          title=f"demo: {label} on {cfg['forget_split']}", history=history)
-    rows = {"target (before)": before["summary"], "retain (oracle)": ref["summary"], f"{label} (after)": after["summary"]}
+    rows = {"target (before)": before["summary"], "retain (oracle)": ref["summary"],
+            f"{label} (after)": after["summary"]}
     _print_end(text_table(rows), ecfg.protocol, paths, hf, time.perf_counter() - t0)
     if with_showcase:
         print_showcase()

@@ -29,11 +29,18 @@ import json
 from dataclasses import replace
 from typing import Optional
 
+from .methods import get_method, method_names
 from .plan import GiB, ModelShape, PlanConfig, load_model, plan
 
 TABLE_MODELS = ("llama-3.1-8b", "llama-3.1-70b")
 TABLE_GPUS = (1, 8, 64)
 CARD_GIB = 79.1  # an 80 GB H100 as the driver reports it (plan.CARDS["h100-80gb"])
+
+
+def live_reference_method() -> str:
+    """The method of the live-reference column: the first registered method that needs the reference model's
+    log-likelihoods and has no alternate rows (NPO)."""
+    return next(n for n in method_names() if get_method(n).reference == "logp" and get_method(n).alternate == "none")
 
 
 def body_params(m: ModelShape) -> int:
@@ -116,8 +123,8 @@ def scale_table(seq: int = 2048, batch: int = 4, rates: Optional[dict] = None, m
                     for logits in ("fused", "naive"):
                         cfg = replace(base, checkpointing=ac, logits=logits)
                         peak[f"{'ac' if ac else 'no_ac'}_{logits}"] = plan(m, cfg)["peak_bytes"] / GiB
-                live = replace(base, loss="npo", reference="live")
-                peak["npo_live_ac_fused"] = plan(m, live)["peak_bytes"] / GiB
+                live = replace(base, loss=live_reference_method(), reference="live")
+                peak[f"{live.loss}_live_ac_fused"] = plan(m, live)["peak_bytes"] / GiB
                 row = {"model": name, "params_b": m.params() / 1e9, "gpus": g, "lora": lora, "peak_gib": peak}
                 if rates:
                     row["tokens_per_s"] = {k: expected_tokens_per_s(m, rates, gpus=g, lora=lora, logits=k)
@@ -133,19 +140,20 @@ def _gib(v: float) -> str:
 
 def format_table(rows: list, rates: Optional[dict] = None) -> str:
     """Markdown: peak GiB per GPU (``*``: over an 80 GB H100) and, with rates, expected tokens/s."""
+    live = live_reference_method()
     head = ("| model | GPUs | training | AC, fused | AC, naive | no AC, fused | no AC, naive "
-            "| NPO live ref (AC, fused) |"
+            f"| {live.upper()} live ref (AC, fused) |"
             + (" tokens/s (AC, fused) | tokens/s (AC, naive) |" if rates else ""))
     out = [head, "|" + "---|" * (head.count("|") - 1)]
+    keys = ("ac_fused", "ac_naive", "no_ac_fused", "no_ac_naive", f"{live}_live_ac_fused")
     for r in rows:
         p = r["peak_gib"]
-        cells = [r["model"], str(r["gpus"]), "LoRA r=16" if r["lora"] else "full",
-                 *(_gib(p[k]) for k in ("ac_fused", "ac_naive", "no_ac_fused", "no_ac_naive", "npo_live_ac_fused"))]
+        cells = [r["model"], str(r["gpus"]), "LoRA r=16" if r["lora"] else "full", *(_gib(p[k]) for k in keys)]
         if rates:
             cells += [f"{r['tokens_per_s'][k]:,.0f}" for k in ("fused", "naive")]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
-__all__ = ["body_params", "body_flops_per_token", "expected_tokens_per_s", "format_table", "load_rates",
-           "rates_from_gpu_check", "scale_table"]
+__all__ = ["body_params", "body_flops_per_token", "expected_tokens_per_s", "format_table", "live_reference_method",
+           "load_rates", "rates_from_gpu_check", "scale_table"]

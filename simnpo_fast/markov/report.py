@@ -69,12 +69,11 @@ def summarize(study: dict) -> Dict[str, dict]:
     return out
 
 
-_STYLE = {"GA": ("tab:gray", "-"), "GradDiff": ("tab:gray", "--"), "NPO": ("tab:blue", "-"),
-          "NPO+RT": ("tab:blue", "--"), "SimNPO": ("tab:red", "-"), "SimNPO+RT": ("tab:red", "--")}
-
-
-def _style(m: str, i: int):
-    return _STYLE.get(m, (f"C{i % 10}", "-"))
+def _style(study: dict, m: str, i: int):
+    """``(colour, line style)`` of method label ``m``: the config's ``report.styles.<m>``, else the ``i``-th
+    colour of the cycle, solid."""
+    style = study["config"].get("report", {}).get("styles", {}).get(m)
+    return tuple(style) if style else (f"C{i % 10}", "-")
 
 
 def plot_tradeoff(study: dict, path: str) -> str:
@@ -88,7 +87,7 @@ def plot_tradeoff(study: dict, path: str) -> str:
         for col, (c, label) in enumerate(cols):
             ax = axes[row, col]
             for i, (m, d) in enumerate(s["methods"].items()):
-                color, ls = _style(m, i)
+                color, ls = _style(study, m, i)
                 x, y = np.array(d["mean"]["kl_retrain/retain"]), np.array(d["mean"][f"kl_retrain/{c}"])
                 lo, hi = np.array(d["min"][f"kl_retrain/{c}"]), np.array(d["max"][f"kl_retrain/{c}"])
                 ax.plot(x, y, ls, color=color, label=m, lw=1.5)
@@ -115,7 +114,7 @@ def plot_weights(study: dict, path: str) -> str:
         s = study["summary"][setting]
         it = np.array(s["iterations"])
         for i, (m, d) in enumerate(s["methods"].items()):
-            color, ls = _style(m, i)
+            color, ls = _style(study, m, i)
             for col, key in enumerate(("kl_retrain/forget1", "kl_retrain/forget2")):
                 axes[row, col].plot(it, d["mean"][key], ls, color=color, label=m)
                 axes[row, col].fill_between(it, d["min"][key], d["max"][key], color=color, alpha=0.12, lw=0)
@@ -254,7 +253,7 @@ def _header_lines(study: dict) -> List[str]:
     cpu_min = t.get("jobs_cpu_s", float("nan")) / 60
     w = max(1, int(t["workers"]))
     return [f"# {study['name']}: the SimNPO paper's mixture-of-Markov-chains study", "",
-            f"Command: `{study['command'] or 'run_markov(...)'}`", "",
+            f"Command: `{study['command'] or 'simnpo_fast.studies.markov.run(...)'}`", "",
             f"Run {date}: wall time **{t['elapsed_s'] / 60:.1f} min** (models {t['models_s'] / 60:.1f} min, "
             f"unlearning + evaluation {t['unlearn_s'] / 60:.1f} min); the jobs used {cpu_min:.1f} CPU-min, about "
             f"{cpu_min / w:.1f} min of wall time on {w} idle core(s). {w} worker process(es) x "
@@ -284,8 +283,9 @@ def _setting_lines(study: dict, setting: str) -> List[str]:
             + ["", "Lowest pooled forget KL (to retrained) among the evaluation points whose retain KL is within a "
                "multiple of the pretrained model's (seeds with such a point):", ""] + _matched_table(study, setting)
             + ["", "Per-sequence gradient weights on held-out forget sequences:", ""] + _weight_table(study, setting)
-            + ["", "Reading (computed from the tables above):", ""] + _compare(study, setting, "SimNPO", "NPO")
-            + _compare(study, setting, "SimNPO+RT", "NPO+RT"))
+            + ["", "Reading (computed from the tables above):", ""]
+            + [line for a, b in study["config"].get("report", {}).get("compare", [])
+               for line in _compare(study, setting, a, b)])
 
 
 def write_markdown(study: dict, path: str, plots: Dict[str, str]) -> str:

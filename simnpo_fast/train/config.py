@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
 from ..errors import ConfigError
+from ..methods.finetune import FINETUNE
 from ..model import ModelConfig
 from .validation import validate_config
 
-#: The method of the finetune stage (a registry name): plain NLL on ``data.finetune_split``.
-FINETUNE_METHOD = "finetune"
+#: The method of the finetune stage (its registry name): plain NLL on ``data.finetune_split``.
+FINETUNE_METHOD = FINETUNE.name
 
 
 @dataclass

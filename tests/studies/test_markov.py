@@ -30,8 +30,10 @@ def test_files_and_checks(quick):
             assert c["rows"] >= 3 and c["p_value"] > 1e-4, (r["setting"], chain, c)  # data vs its own matrix
             assert abs(c["true_chain_kl"]) < 1e-6  # the true chain through the evaluation path
     md = open(os.path.join(quick["res"], "markov-quick.md")).read()
-    assert "simnpo-fast study markov --quick" in md or "run_markov" in md
+    assert "simnpo-fast study markov --quick" in md or "studies.markov.run(...)" in md
     assert "load average" in md and "CPU-min" in md and "Reading (computed" in md
+    for a, b in s["config"]["report"]["compare"]:  # the config's comparisons, one sentence per setting
+        assert md.count(f"**{a} vs {b}**") == 2
 
 
 def test_trajectories(quick):
