@@ -20,7 +20,7 @@ Encoding (``template``; labels aligned with input_ids, prompt = -100, answer + E
     encode_qa(dataset, tokenizer, template=, max_length=, overlong="truncate"|"drop"|"error") -> EncodedDataset
     encode_text_windows(documents, tokenizer, window=)       MUSE windows, BOS prepended  -> EncodedDataset
 
-Batching (``collate``, ``sampler``)::
+Batching (``collate``, ``pairs``, ``sampler``)::
 
     DataCollator.from_tokenizer(tok, padding_side="right")   -> input_ids / attention_mask / labels tensors
     ForgetRetainDataset(forget, retain, seed=, pairing="random"|"cycle"|"fixed")  items {"forget", "retain"}
@@ -44,10 +44,11 @@ Evaluation views (``views``)::
 """
 from . import synthetic
 from .alternates import IDK_FILE, AlternateAnswers, WithAlternates, encode_alternates, forget_questions, load_idk
-from .collate import DataCollator, ForgetRetainDataset, load_forget_retain
+from .collate import DataCollator
 from .formats import (RETAIN_OF, TOFU_HUB_ID, TOFU_SPLITS, DataError, DataFileNotFoundError, DataWarning,
                       ReadReport, find_overlap, list_splits, load_muse, load_qa, load_text, load_tofu,
                       read_records, split_path)
+from .pairs import ForgetRetainDataset, load_forget_retain
 from .sampler import ShardedBatchSampler
 from .template import (IGNORE_INDEX, TEMPLATES, EncodedDataset, EncodeReport, PromptTemplate, encode_qa,
                        encode_qa_batch, encode_text_windows, get_template, with_template)

@@ -21,7 +21,7 @@ from .coerce import coerce
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = ("cosine", "linear", "constant")
 DATA_KINDS = ("synthetic", "tofu", "qa", "muse")
-#: data.collate.PAIRINGS, written here so that validating a config does not import the data package
+#: data.pairs.PAIRINGS, written here so that validating a config does not import the data package
 PAIRINGS = ("random", "cycle", "fixed", "seeded_offset")
 SYNTHETIC_KEYS = {"n_authors": int, "facts_per_author": int, "seed": int, "n_perturbed": int}
 #: What a run writes into its output folder (no input may lie there).
