@@ -23,7 +23,7 @@ LAYERS = [
     ("model glue", {"model", "hf", "likelihood", ""}),
     ("training", {"train"}),
     ("evaluation", {"eval"}),
-    ("entry points", {"plan", "plan_table", "trainer", "markov", "studies", "demo"}),
+    ("entry points", {"plan", "plan_table", "markov", "studies", "demo"}),
     ("command line", {"cli"}),  # every argparse parser and `main`; no library module imports it
 ]
 LAYER_OF = {part: i for i, (_, parts) in enumerate(LAYERS) for part in parts}

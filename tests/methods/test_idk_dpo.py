@@ -236,7 +236,7 @@ def _naive_step(cfg):
     from simnpo_fast import data as D
     from simnpo_fast.distributed import DistInfo
     from simnpo_fast.model import build_hf_model
-    from simnpo_fast.trainer import prepare_data
+    from simnpo_fast.train import prepare_data
     from simnpo_fast.train.datasets import prepare_alternates
 
     tok, forget, retain = prepare_data(cfg, DistInfo(0, 1, 0, torch.device("cpu"), "gloo"))
@@ -263,7 +263,7 @@ def _naive_step(cfg):
 
 def _trainer_grads(cfg):
     from simnpo_fast.distributed import full_tensor
-    from simnpo_fast.trainer import train
+    from simnpo_fast.train import train
 
     grads = {}
 
@@ -283,7 +283,7 @@ def _same_grads(got, want, label):
 
 
 def test_fsdp_trainer_step_equals_naive_oracle_accumulated_and_on_two_ranks(corpus, tmp_path):  # noqa: F811
-    from simnpo_fast.trainer import load_config
+    from simnpo_fast.train import load_config
 
     naive, naive_loss = _naive_step(load_config(None, base_overrides(corpus, str(tmp_path / "n"), **IDK)))
     two = {"idk": base_overrides(corpus, str(tmp_path / "two"), micro_batch_size=1, **IDK)}
@@ -303,7 +303,7 @@ def test_fsdp_trainer_unlearns_towards_the_refusal_and_resumes_exactly(corpus, t
     """A few steps of pure IdkDPO (no retain term) lower the forget log-likelihood and raise the refusals'; a run
     stopped after 2 steps and resumed (reference cache and refusal draws from the checkpoint) logs the same
     records as an uninterrupted one."""
-    from simnpo_fast.trainer import load_config, train
+    from simnpo_fast.train import load_config, train
 
     kw = dict(IDK, **{"loss.retain_weight": 0.0, "optim.lr": 3e-3, "batch_size": 4, "micro_batch_size": 2})
     res = train(load_config(None, base_overrides(corpus, str(tmp_path / "a"), max_steps=4, **kw)))
@@ -326,7 +326,7 @@ def test_trainer_names_a_missing_refusal_file(corpus, tmp_path):  # noqa: F811
     import shutil
 
     from simnpo_fast.data import DataFileNotFoundError
-    from simnpo_fast.trainer import load_config, train
+    from simnpo_fast.train import load_config, train
 
     data = tmp_path / "tofu"
     shutil.copytree(corpus["data"], data)

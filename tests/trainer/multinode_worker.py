@@ -15,7 +15,7 @@ def main():
     out_file, overrides = sys.argv[1], json.loads(sys.argv[2])
     torch.set_num_threads(1)
     from simnpo_fast.distributed import full_tensor
-    from simnpo_fast.trainer import load_config, train
+    from simnpo_fast.train import load_config, train
 
     grads = {}
 

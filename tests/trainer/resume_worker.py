@@ -18,7 +18,7 @@ def main():
 
     from simnpo_fast.distributed import barrier
     from simnpo_fast.errors import RunFolderError
-    from simnpo_fast.trainer import load_config, train
+    from simnpo_fast.train import load_config, train
 
     rank = int(os.environ["RANK"])
     run = os.path.join(out_dir, "run")

@@ -54,7 +54,7 @@ def _trainer_run(cfg, monkeypatch):
     """Train ``cfg`` in this process; return (initial weights, each step's (forget rows, retain rows), losses)."""
     import simnpo_fast.train.loop as loop
     from simnpo_fast.distributed import full_tensor
-    from simnpo_fast.trainer import train
+    from simnpo_fast.train import train
 
     import simnpo_fast.train.step as step_module
 
@@ -162,7 +162,7 @@ def _rel(a, b):
 def test_trainer_steps_equal_the_authors_code(corpus, tmp_path, monkeypatch, method):
     """5 optimizer steps: every step's loss equal to the re-implemented authors' step within 1e-10 (fp64), at 2
     and 4 accumulation steps in one process."""
-    from simnpo_fast.trainer import load_config
+    from simnpo_fast.train import load_config
 
     runs = {}
     for micro in (2, 1):
@@ -182,7 +182,7 @@ def test_trainer_steps_equal_the_authors_code(corpus, tmp_path, monkeypatch, met
 def test_two_ranks_equal_the_authors_code(corpus, tmp_path, monkeypatch):
     """torchrun, 2 ranks x 2 accumulation steps (global batch 4): the logged losses of SimNPO + retain equal the
     authors' steps on the same rows."""
-    from simnpo_fast.trainer import load_config
+    from simnpo_fast.train import load_config
 
     cfg = load_config(None, _overrides(corpus, str(tmp_path / "one"), "simnpo", 2))
     init, steps, _ = _trainer_run(cfg, monkeypatch)

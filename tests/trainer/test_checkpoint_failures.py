@@ -70,7 +70,7 @@ def test_earlier_checkpoints_survive_a_failed_save(corpus, tmp_path):
 
     with tmpfs(tmp_path / "small", "4m") as small:
         out = small / "run"
-        from simnpo_fast.trainer import train
+        from simnpo_fast.train import train
 
         def fill(run, step):
             if step == 2:
@@ -107,7 +107,7 @@ def test_a_verified_checkpoint_that_does_not_fit_the_model(tmp_path):
 
 def test_damaged_shard_with_a_recomputed_manifest(corpus, tmp_path):
     """The manifest verifies (its hashes were recomputed), DCP's reader fails: exit 8, one line."""
-    from simnpo_fast.trainer import train
+    from simnpo_fast.train import train
 
     out = tmp_path / "run"
     train(_cfg(corpus, out))  # in this test: a module-scoped run would leave its process group to later modules

@@ -50,7 +50,7 @@ def two_nodes(nproc: int, out_file: str, overrides: list, timeout: int = 300) ->
 
 def _single(out: str, overrides: list):
     from simnpo_fast.distributed import full_tensor
-    from simnpo_fast.trainer import load_config, train
+    from simnpo_fast.train import load_config, train
 
     grads = {}
 
@@ -87,7 +87,7 @@ def test_two_nodes_match_one_process_and_resume_across_world_sizes(corpus, tmp_p
     for name in ("ws2", "ws1"):
         shutil.copytree(tmp_path / "ws4", tmp_path / name)
     ws2 = two_nodes(1, str(tmp_path / "ws2.pt"), ov(tmp_path / "ws2", max_steps=STEPS, **{"checkpoint.resume": True}))
-    from simnpo_fast.trainer import load_config, train
+    from simnpo_fast.train import load_config, train
 
     ws1 = train(load_config(None, ov(tmp_path / "ws1", max_steps=STEPS, **{"checkpoint.resume": True})))
     assert ws2["world_size"] == 2

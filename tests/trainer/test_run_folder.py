@@ -30,7 +30,7 @@ def _ov(corpus, out, **kw):
 
 
 def _cfg(corpus, out, **kw):
-    from simnpo_fast.trainer import load_config
+    from simnpo_fast.train import load_config
 
     return load_config(None, _ov(corpus, out, **kw))
 
@@ -48,7 +48,7 @@ def _assert_same_weights(a, b):
 @pytest.fixture(scope="module")
 def straight(corpus, tmp_path_factory):
     """An uninterrupted 4-step run (checkpoints at steps 2 and 4) kept pristine; tests copy it."""
-    from simnpo_fast.trainer import train
+    from simnpo_fast.train import train
 
     out = tmp_path_factory.mktemp("straight") / "run"
     res = train(_cfg(corpus, out))
@@ -97,7 +97,7 @@ def test_every_checkpoint_records_the_run_id(straight):
 def test_fresh_run_over_another_runs_checkpoints_is_refused_then_overwrite_moves_it_aside(corpus, straight, tmp_path):
     """Issue item 1: a rerun with another lr into a folder with checkpoints must never hand back the old model."""
     from simnpo_fast.errors import RunFolderError
-    from simnpo_fast.trainer import train
+    from simnpo_fast.train import train
 
     out = _copy(straight["out"], tmp_path / "run")
     before = _snapshot(out)
@@ -122,7 +122,7 @@ def test_fresh_run_over_another_runs_checkpoints_is_refused_then_overwrite_moves
 
 def test_resume_with_nothing_to_resume_says_so_and_auto_starts_fresh(corpus, tmp_path):
     from simnpo_fast.errors import RunFolderError
-    from simnpo_fast.trainer import train
+    from simnpo_fast.train import train
 
     out = tmp_path / "run"
     os.makedirs(out)
@@ -140,7 +140,7 @@ def test_resume_with_nothing_to_resume_says_so_and_auto_starts_fresh(corpus, tmp
 def test_a_fresh_run_never_leaves_an_earlier_runs_model_next_to_its_own_config(corpus, tmp_path):
     """A run that keeps no checkpoint, rerun with another lr and killed before its export: the folder must not
     hold the first run's model next to the second run's config (it is in replaced/)."""
-    from simnpo_fast.trainer import train
+    from simnpo_fast.train import train
 
     out = tmp_path / "run"
     nock = {"checkpoint.every": 0, "checkpoint.final": False}
@@ -163,7 +163,7 @@ def test_a_fresh_run_never_leaves_an_earlier_runs_model_next_to_its_own_config(c
 def test_resume_refuses_a_changed_config_and_names_the_keys(corpus, straight, tmp_path):
     """Issue item 3: optim.lr=1e9 --resume used to train at the old lr and record 1e9."""
     from simnpo_fast.errors import RunFolderError
-    from simnpo_fast.trainer import train
+    from simnpo_fast.train import train
 
     out = _copy(straight["out"], tmp_path / "run")
     before = _snapshot(out)
@@ -179,7 +179,7 @@ def test_resume_refuses_a_changed_config_and_names_the_keys(corpus, straight, tm
 def test_finished_finetune_stage_with_another_config_is_not_reused(corpus, tmp_path):
     from simnpo_fast.errors import RunFolderError
     from simnpo_fast.train.run_folder import write_run_file
-    from simnpo_fast.trainer import config_to_dict, finetune_config, train
+    from simnpo_fast.train import config_to_dict, finetune_config, train
 
     cfg = _cfg(corpus, tmp_path / "run", **{"finetune.enabled": True, "finetune.lr": 1e-2})
     ft = finetune_config(cfg)
@@ -266,7 +266,7 @@ CORRUPTIONS = {
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous_verified_one(corpus, straight, tmp_path, capfd, case):
     """Issue item 5: each damage is reported by name, the checkpoint is moved aside (not deleted), the run
     resumes from step 2 and ends bit-identical to the uninterrupted run."""
-    from simnpo_fast.trainer import train
+    from simnpo_fast.train import train
 
     out = _copy(straight["out"], tmp_path / "run")
     shutil.rmtree(out / "hf")
@@ -289,7 +289,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_verified_one(corpu
 
 def test_no_verified_checkpoint_is_a_checkpoint_error(corpus, straight, tmp_path):
     from simnpo_fast.errors import CheckpointError
-    from simnpo_fast.trainer import train
+    from simnpo_fast.train import train
 
     out = _copy(straight["out"], tmp_path / "run")
     for s in ("step_00000002", "step_00000004"):
@@ -303,7 +303,7 @@ def test_no_verified_checkpoint_is_a_checkpoint_error(corpus, straight, tmp_path
 def test_last_good_checkpoint_is_the_verified_one(corpus, straight, tmp_path):
     """Issue item 5: a bit-flipped newest checkpoint must not be named "last good checkpoint" later."""
     from simnpo_fast.errors import NonFiniteError
-    from simnpo_fast.trainer import train
+    from simnpo_fast.train import train
 
     out = _copy(straight["out"], tmp_path / "run")
     _flip_byte(_shard(str(out / "checkpoints" / "step_00000004")))
@@ -324,7 +324,7 @@ def test_crafted_metadata_is_never_unpickled(corpus, straight, tmp_path, monkeyp
     """Issue item 4: a .metadata whose pickle calls a function (with a manifest rewritten to match, as an
     attacker with write access would) is refused by the reader before the call; the run falls back."""
     from simnpo_fast.train.checkpoint import MANIFEST, MARKER, read_dcp_metadata
-    from simnpo_fast.trainer import train
+    from simnpo_fast.train import train
 
     mark = tmp_path / "code-ran"
     monkeypatch.setenv("SIMNPO_EVIL_MARK", str(mark))
@@ -384,7 +384,7 @@ def _hf_model_folder(corpus, path, with_tokenizer=True):
 def test_model_folder_is_never_written(corpus, tmp_path):
     """Issue item 6: a tokenizer used to be trained *into* model.path when it had none."""
     from simnpo_fast.errors import TokenizerError
-    from simnpo_fast.trainer import train
+    from simnpo_fast.train import train
 
     bare = _hf_model_folder(corpus, tmp_path / "bare", with_tokenizer=False)
     snap = _snapshot(bare)
@@ -416,7 +416,7 @@ def test_overwrite_refuses_before_moving_a_folder_that_holds_an_input(corpus, tm
     """Issue 24 item 4: model.path inside <output_dir>/finetune (an earlier run's finetuned model): --overwrite
     would move it aside, so it stops before anything moves."""
     from simnpo_fast.errors import ConfigError
-    from simnpo_fast.trainer import train
+    from simnpo_fast.train import train
 
     out = tmp_path / "run"
     model = _hf_model_folder(corpus, out / "finetune" / "hf")
@@ -429,7 +429,7 @@ def test_overwrite_refuses_before_moving_a_folder_that_holds_an_input(corpus, tm
 
 def test_synthetic_corpus_is_never_generated_over_other_files(corpus, tmp_path):
     from simnpo_fast.errors import ConfigError
-    from simnpo_fast.trainer import train
+    from simnpo_fast.train import train
 
     data = tmp_path / "mydata"
     os.makedirs(data)
@@ -480,7 +480,7 @@ def test_two_ranks_refuse_together_and_resume_from_a_verified_checkpoint(corpus,
 @pytest.mark.parametrize("spelling", ["trailing slash", "relative", "through a symlink"])
 def test_resume_takes_another_spelling_of_the_same_data_folder(corpus, straight, tmp_path, monkeypatch, spelling):
     """Issue 24 item 6: paths are compared as folders, not as strings."""
-    from simnpo_fast.trainer import train
+    from simnpo_fast.train import train
 
     out = _copy(straight["out"], tmp_path / "run")
     shutil.rmtree(out / "hf")
@@ -500,7 +500,7 @@ def test_a_run_that_fails_before_its_first_step_leaves_no_run_behind(corpus, tmp
     or the corrected rerun would move that never-run 'run' into replaced/."""
     from simnpo_fast.errors import SimnpoError
     from simnpo_fast.data import DataError
-    from simnpo_fast.trainer import train
+    from simnpo_fast.train import train
 
     out = tmp_path / "run"
     if bad == "model":

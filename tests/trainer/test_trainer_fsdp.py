@@ -35,7 +35,7 @@ def _naive_grads(cfg):
     from simnpo_fast import data as D
     from simnpo_fast.distributed import DistInfo
     from simnpo_fast.model import build_hf_model
-    from simnpo_fast.trainer import prepare_data
+    from simnpo_fast.train import prepare_data
 
     info = DistInfo(0, 1, 0, torch.device("cpu"), "gloo")
     tok, forget, retain = prepare_data(cfg, info)
@@ -76,7 +76,7 @@ def _naive_grads(cfg):
 
 def _single_process_grads(cfg):
     from simnpo_fast.distributed import full_tensor
-    from simnpo_fast.trainer import train
+    from simnpo_fast.train import train
 
     grads = {}
 
@@ -88,7 +88,7 @@ def _single_process_grads(cfg):
 
 
 def test_two_rank_fsdp_gradients_equal_single_process(corpus, tmp_path):
-    from simnpo_fast.trainer import load_config
+    from simnpo_fast.train import load_config
 
     cases = {name: base_overrides(corpus, str(tmp_path / name), micro_batch_size=1, **kw) for name, kw in CASES.items()}
     torchrun(2, os.path.join(HERE, "dist_worker.py"), str(tmp_path), json.dumps(cases))

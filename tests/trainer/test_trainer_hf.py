@@ -171,7 +171,7 @@ def test_from_preset_takes_the_papers_values(qa, tmp_path):
     setting's loss and schedule, as the trainer config's preset (read from the same YAML), keywords winning."""
     from simnpo_fast import data as D
     from simnpo_fast.hf import ForgetRetainCollator, UnlearningTrainer
-    from simnpo_fast.trainer import load_config
+    from simnpo_fast.train import load_config
 
     tok, forget, retain = qa
     ds = D.ForgetRetainDataset(forget, retain, seed=0)

@@ -29,7 +29,7 @@ def _overrides(corpus, out, **kw):
 
 def test_sigkill_then_resume_equals_uninterrupted(corpus, tmp_path):
     from simnpo_fast.train.checkpoint import latest_checkpoint
-    from simnpo_fast.trainer import load_config, train
+    from simnpo_fast.train import load_config, train
 
     out = str(tmp_path / "killed")
     cfg_default = os.path.join(ROOT, "simnpo_fast", "configs", "default.yaml")
@@ -94,7 +94,7 @@ def test_sigkill_then_resume_equals_uninterrupted(corpus, tmp_path):
 
 def test_non_finite_gradient_stops_and_keeps_last_checkpoint(corpus, tmp_path):
     from simnpo_fast.train.checkpoint import latest_checkpoint, list_checkpoints
-    from simnpo_fast.trainer import NonFiniteError, load_config, train
+    from simnpo_fast.train import NonFiniteError, load_config, train
 
     out = str(tmp_path / "nan")
     cfg = load_config(None, base_overrides(corpus, out, max_steps=5, **{"checkpoint.every": 2,
@@ -133,7 +133,7 @@ ERRORS = [
 
 @pytest.mark.parametrize("override, match", ERRORS)
 def test_config_errors_raise_on_load(override, match):
-    from simnpo_fast.trainer import load_config
+    from simnpo_fast.train import load_config
 
     extra = ["data.kind=tofu"] if override.startswith("data.path") else []
     with pytest.raises((ValueError, FileNotFoundError), match=match):
@@ -151,7 +151,7 @@ def test_cli_config_error_fails_before_any_work(tmp_path):
 
 
 def test_packaged_configs_load(tmp_path):
-    from simnpo_fast.trainer import load_config
+    from simnpo_fast.train import load_config
 
     with pytest.raises(ValueError, match="data.path is required"):
         load_config("tofu_forget10")  # the model / data paths must be given: nothing is downloaded
@@ -199,7 +199,7 @@ def test_preemption_signal_checkpoints_then_resume_equals_uninterrupted(corpus, 
     every 4 steps: the run checkpoints step 3, exits 10 with one line, and the resumed run's model equals an
     uninterrupted run's bit for bit."""
     from simnpo_fast.train.checkpoint import latest_checkpoint, verify_checkpoint
-    from simnpo_fast.trainer import load_config, train
+    from simnpo_fast.train import load_config, train
 
     out = str(tmp_path / "preempted")
     cfg_default = os.path.join(ROOT, "simnpo_fast", "configs", "default.yaml")

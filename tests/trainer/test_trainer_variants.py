@@ -7,7 +7,7 @@ from .conftest import base_overrides
 
 
 def test_retain_kl_is_zero_at_start_then_positive(corpus, tmp_path):
-    from simnpo_fast.trainer import load_config, train
+    from simnpo_fast.train import load_config, train
 
     cfg = load_config(None, base_overrides(corpus, str(tmp_path / "kl"), max_steps=3, **{
         "loss.retain_loss": "kl", "loss.objective": "simnpo", "optim.lr": 1e-2}))
@@ -21,7 +21,7 @@ def test_lora_trains_adapters_only_and_exports_merged(corpus, tmp_path):
     pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
 
-    from simnpo_fast.trainer import load_config, train
+    from simnpo_fast.train import load_config, train
 
     out = tmp_path / "lora"
     cfg = load_config(None, base_overrides(corpus, str(out), max_steps=2, **{
