@@ -51,7 +51,7 @@ def _evaluate(hf_dir, tok, corpus):
 
 
 def _write(results, path_stem):
-    from simnpo_fast.eval.report import bar_chart, markdown_table
+    from simnpo_fast.eval.result_files import bar_chart, markdown_table
     from simnpo_fast.train.metrics import machine_info
 
     cols = [(f"{s}/{f}/acc", f"{s} acc ({f})") for f in ("text", "letters") for s in ("forget", "retain")]

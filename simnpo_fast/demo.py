@@ -71,7 +71,7 @@ def run_demo(out_dir: str = "demo_out", config: str = "demo", overrides=None, wi
     label of the config's ``unlearn.methods``."""
     from .eval import evaluate_tofu
     from .eval.hook import EvalHook
-    from .eval.report import text_table, write_report
+    from .eval.result_files import text_table, write_report
     from .eval.tofu import summarize
     from .studies import load_study_config
     from .studies.tofu import (eval_config, finetune_stage, finish, load_hf, prepare_corpus, retain_split,

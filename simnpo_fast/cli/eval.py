@@ -309,7 +309,7 @@ def _rank0() -> bool:
 
 def run_eval(args) -> int:
     from ..errors import check_finite
-    from ..eval.report import text_table, write_report
+    from ..eval.result_files import text_table, write_report
 
     _check_args(args)
     progress = not args.no_progress
@@ -355,7 +355,7 @@ def run_eval(args) -> int:
 def run_relearn(args) -> int:
     from ..errors import check_finite
     from ..eval.relearn import RelearnConfig, relearn_attack
-    from ..eval.report import save_json, text_table, write_report
+    from ..eval.result_files import save_json, text_table, write_report
 
     _check_args(args)
     _require_folder(args)

@@ -33,7 +33,7 @@ from .hook import EvalHook
 from .mcq import McqEvalConfig, evaluate_mcq, load_mcq
 from .muse import MuseEvalConfig, evaluate_muse, load_muse_files
 from .relearn import RelearnConfig, relearn_attack
-from .report import write_report
+from .result_files import write_report
 from .runner import generate, logprobs, token_logprobs
 from .tofu import PROTOCOLS, TofuEvalConfig, evaluate_tofu, reference_truth_ratios, summarize
 

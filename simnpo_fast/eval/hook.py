@@ -1,5 +1,5 @@
 """Evaluation during training (``eval_every``): TOFU metrics every N optimizer steps, kept as a history for
-:func:`simnpo_fast.eval.report.curves`.
+:func:`simnpo_fast.eval.result_files.curves`.
 
 The trainer calls ``hooks["after_backward"](run, s)`` just before optimizer step ``s``: the weights then are those
 after ``s - 1`` steps, so :class:`EvalHook` evaluates when ``(s - 1) % every == 0`` and records step ``s - 1``
@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from ..distributed import broadcast_object, rank
-from .report import save_json
+from .result_files import save_json
 from .runner import unwrap
 from .tofu import TofuEvalConfig, evaluate_tofu
 

@@ -13,7 +13,7 @@ Reference protocol: OPTML-Group/Unlearn-Simple, ``synthetic/`` (``run_synthetic.
 here is our own.
 
 Modules: :mod:`.chains` (matrices, sampling, batches), :mod:`.core` (model, training, fused evaluation,
-gradient weights, the unlearning loop), :mod:`.report` (summary, plots, Markdown); the study's jobs, checkpoints
+gradient weights, the unlearning loop), :mod:`.study_report` (summary, plots, Markdown); the study's jobs, checkpoints
 and workers: :mod:`simnpo_fast.studies.markov`.
 """
 from .chains import CHAINS, initial_distribution, make_chain, sample, transition_chi2, transition_matrix

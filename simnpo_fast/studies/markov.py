@@ -204,7 +204,7 @@ def run(cfg: dict, out_dir: str, *, seeds: Optional[List[int]] = None, methods: 
                results_dir: Optional[str] = None, command: str = "") -> dict:
     """Run the study (stages in the module docstring); write ``<out>/study.json`` and, with ``results_dir``,
     the JSON, plots and Markdown there. Returns the study dict (``runs`` = one entry per seed and setting)."""
-    from ..markov import report
+    from ..markov import study_report as report
 
     t0, load0 = time.perf_counter(), load_average()
     date = time.strftime("%Y-%m-%d", time.gmtime())
@@ -245,7 +245,7 @@ def run(cfg: dict, out_dir: str, *, seeds: Optional[List[int]] = None, methods: 
 
 def summary_text(study: dict) -> str:
     """The report's text summary and where the results went."""
-    from ..markov.report import text_summary
+    from ..markov.study_report import text_summary
 
     return (f"{text_summary(study)}\n\nresults: {', '.join(study.get('files', {}).values())} "
             f"({study['timing']['elapsed_s'] / 60:.1f} min)")

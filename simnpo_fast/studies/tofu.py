@@ -279,7 +279,7 @@ def _evaluate_seed(cfg: dict, stages: SeedStages, corpus: Corpus, seed: int, sd:
     ``relearn.methods``); ``add(row name, summary)`` collects the summaries."""
     from ..eval import evaluate_tofu
     from ..eval.relearn import RelearnConfig, relearn_attack
-    from ..eval.report import save_json
+    from ..eval.result_files import save_json
     from ..eval.tofu import summarize
 
     ecfg, tok, data_dir = eval_config(cfg), corpus.tokenizer, corpus.data_dir
@@ -309,7 +309,7 @@ def run(cfg: dict, out_dir: str, *, seeds: Optional[List[int]] = None, methods: 
     """Run the protocol for every seed and method label (default: ``methods``, else every variant of
     ``unlearn.methods``); write per-run JSONs and (with ``results_dir``) the table, plot and Markdown there.
     Returns ``{"rows": {name: mean summary}, "std": ..., "per_seed": ..., "files": ...}``."""
-    from ..eval.report import save_json
+    from ..eval.result_files import save_json
     from .tofu_results import machine, summary_stats, write_study_results
 
     t0 = time.perf_counter()
@@ -338,7 +338,7 @@ def run(cfg: dict, out_dir: str, *, seeds: Optional[List[int]] = None, methods: 
 
 def summary_text(result: dict) -> str:
     """The table of mean summaries and where the results went."""
-    from ..eval.report import text_table
+    from ..eval.result_files import text_table
 
     files = result.get("files") or {}
     where = ", ".join(files[k] for k in ("markdown", "plot") if k in files) or "not written"

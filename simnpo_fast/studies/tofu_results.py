@@ -54,7 +54,7 @@ def machine() -> str:
 def write_study_results(study: dict, results_dir: str) -> Dict[str, str]:
     """``<name>.md`` (mean ± std over seeds of :data:`COLUMNS`, the config), ``<name>.png`` and ``<name>.json``
     in ``results_dir``; returns their paths (``markdown``, ``plot``, ``json``)."""
-    from ..eval.report import bar_chart, markdown_table, save_json
+    from ..eval.result_files import bar_chart, markdown_table, save_json
 
     os.makedirs(results_dir, exist_ok=True)
     name = study["config"].get("name", "tofu-mini")

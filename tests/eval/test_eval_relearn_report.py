@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from simnpo_fast.eval.relearn import RelearnConfig, finetune_nll, relearn_attack, relearn_subset
-from simnpo_fast.eval.report import markdown_table, write_report
+from simnpo_fast.eval.result_files import markdown_table, write_report
 from simnpo_fast.eval.tofu import TofuEvalConfig, evaluate_tofu
 
 from .conftest import TINY_TOFU, tiny_llama, write_jsonl

@@ -1,5 +1,6 @@
-"""Reports: one JSON per evaluation, a Markdown summary table and PNG plots (a bar chart per metric across
-models / methods, and curves over training steps when the model was evaluated during training)."""
+"""The files of evaluation results: one JSON per evaluation, a Markdown summary table (and its plain-text form
+for the terminal) and PNG plots (a bar chart per metric across models / methods, and curves over training steps
+when the model was evaluated during training)."""
 from __future__ import annotations
 
 import json

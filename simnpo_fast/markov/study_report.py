@@ -14,7 +14,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from ..eval.report import pyplot, save_figure, save_json  # noqa: F401  (save_json re-exported for the driver)
+from ..eval.result_files import pyplot, save_figure, save_json  # noqa: F401  (save_json re-exported for the driver)
 from ..methods import get_method
 
 KL_KEYS = [f"kl_{k}/{c}" for k in ("retrain", "true") for c in ("retain", "forget1", "forget2", "forget")]
