@@ -19,24 +19,12 @@ from ._inputs import check_inputs, check_reference, pack
 from .backends import Backend, ChunkedBackend, HeadInputs, get_backend
 from .backends.filter import FilterSpec, resolve
 from .backends.tiles import acc_dtype
-from .objectives import GA, NLL, NPO, SequenceObjective, SimNPO, check_normalize
+from .methods.npo import NPO_METHOD
+from .methods.simnpo import SIMNPO
+from .objectives import GA, NLL, SequenceObjective, check_normalize
 from .objectives.base import check_reduction
 
 BackendArg = Union[None, str, Backend]
-
-
-def _seq_weight_fn(objective: SequenceObjective, n_tokens: torch.Tensor, extras: dict, scale: float = 1.0):
-    """``fn(logp_sum chunk, seq idx) -> (f, scale * df/dlogp_sum)``: ``f`` unscaled, ``g`` scaled (autograd of
-    the objective on the chunk: any objective gets its exact per-sequence weight)."""
-    def fn(logp_chunk: torch.Tensor, idx: torch.Tensor):
-        with torch.enable_grad():
-            s = logp_chunk.detach().requires_grad_(True)
-            sub = {k: v.index_select(0, idx) for k, v in extras.items()}
-            f = objective(s, n_tokens.index_select(0, idx), **sub)
-            (g,) = torch.autograd.grad(f.sum(), s)
-        return f.detach(), g * scale
-
-    return fn
 
 
 def _head_inputs(hidden, weight, labels, bias, ignore_index, shift, grad_filter: FilterSpec = None):
@@ -117,26 +105,28 @@ def fused_sequence_loss(
     if inp.grad_filter is not None and inp.grad_filter.rows > 0 and inp.grad_filter.rows_ref == "bound":
         bound = objective.weight_bound(n_tokens)
         inp = inp.replace(weight_bound=None if bound is None else bound.to(hidden.device) * scale)
-    loss, logp = be.sequence_loss(inp, _seq_weight_fn(objective, n_tokens, extras, scale), scale)
+    loss, logp = be.sequence_loss(inp, objective.seq_weight_fn(n_tokens, extras, scale), scale)
     return (loss, logp, n_tokens) if return_logp else loss
 
 
-def simnpo_loss(hidden, weight, labels, *, beta: float = 2.5, gamma: float = 0.0, bias=None,
-                ignore_index: int = -100, reduction: str = "mean", normalizer=None, shift: bool = True,
-                backend: BackendArg = None, grad_filter: FilterSpec = "auto"):
-    """SimNPO: ``-(2/beta) * logsigmoid(-(beta/|y|) * log p(y|x) - gamma)``, mean over forget sequences."""
-    return fused_sequence_loss(hidden, weight, labels, SimNPO(beta, gamma), bias=bias,
+def simnpo_loss(hidden, weight, labels, *, beta: float = SIMNPO.defaults["beta"],
+                gamma: float = SIMNPO.defaults["gamma"], bias=None, ignore_index: int = -100, reduction: str = "mean",
+                normalizer=None, shift: bool = True, backend: BackendArg = None, grad_filter: FilterSpec = "auto"):
+    """SimNPO: ``-(2/beta) * logsigmoid(-(beta/|y|) * log p(y|x) - gamma)``, mean over forget sequences (defaults:
+    the method registry's, ``methods/simnpo.py``)."""
+    return fused_sequence_loss(hidden, weight, labels, SIMNPO.forget_objective(beta, gamma), bias=bias,
                                ignore_index=ignore_index, reduction=reduction, normalizer=normalizer,
                                shift=shift, backend=backend, grad_filter=grad_filter)
 
 
-def npo_loss(hidden, weight, labels, ref_logp_sum, *, beta: float = 0.1, bias=None, ignore_index: int = -100,
-             reduction: str = "mean", normalizer=None, shift: bool = True, backend: BackendArg = None,
-             grad_filter: FilterSpec = "auto"):
-    """NPO: ``-(2/beta) * logsigmoid(-beta * (log p - log p_ref))`` with summed log-likelihoods."""
-    return fused_sequence_loss(hidden, weight, labels, NPO(beta), bias=bias, ignore_index=ignore_index,
-                               reduction=reduction, normalizer=normalizer, shift=shift, backend=backend,
-                               grad_filter=grad_filter, ref_logp_sum=ref_logp_sum)
+def npo_loss(hidden, weight, labels, ref_logp_sum, *, beta: float = NPO_METHOD.defaults["beta"], bias=None,
+             ignore_index: int = -100, reduction: str = "mean", normalizer=None, shift: bool = True,
+             backend: BackendArg = None, grad_filter: FilterSpec = "auto"):
+    """NPO: ``-(2/beta) * logsigmoid(-beta * (log p - log p_ref))`` with summed log-likelihoods (default beta: the
+    method registry's, ``methods/npo.py``)."""
+    return fused_sequence_loss(hidden, weight, labels, NPO_METHOD.forget_objective(beta), bias=bias,
+                               ignore_index=ignore_index, reduction=reduction, normalizer=normalizer, shift=shift,
+                               backend=backend, grad_filter=grad_filter, ref_logp_sum=ref_logp_sum)
 
 
 def nll_loss(hidden, weight, labels, *, bias=None, ignore_index: int = -100, reduction: str = "mean",
@@ -157,7 +147,8 @@ def ga_loss(hidden, weight, labels, *, bias=None, ignore_index: int = -100, redu
 
 def kl_loss(hidden, weight, labels, ref_hidden, ref_weight, *, bias=None, ref_bias=None, ignore_index: int = -100,
             reduction: str = "mean", normalizer=None, shift: bool = True, backend: BackendArg = None,
-            chunk_rows: Optional[int] = None, grad_filter: FilterSpec = "auto", normalize: str = "token"):
+            chunk_rows: Optional[int] = None, grad_filter: FilterSpec = "auto", normalize: str = "token",
+            return_n_tokens: bool = False):
     """Retain KL: ``sum_t KL(p_ref(.|t) || p(.|t))`` over the answer tokens, token-mean by default (or the sum
     divided by ``normalizer``), where ``p`` comes from ``hidden`` / ``weight`` / ``bias`` and the frozen
     reference ``p_ref`` from ``ref_hidden [B, T, d_ref]`` / ``ref_weight [V, d_ref]`` / ``ref_bias`` (no
@@ -168,6 +159,7 @@ def kl_loss(hidden, weight, labels, ref_hidden, ref_weight, *, bias=None, ref_bi
     (entries with ``|p - p_ref| < eps`` left out of the products); a row threshold is an error.
     ``normalize="sequence"``: each sequence's KL is its mean over its answer tokens, and the mean (or the sum over
     ``normalizer``) is over sequences with an answer token (a per-row scale ``1 / n_i`` in the kernels).
+    ``return_n_tokens=True``: ``(loss, n_tokens [B])``, the answer-token counts found on the way.
     """
     check_reduction(reduction, normalizer)
     check_normalize(normalize)
@@ -197,4 +189,5 @@ def kl_loss(hidden, weight, labels, ref_hidden, ref_weight, *, bias=None, ref_bi
     if normalize == "sequence" and M > 0:  # row r of sequence i: scale / n_i
         per_seq = 1.0 / n_tokens.clamp(min=1).to(device=hidden.device, dtype=torch.float64)
         scale = (per_seq[inp.seq_ids.to(hidden.device)] * scale).to(acc_dtype(hidden))
-    return get_backend(backend, hidden.device).kl_loss(inp, ref, scale)
+    loss = get_backend(backend, hidden.device).kl_loss(inp, ref, scale)
+    return (loss, n_tokens) if return_n_tokens else loss

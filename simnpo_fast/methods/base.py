@@ -11,8 +11,8 @@ a method's name.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Union
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Mapping, Optional, Union
 
 import torch
 
@@ -59,9 +59,13 @@ class PairObjective:
 class Method:
     """One unlearning method.
 
-    ``forget_objective(beta=None, gamma=0.0)`` builds the forget objective; ``beta=None`` takes the method's
-    default and methods without a ``beta`` / ``gamma`` ignore them. ``retain`` is the default retain term
-    (``loss.retain_loss`` may switch ``"nll"`` to ``"kl"``; a method with ``"none"`` never has one).
+    ``factory`` builds the forget objective from the method's hyper-parameters given as keywords; ``defaults``
+    names those hyper-parameters with their default values (SimNPO ``{"beta": 2.5, "gamma": 0.0}``, NPO
+    ``{"beta": 0.1}``, GA ``{}``): the one place a default is written, read by every loss, module, trainer and
+    config (:meth:`forget_objective`). ``defaults=None``: the factory keeps its own keyword defaults
+    (``lambda beta=None, gamma=0.0: ...``) and gets only the values given.
+    ``retain`` is the default retain term (``loss.retain_loss`` may switch ``"nll"`` to ``"kl"``; a method with
+    ``"none"`` never has one).
     ``reference="logp"``: the loss needs ``ref_logp_sum``, the frozen reference model's summed answer
     log-likelihood of each forget example (cached once before training), and for a method with alternates also
     ``ref_alt_logp_sum``, the same of its alternate answer. ``alternate="idk"``: every forget row comes with an
@@ -70,11 +74,12 @@ class Method:
     """
 
     name: str
-    forget_objective: Callable[..., Union[SequenceObjective, PairObjective]]
+    factory: Callable[..., Union[SequenceObjective, PairObjective]]
     retain: str = "nll"
     reference: str = "none"
     summary: str = ""
     alternate: str = "none"
+    defaults: Optional[Mapping[str, float]] = field(default=None, hash=False)
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name or self.name != self.name.lower():
@@ -89,6 +94,14 @@ class Method:
         if isinstance(self.forget_objective(), PairObjective) != (self.alternate != "none"):
             raise ValueError(f"method {self.name!r}: a method with alternate rows (alternate={self.alternate!r}) "
                              "needs a PairObjective as its forget objective, and a PairObjective needs alternate rows")
+
+    def forget_objective(self, beta: Optional[float] = None, gamma: Optional[float] = None):
+        """The forget objective at ``beta`` / ``gamma``: ``None`` takes the method's default (:attr:`defaults`); a
+        hyper-parameter the method does not have (NPO's ``gamma``, GA's ``beta``) is ignored."""
+        given = {"beta": beta, "gamma": gamma}
+        if self.defaults is None:
+            return self.factory(**{k: v for k, v in given.items() if v is not None})
+        return self.factory(**{k: v if given.get(k) is None else given[k] for k, v in self.defaults.items()})
 
     @property
     def per(self) -> str:

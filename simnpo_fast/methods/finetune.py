@@ -2,9 +2,5 @@
 from ..objectives import NLL
 from .base import Method, register_method
 
-
-def _objective(beta=None, gamma=0.0):
-    return NLL()
-
-
-FINETUNE = register_method(Method("finetune", _objective, retain="none", summary="NLL on the data, token mean"))
+FINETUNE = register_method(Method("finetune", NLL, retain="none", defaults={},
+                                  summary="NLL on the data, token mean"))

@@ -2,9 +2,4 @@
 from ..objectives import GA
 from .base import Method, register_method
 
-
-def _objective(beta=None, gamma=0.0):
-    return GA()
-
-
-GA_METHOD = register_method(Method("ga", _objective, retain="none", summary="GA: +log p(y|x), token mean"))
+GA_METHOD = register_method(Method("ga", GA, retain="none", defaults={}, summary="GA: +log p(y|x), token mean"))

@@ -54,7 +54,7 @@ class IdkDPO(PairObjective):
 
     name = "idk_dpo"
 
-    def __init__(self, beta: float = 0.1, scale=None):
+    def __init__(self, beta: float, scale=None):
         self.beta = check_beta(beta)
         self.scale = 2.0 / self.beta if scale is None else check_finite(scale, "scale")
 
@@ -69,9 +69,6 @@ class IdkDPO(PairObjective):
         return -self.scale * F.logsigmoid(self.beta * delta)
 
 
-def _objective(beta=None, gamma=0.0):
-    return IdkDPO(0.1 if beta is None else beta)  # DPO has no margin: gamma is not used
-
-
-IDK_DPO = register_method(Method("idk_dpo", _objective, retain="nll", reference="logp", alternate="idk",
+IDK_DPO = register_method(Method("idk_dpo", IdkDPO, retain="nll", reference="logp", alternate="idk",
+                                 defaults={"beta": 0.1},  # DPO has no margin: a gamma given to it is not used
                                  summary="IdkDPO: -(2/beta) logsigmoid(beta (log-ratio(idk) - log-ratio(forget)))"))

@@ -2,10 +2,5 @@
 from ..objectives import SimNPO
 from .base import Method, register_method
 
-
-def _objective(beta=None, gamma=0.0):
-    return SimNPO(2.5 if beta is None else beta, gamma)
-
-
-SIMNPO = register_method(Method("simnpo", _objective, retain="nll",
+SIMNPO = register_method(Method("simnpo", SimNPO, retain="nll", defaults={"beta": 2.5, "gamma": 0.0},
                                 summary="SimNPO: -(2/beta) logsigmoid(-(beta/|y|) log p(y|x) - gamma)"))

@@ -42,6 +42,21 @@ class SequenceObjective:
         reference, ``backends/filter.py``), or ``None`` when there is none (no row filtering by bound)."""
         return None
 
+    def seq_weight_fn(self, n_tokens: torch.Tensor, extras: Dict[str, torch.Tensor], scale: float = 1.0):
+        """The backend's per-sequence weight function (``backends/base.py``, ``fused_seq_loss``): ``fn(logp_sum
+        chunk, sequence indices idx) -> (f, scale * df/dlogp_sum)`` of those sequences, ``f`` unscaled, ``g``
+        scaled. ``g`` is the autograd derivative of :meth:`__call__` on the chunk (``n_tokens`` and every extra
+        indexed by ``idx``), so any objective gets its exact per-sequence weight."""
+        def fn(logp_chunk: torch.Tensor, idx: torch.Tensor):
+            with torch.enable_grad():
+                s = logp_chunk.detach().requires_grad_(True)
+                sub = {k: v.index_select(0, idx) for k, v in extras.items()}
+                f = self(s, n_tokens.index_select(0, idx), **sub)
+                (g,) = torch.autograd.grad(f.sum(), s)
+            return f.detach(), g * scale
+
+        return fn
+
     def denominator(self, n_tokens: torch.Tensor) -> int:
         if self.per == "token":
             return int(n_tokens.sum())

@@ -18,7 +18,7 @@ class NPO(SequenceObjective):
     name = "npo"
     per = "sequence"
 
-    def __init__(self, beta: float = 0.1):
+    def __init__(self, beta: float):
         self.beta = check_beta(beta)
 
     def per_sequence(self, logp_sum, n_tokens, *, ref_logp_sum=None, **extra):

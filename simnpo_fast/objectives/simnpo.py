@@ -19,7 +19,7 @@ class SimNPO(SequenceObjective):
     name = "simnpo"
     per = "sequence"
 
-    def __init__(self, beta: float = 2.5, gamma: float = 0.0):
+    def __init__(self, beta: float, gamma: float):
         self.beta = check_beta(beta)
         self.gamma = check_finite(gamma, "gamma")
 

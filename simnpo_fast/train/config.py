@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Union
 
 from ..errors import ConfigError
 from ..methods.finetune import FINETUNE
+from ..methods.simnpo import SIMNPO
 from ..model import ModelConfig
 from .validation import validate_config
 
@@ -42,8 +43,8 @@ class DataConfig:
 @dataclass
 class LossConfig:
     objective: str = "simnpo"  # a registered method (simnpo_fast.methods.method_names())
-    beta: Optional[float] = None  # None: the method's default (simnpo 2.5, npo 0.1)
-    gamma: float = 0.0
+    beta: Optional[float] = None  # None: the method's default (its Method.defaults in simnpo_fast/methods/)
+    gamma: float = SIMNPO.defaults["gamma"]  # SimNPO's margin (the registry's default); methods without one ignore it
     forget_weight: float = 1.0
     retain_weight: float = 1.0
     retain_loss: str = "nll"  # nll | kl (for methods with a retain term)
