@@ -99,21 +99,18 @@ def run_ours(args, device: str) -> dict:
     import torch
 
     from simnpo_fast.batch import ForgetRetainBatch
+    from simnpo_fast.criterion import UnlearningCriterion
     from simnpo_fast.distributed import apply_ac, apply_fsdp, init_distributed, mixed_precision_policy
     from simnpo_fast.model import UnlearnModel
-    from simnpo_fast.modules import UnlearningLoss
-    from simnpo_fast.train import Run, TrainConfig, train_step
+    from simnpo_fast.train import StepContext, train_step
 
     info = init_distributed(device)
     model = UnlearnModel(build_model(model_shape(args.model), device))
     apply_ac(model)
     apply_fsdp(model, mp_policy=mixed_precision_policy(info.device, "bf16"))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, foreach=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    cfg = TrainConfig()
-    cfg.optim.max_grad_norm = 1.0
-    crit = UnlearningLoss("simnpo", beta=BETA, gamma=0.0, forget_weight=1.0, retain_weight=1.0)
-    run = Run(cfg, info, model, opt, sched, SimpleNamespace(epoch=0), None, None, None, args.steps, 1, criterion=crit)
+    crit = UnlearningCriterion("simnpo", beta=BETA, gamma=0.0, forget_weight=1.0, retain_weight=1.0)
+    ctx = StepContext(model=model, criterion=crit, optimizer=opt, device=info.device, max_grad_norm=1.0)
     f, r = batches(args)
     batch = ForgetRetainBatch(*(torch.cat([f[k], r[k]]) for k in ("input_ids", "attention_mask", "labels")),
                               n_forget=args.B, index=torch.arange(args.B))
@@ -123,7 +120,7 @@ def run_ours(args, device: str) -> dict:
             base = _reset_peak(device)
         _sync(device)
         t0 = time.perf_counter()
-        rec = train_step(run, [batch])
+        rec = train_step(ctx, [batch])
         _sync(device)
         times.append(time.perf_counter() - t0)
         losses.append(rec.loss)

@@ -35,16 +35,17 @@ TWIN = dict(MODEL, vocab_size=512, hidden_size=64, intermediate_size=128, num_hi
 
 
 def _step(shape: dict):
-    """Build ``shape`` (seed 0), shard it, take one optimizer step with the gradients kept; returns the run."""
+    """Build ``shape`` (seed 0), shard it, take one optimizer step with the gradients kept; returns its
+    :class:`~simnpo_fast.train.StepContext`."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from bench.gpu_unlearn import batches
     from simnpo_fast.batch import ForgetRetainBatch
+    from simnpo_fast.criterion import UnlearningCriterion
     from simnpo_fast.distributed import apply_fsdp, init_distributed, mixed_precision_policy
     from simnpo_fast.model import UnlearnModel
-    from simnpo_fast.modules import UnlearningLoss
-    from simnpo_fast.train import Run, TrainConfig
+    from simnpo_fast.train import StepContext
     from simnpo_fast.train.step import clip_and_check, forward_backward, step_counts
 
     info = init_distributed("cpu")
@@ -55,17 +56,16 @@ def _step(shape: dict):
     del hf
     gc.collect()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, foreach=True)
-    crit = UnlearningLoss("simnpo", beta=2.5, gamma=0.0, forget_weight=1.0, retain_weight=1.0)
-    cfg = TrainConfig()
-    run = Run(cfg, info, model, opt, None, None, None, None, None, 1, 1, criterion=crit)
+    crit = UnlearningCriterion("simnpo", beta=2.5, gamma=0.0, forget_weight=1.0, retain_weight=1.0)
+    ctx = StepContext(model=model, criterion=crit, optimizer=opt, device=info.device, max_grad_norm=1.0)
     a = argparse.Namespace(model=json.dumps(shape), B=1, T=32, prompt=4)
     f, r = batches(a)
     batch = ForgetRetainBatch(*(torch.cat([f[k], r[k]]) for k in ("input_ids", "attention_mask", "labels")),
                               n_forget=1, index=torch.arange(1))
-    stats = forward_backward(run, [batch], step_counts(run, [batch]))
-    clip_and_check(run, stats.loss)
+    stats = forward_backward(ctx, [batch], step_counts(ctx, [batch]))
+    clip_and_check(ctx, stats.loss)
     opt.step()  # the moments now exist; the gradients are kept (no zero_grad)
-    return run
+    return ctx
 
 
 def _local_bytes(t) -> int:
@@ -75,12 +75,12 @@ def _local_bytes(t) -> int:
     return t.numel() * t.element_size()
 
 
-def tensor_bytes(run) -> dict:
+def tensor_bytes(ctx) -> dict:
     """Bytes of this rank's parameter shards, gradient shards and optimizer state tensors."""
     import torch
 
-    params = [p for p in run.model.parameters()]
-    states = [v for s in run.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    params = [p for p in ctx.model.parameters()]
+    states = [v for s in ctx.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
     return {"parameters": sum(_local_bytes(p) for p in params),
             "gradients": sum(_local_bytes(p.grad) for p in params if p.grad is not None),
             "optimizer_states": sum(_local_bytes(v) for v in states)}
@@ -97,11 +97,11 @@ def worker(args) -> None:
     gc.collect()
     barrier()
     base = rss_kib()
-    run = _step(json.loads(args.model))
+    ctx = _step(json.loads(args.model))
     gc.collect()
     barrier()
     me = {"rank": rank(), "base_mib": base / 1024, "state_mib": (rss_kib() - base) / 1024,
-          "hwm_mib": rss_kib("VmHWM") / 1024, "tensors_mib": {k: v / 2**20 for k, v in tensor_bytes(run).items()}}
+          "hwm_mib": rss_kib("VmHWM") / 1024, "tensors_mib": {k: v / 2**20 for k, v in tensor_bytes(ctx).items()}}
     everyone = gather_objects(me)
     if rank() == 0:
         with open(args.out_file, "w") as f:

@@ -52,10 +52,10 @@ def _ours(args):
     import torch
 
     from simnpo_fast.batch import ForgetRetainBatch
+    from simnpo_fast.criterion import UnlearningCriterion
     from simnpo_fast.distributed import apply_fsdp, init_distributed, mixed_precision_policy
     from simnpo_fast.model import UnlearnModel
-    from simnpo_fast.modules import UnlearningLoss
-    from simnpo_fast.train import Run, TrainConfig, train_step
+    from simnpo_fast.train import StepContext, train_step
     from transformers import LlamaForCausalLM
 
     info = init_distributed("cpu")
@@ -64,20 +64,13 @@ def _ours(args):
     model = UnlearnModel(hf)
     apply_fsdp(model, mp_policy=mixed_precision_policy(info.device, "no"))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, foreach=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    cfg = TrainConfig()
-    cfg.optim.max_grad_norm = 1.0
-    crit = UnlearningLoss("simnpo", beta=2.5, gamma=0.0, forget_weight=1.0, retain_weight=1.0)
-
-    class _Stream:
-        epoch = 0
-
-    run = Run(cfg, info, model, opt, sched, _Stream(), None, None, None, 1, 1, criterion=crit)
+    crit = UnlearningCriterion("simnpo", beta=2.5, gamma=0.0, forget_weight=1.0, retain_weight=1.0)
+    ctx = StepContext(model=model, criterion=crit, optimizer=opt, device=info.device, max_grad_norm=1.0)
     f, r = _batch(args, 1), _batch(args, 2)
     batch = ForgetRetainBatch(*(torch.cat([f[k], r[k]]) for k in ("input_ids", "attention_mask", "labels")),
                               n_forget=args.B, index=torch.arange(args.B))
     n_tok = int(batch.attention_mask.sum())
-    return lambda: train_step(run, [batch]), n_tok
+    return lambda: train_step(ctx, [batch]), n_tok
 
 
 def _hf(args, tmp):

@@ -5,6 +5,7 @@ The public surface is small::
     sequence_logprob(hidden, weight, labels)          -> (logp_sum [B], n_tokens [B])
     simnpo_loss / npo_loss / ga_loss / nll_loss       -> scalar (or [B] with reduction="none")
     FusedSimNPOLoss, FusedNPOLoss, FusedNLLLoss, FusedGALoss, UnlearningLoss   (nn.Modules)
+    UnlearningCriterion                               method + retain term + normalisation: criterion(head, hidden, batch, counts)
     get_method(name) -> Method                        the method registry (simnpo, npo, ga, graddiff, finetune)
     ForgetRetainBatch, StepCounts                     one micro-batch's layout, one optimizer step's global counts
     patch(hf_model)                                   HF drop-in: forward(labels=...) returns the fused loss
@@ -13,6 +14,7 @@ No function holds the [tokens, vocab] logits unless backend="reference" is asked
 """
 from .backends import available_backends, get_backend
 from .batch import ForgetRetainBatch, StepCounts
+from .criterion import UnlearningCriterion
 from .methods import Method, get_method, method_names, register_method
 from .modules import (FusedGALoss, FusedNLLLoss, FusedNPOLoss, FusedSimNPOLoss, LossOutput, ReferenceHead,
                       UnlearningLoss)
@@ -31,7 +33,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "sequence_logprob", "simnpo_loss", "npo_loss", "ga_loss", "nll_loss", "kl_loss", "fused_sequence_loss",
-    "FusedSimNPOLoss", "FusedNPOLoss", "FusedNLLLoss", "FusedGALoss", "UnlearningLoss", "LossOutput",
+    "FusedSimNPOLoss", "FusedNPOLoss", "FusedNLLLoss", "FusedGALoss", "UnlearningLoss", "UnlearningCriterion",
+    "LossOutput",
     "ReferenceHead", "ForgetRetainBatch", "StepCounts", "Method", "get_method", "method_names", "register_method",
     "SequenceObjective", "SimNPO", "NPO", "GA", "NLL", "OBJECTIVES",
     "available_backends", "get_backend", "patch", "__version__",

@@ -22,7 +22,6 @@ is kept). A method with alternate answers (IdkDPO) trains on a dataset whose ite
 """
 from __future__ import annotations
 
-import functools
 import os
 from typing import Optional
 
@@ -30,10 +29,10 @@ import torch
 import transformers
 
 from .batch import ForgetRetainBatch, StepCounts
+from .criterion import UnlearningCriterion
 from .data import DataCollator
 from .likelihood import sequence_logps
 from .model import patch
-from .modules import UnlearningLoss
 
 
 class ForgetRetainCollator:
@@ -98,9 +97,10 @@ def add_reference_logps(dataset, model, collator: DataCollator, batch_size: int 
 class UnlearningTrainer(transformers.Trainer):
     """``transformers.Trainer`` whose ``compute_loss`` is the fused unlearning loss on forget/retain batches.
 
-    ``objective`` names a registered method (:func:`simnpo_fast.methods.get_method`); the other keywords go to
-    :class:`~simnpo_fast.modules.UnlearningLoss`. The defaults are the library's (SimNPO beta 2.5, weights 1);
-    :meth:`from_preset` takes a paper setting's instead (``tofu_forget10``: beta 4.5, forget weight 0.125, ...)."""
+    ``objective`` names a registered method (:func:`simnpo_fast.methods.get_method`); the other keywords build its
+    :class:`~simnpo_fast.criterion.UnlearningCriterion` (``self.criterion``). The defaults are the library's (the
+    method's ``beta`` / ``gamma`` from the registry, weights 1); :meth:`from_preset` takes a paper setting's instead
+    (``tofu_forget10``: beta 4.5, forget weight 0.125, ...)."""
 
     @classmethod
     def from_preset(cls, name: str, *args, output_dir: Optional[str] = None, **kw) -> "UnlearningTrainer":
@@ -113,11 +113,11 @@ class UnlearningTrainer(transformers.Trainer):
             kw["args"] = preset_training_arguments(name, output_dir or os.path.join("runs", name))
         return cls(*args, **loss, **kw)
 
-    def __init__(self, *args, objective: str = "simnpo", beta: Optional[float] = None, gamma: float = 0.0,
+    def __init__(self, *args, objective: str = "simnpo", beta: Optional[float] = None, gamma: Optional[float] = None,
                  forget_weight: float = 1.0, retain_weight: float = 1.0, grad_filter="auto",
                  normalize: str = "token", **kw):
-        self.criterion = UnlearningLoss(objective, forget_weight=forget_weight, retain_weight=retain_weight,
-                                        beta=beta, gamma=gamma, grad_filter=grad_filter, normalize=normalize)
+        self.criterion = UnlearningCriterion(objective, forget_weight=forget_weight, retain_weight=retain_weight,
+                                             beta=beta, gamma=gamma, grad_filter=grad_filter, normalize=normalize)
         if self.criterion.retain_loss == "kl":
             raise ValueError("UnlearningTrainer has no frozen reference model: use a retain NLL method")
         model = kw.get("model", args[0] if args else None)
@@ -165,8 +165,7 @@ class UnlearningTrainer(transformers.Trainer):
         if self.args.world_size > 1:
             def reduce(c):
                 return self.accelerator.gather(c.to(device or self.args.device)).reshape(-1, c.numel()).sum(0)
-        return StepCounts.of([self._batch(b) for b in batches], self.criterion.method, reduce,
-                             normalize=self.criterion.normalize)
+        return self.criterion.step_counts([self._batch(b) for b in batches], reduce)
 
     def step_counts(self, batches, device=None) -> Optional[dict]:
         """The step's loss denominators as ``{"forget": forget sequences with an answer token (tokens for GA /
@@ -178,8 +177,8 @@ class UnlearningTrainer(transformers.Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         batch = self._batch(inputs)
         counts = num_items_in_batch if isinstance(num_items_in_batch, StepCounts) else None
-        loss_fn = functools.partial(self.criterion.batch_loss, batch=batch, counts=counts)
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, loss_fn=loss_fn)
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                    loss_fn=self.criterion.head_loss(batch, counts))
         self.last_terms = {k: v.detach() for k, v in out.terms.items()}
         loss = out.loss
         if counts is not None and self.accelerator.num_processes > 1:

@@ -13,8 +13,8 @@ gradient correctly. So:
   ``[norm, lm_head]`` as one unit and the rest (embeddings; and the LM head when it is tied to them) in the root.
 * :func:`patch` makes an existing HF model's ``forward(..., labels=...)`` return the fused loss (HF drop-in).
 
-Head losses (``loss_fn(weight, bias, hidden, **kw)``): :meth:`UnlearningLoss.batch_loss
-<simnpo_fast.modules.UnlearningLoss.batch_loss>` (unlearning), :func:`logprob_head`, :func:`nll_head`;
+Head losses (``loss_fn(weight, bias, hidden, **kw)``): :meth:`UnlearningCriterion.head_loss
+<simnpo_fast.criterion.UnlearningCriterion.head_loss>` (unlearning), :func:`logprob_head`, :func:`nll_head`;
 :class:`FrozenReference` gives the retain KL its reference. :func:`backbone_of` / :func:`final_hidden` reach
 any HF causal LM's final hidden states.
 """
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .modules import ReferenceHead
+from .criterion import ReferenceHead
 from .objectives import NLL
 from .ops import fused_sequence_loss, sequence_logprob
 
@@ -265,7 +265,7 @@ class UnlearnModel(nn.Module):
 
 
 # ----------------------------------------------------------------------------- head losses
-# Each is loss_fn(weight, bias, hidden, **kw); UnlearningLoss.batch_loss is the unlearning one.
+# Each is loss_fn(weight, bias, hidden, **kw); UnlearningCriterion.head_loss(batch, counts) is the unlearning one.
 
 def logprob_head(weight, bias, hidden, *, labels, backend=None, shift: bool = True):
     """``(logp_sum [B], n_tokens [B])`` of ``labels`` (use under ``torch.no_grad()`` to cache them;
@@ -329,8 +329,8 @@ def patch(model, *, ignore_index: int = -100, backend=None):
       the autocast dtype under ``torch.autocast`` like HF's head (fp16 + ``GradScaler`` works: the loss scale is
       applied in fp32 before the gradients are rounded to fp16, see ``simnpo_fast/ops.py``);
     * ``model(input_ids, attention_mask, loss_fn=fn)`` returns ``fn(weight, bias, hidden)`` computed inside the
-      head's forward (e.g. ``functools.partial(criterion.batch_loss, batch=..., counts=...)``, as
-      :class:`simnpo_fast.hf.UnlearningTrainer` does).
+      head's forward (e.g. ``criterion.head_loss(batch, counts)``, as :class:`simnpo_fast.hf.UnlearningTrainer`
+      does).
 
     Returns the same model object. Idempotent.
     """

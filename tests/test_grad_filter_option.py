@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from simnpo_fast.backends.filter import GradFilter
+from simnpo_fast.batch import ForgetRetainBatch
+from simnpo_fast.criterion import Head
 from simnpo_fast.errors import ConfigError
 from simnpo_fast.modules import FusedSimNPOLoss, UnlearningLoss
 from simnpo_fast.train.config_io import load_config
@@ -86,7 +88,8 @@ def test_trainer_config_key_reaches_the_criterion():
     crit = build_criterion(cfg)
     h, w, labels = _batch()
     _, dh0, dw0, _ = _oracle_grads(h, w, labels, drop_saturated=True)
-    _, dh, dw = _grads(lambda a, b, y: crit(b, a, y).loss, h, w, labels)
+    forget_only = ForgetRetainBatch(torch.zeros_like(labels), torch.ones_like(labels), labels, labels.shape[0])
+    _, dh, dw = _grads(lambda a, b, y: crit(Head(b), a, forget_only).loss, h, w, labels)
     assert _close(dh, dh0) and _close(dw, dw0) and (dh[3:] == 0).all()
     for bad in ("loss.grad_filter=sometimes", "loss.grad_filter={rows: 1.5}", "loss.grad_filter={row: 0.1}"):
         with pytest.raises(ConfigError, match="loss.grad_filter"):

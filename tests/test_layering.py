@@ -18,7 +18,7 @@ LAYERS = [
     ("foundation", {"errors", "synthetic_batch"}),
     ("Triton kernels", {"kernels"}),
     ("backends", {"_inputs", "backends", "objectives"}),
-    ("losses", {"ops", "methods", "batch", "modules"}),
+    ("losses", {"ops", "methods", "batch", "criterion", "modules"}),
     ("data and processes", {"data", "distributed"}),
     ("model glue", {"model", "hf", "likelihood", ""}),
     ("training", {"train"}),

@@ -11,8 +11,9 @@
 ``datasets``        the run's tokenizer and encoded forget / retain datasets (synthetic corpus on demand)
 ``stream``          ``StepStream``: per optimizer step, this rank's ``ForgetRetainBatch`` micro-batches
 ``schedule``        the learning-rate schedule
-``setup``           ``Run`` and ``setup``: process group, sharded model (+ frozen reference), loss, optimizer
-``step``            one optimizer step in named pieces -> ``StepRecord``
+``setup``           ``Run`` (a ``StepContext`` with the run's state) and ``setup``: process group, sharded model
+                    (+ frozen reference), criterion, optimizer
+``step``            ``StepContext`` and ``train_step``: one optimizer step in named pieces -> ``StepRecord``
 ``loop``            the loop of one stage: start / resume, steps, checkpoints, evaluation, export
 ``stages``          ``train``: the finetune stage, then the method, each through the same loop
 ``metrics``         JSONL log, progress bar, curves, peak memory
@@ -31,13 +32,13 @@ from .loop import TrainResult, run_loop
 from .schedule import lr_lambda
 from .setup import Run, setup
 from .stages import RUN_ARTIFACTS, Stage, stages, train
-from .step import StepRecord, StepStats, train_step
+from .step import StepContext, StepRecord, StepStats, train_step
 from .stream import StepStream
 
 __all__ = [
     "apply_overrides", "CheckpointConfig", "CONFIG_DIR", "config_path", "config_to_dict", "config_yaml",
     "DataConfig", "finetune_config", "FINETUNE_METHOD", "FinetuneConfig", "grad_accum", "load_config", "LossConfig",
     "lr_lambda", "NonFiniteError", "OptimConfig", "ParallelConfig", "prepare_data", "read_config_file", "Run",
-    "RUN_ARTIFACTS", "run_loop", "save_config", "setup", "Stage", "stages", "StepRecord", "StepStats", "StepStream",
-    "train", "train_step", "TrainConfig", "TrainResult",
+    "RUN_ARTIFACTS", "run_loop", "save_config", "setup", "Stage", "stages", "StepContext", "StepRecord", "StepStats",
+    "StepStream", "train", "train_step", "TrainConfig", "TrainResult",
 ]

@@ -15,42 +15,41 @@ import math
 import random
 import re
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
 from ..distributed import (DistInfo, apply_ac, apply_compile, apply_fsdp, init_distributed,
                            mixed_precision_policy)
+from ..criterion import UnlearningCriterion
 from ..errors import ModelError
 from ..model import FrozenReference, UnlearnModel, build_hf_model
-from ..modules import UnlearningLoss
 from .config import TrainConfig, grad_accum
 from .datasets import prepare_alternates, prepare_data
 from .schedule import build_scheduler
+from .step import StepContext
 from .stream import StepStream
 
 
-@dataclass
-class Run:
-    """The live state of a run; ``step`` counts the optimizer steps taken."""
+@dataclass(kw_only=True)
+class Run(StepContext):
+    """The live state of a run: its :class:`~simnpo_fast.train.step.StepContext` (model, criterion, optimizer,
+    schedule, reference caches, ``step`` = optimizer steps taken) plus the config, the process group, the step
+    stream, the tokenizer, the forget / retain datasets and the method's alternate answers (or None)."""
 
     cfg: TrainConfig
     info: DistInfo
-    model: UnlearnModel
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
     stream: StepStream
     tokenizer: Any
     forget: Any
     retain: Any
     total_steps: int
     accum: int
-    criterion: Optional[UnlearningLoss] = None
-    reference: Optional[FrozenReference] = None  # the frozen reference model of a retain KL
-    ref_logp: Optional[torch.Tensor] = None  # cached reference log p(y|x) per forget example ("logp" methods)
-    step: int = 0
-    alternates: Any = None  # the method's alternate answers (data.alternates.AlternateAnswers), or None
-    ref_alt_logp: Optional[torch.Tensor] = None  # cached reference log p per alternate candidate ("logp" methods)
+    alternates: Any = None
+
+    @property
+    def epoch(self) -> int:
+        return self.stream.epoch
 
 
 #: parameter names without weight decay under ``optim.weight_decay_rule: hf``: transformers
@@ -72,10 +71,11 @@ def param_groups(model, optim_cfg) -> list:
             {"params": [p for n, p in params if n in skip], "weight_decay": 0.0}]
 
 
-def build_criterion(cfg: TrainConfig) -> UnlearningLoss:
+def build_criterion(cfg: TrainConfig) -> UnlearningCriterion:
     L = cfg.loss
-    return UnlearningLoss(L.objective, forget_weight=L.forget_weight, retain_weight=L.retain_weight, beta=L.beta,
-                          gamma=L.gamma, retain_loss=L.retain_loss, grad_filter=L.grad_filter, normalize=L.normalize)
+    return UnlearningCriterion(L.objective, forget_weight=L.forget_weight, retain_weight=L.retain_weight,
+                               beta=L.beta, gamma=L.gamma, retain_loss=L.retain_loss, grad_filter=L.grad_filter,
+                               normalize=L.normalize)
 
 
 def _shard(model: UnlearnModel, cfg: TrainConfig, info: DistInfo, reshard: bool) -> None:
@@ -149,5 +149,6 @@ def setup(cfg: TrainConfig) -> Run:
     optimizer = torch.optim.AdamW(param_groups(model, o), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                   weight_decay=o.weight_decay, foreach=True)
     scheduler = build_scheduler(optimizer, o, total)
-    return Run(cfg, info, model, optimizer, scheduler, stream, tok, forget, retain, total, accum,
-               criterion=criterion, reference=reference, alternates=alternates)
+    return Run(model=model, criterion=criterion, optimizer=optimizer, scheduler=scheduler, device=info.device,
+               max_grad_norm=o.max_grad_norm, reference=reference, cfg=cfg, info=info, stream=stream, tokenizer=tok,
+               forget=forget, retain=retain, total_steps=total, accum=accum, alternates=alternates)

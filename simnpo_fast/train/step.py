@@ -1,5 +1,12 @@
 """One optimizer step, in named pieces: counts -> forward_backward -> check / clip -> optimizer step -> record.
 
+    ctx = StepContext(model=model, criterion=UnlearningCriterion("simnpo"), optimizer=opt, max_grad_norm=1.0)
+    record = train_step(ctx, batches)       # batches: this rank's ForgetRetainBatch micro-batches of the step
+
+``model(input_ids, attention_mask, loss_fn)`` must run ``loss_fn(weight, bias, final hidden states)`` inside its
+LM head's forward (:class:`~simnpo_fast.model.UnlearnModel`, sharded or not). The training loop's
+:class:`~simnpo_fast.train.setup.Run` is a :class:`StepContext` with the run's data, config and folder state.
+
 Exact normalisation. The step's micro-batches (``grad_accum`` on each of ``world_size`` ranks) are counted
 first, once, and all-reduced (:meth:`StepCounts.of <simnpo_fast.batch.StepCounts.of>`): forget sequences with an
 answer token (answer tokens for a ``per="token"`` method) and retain answer tokens of the *whole* step. Every
@@ -10,18 +17,44 @@ and micro-batches.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import time
-from dataclasses import dataclass
-from typing import List, Optional
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
 
 import torch
 
 from ..batch import ForgetRetainBatch, StepCounts
+from ..criterion import UnlearningCriterion
 from ..distributed import all_reduce_sum, clip_grad_norm_
 from ..errors import NonFiniteError
+from ..model import FrozenReference
 from .metrics import peak_memory_mb
+
+
+@dataclass(kw_only=True)
+class StepContext:
+    """What an optimizer step reads and advances: the model, the criterion (method, retain term, normalisation),
+    the optimizer and its optional LR ``scheduler``, the ``device`` of the batches, ``max_grad_norm`` (0: no
+    clipping, the norm is still computed), the frozen ``reference`` model of a retain KL, the cached reference
+    log-likelihoods ``ref_logp`` (one per forget example) and ``ref_alt_logp`` (one per alternate candidate) of a
+    ``reference="logp"`` method, and ``step``, the optimizer steps taken."""
+
+    model: torch.nn.Module
+    criterion: UnlearningCriterion
+    optimizer: torch.optim.Optimizer
+    scheduler: Any = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    max_grad_norm: float = 0.0
+    reference: Optional[FrozenReference] = None
+    ref_logp: Optional[torch.Tensor] = None
+    ref_alt_logp: Optional[torch.Tensor] = None
+    step: int = 0
+
+    @property
+    def epoch(self) -> int:
+        """The data epoch a step's record names (0: a context without a data stream)."""
+        return 0
 
 
 @dataclass
@@ -81,77 +114,75 @@ class StepRecord:
         return d
 
 
-def step_counts(run, batches: List[ForgetRetainBatch]) -> StepCounts:
+def step_counts(ctx: StepContext, batches: List[ForgetRetainBatch]) -> StepCounts:
     """The step's global counts (one all-reduce); an error when no rank holds a forget answer token."""
-    dev = run.info.device
-    counts = StepCounts.of(batches, run.criterion.method, reduce=lambda c: all_reduce_sum(c.to(dev)),
-                           normalize=run.criterion.normalize)
+    counts = ctx.criterion.step_counts(batches, reduce=lambda c: all_reduce_sum(c.to(ctx.device)))
     if counts.forget <= 0:
         raise ValueError("this step holds no forget answer token on any rank (check the labels / template)")
     return counts
 
 
-def forward_backward(run, batches: List[ForgetRetainBatch], counts: StepCounts) -> StepStats:
+def forward_backward(ctx: StepContext, batches: List[ForgetRetainBatch], counts: StepCounts) -> StepStats:
     """Forward and backward of every micro-batch (gradients accumulate); the loss runs inside the LM head's
-    forward (:meth:`UnlearningLoss.batch_loss <simnpo_fast.modules.UnlearningLoss.batch_loss>`)."""
+    forward (:meth:`UnlearningCriterion.head_loss <simnpo_fast.criterion.UnlearningCriterion.head_loss>`)."""
     stats = StepStats()
     for b in batches:
-        b = b.to(run.info.device, non_blocking=True)
-        if run.ref_logp is not None:
-            b = b.with_ref_logp(run.ref_logp, run.ref_alt_logp)
+        b = b.to(ctx.device, non_blocking=True)
+        if ctx.ref_logp is not None:
+            b = b.with_ref_logp(ctx.ref_logp, ctx.ref_alt_logp)
         reference = None
-        if run.reference is not None and b.n_retain > 0:
-            reference = run.reference(*b.retain_inputs())
-        loss_fn = functools.partial(run.criterion.batch_loss, batch=b, counts=counts, reference=reference)
-        out = run.model(b.input_ids, b.attention_mask, loss_fn)
+        if ctx.reference is not None and b.n_retain > 0:
+            reference = ctx.reference(*b.retain_inputs())
+        out = ctx.model(b.input_ids, b.attention_mask, ctx.criterion.head_loss(b, counts, reference))
         out.loss.backward()
         stats.add(out.loss, out.terms)
-    return stats.all_reduce(run.info.device)
+    return stats.all_reduce(ctx.device)
 
 
-def clip_and_check(run, loss: float) -> float:
-    """The global gradient norm (clipped to ``optim.max_grad_norm`` when > 0); a non-finite loss or norm drops
-    the gradients and raises :class:`~simnpo_fast.errors.NonFiniteError` before any update."""
-    gnorm = float(clip_grad_norm_(run.model.parameters(), run.cfg.optim.max_grad_norm))
+def clip_and_check(ctx: StepContext, loss: float) -> float:
+    """The global gradient norm (clipped to ``max_grad_norm`` when > 0); a non-finite loss or norm drops the
+    gradients and raises :class:`~simnpo_fast.errors.NonFiniteError` before any update."""
+    gnorm = float(clip_grad_norm_(ctx.model.parameters(), ctx.max_grad_norm))
     if not (math.isfinite(loss) and math.isfinite(gnorm)):
-        run.optimizer.zero_grad(set_to_none=True)
-        raise NonFiniteError(f"step {run.step + 1}: non-finite {'loss' if not math.isfinite(loss) else 'gradient'}"
+        ctx.optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteError(f"step {ctx.step + 1}: non-finite {'loss' if not math.isfinite(loss) else 'gradient'}"
                              f" (loss={loss}, grad_norm={gnorm}); stopping before the optimizer step")
     return gnorm
 
 
-def optimizer_step(run) -> float:
-    """Update, advance the schedule, drop the gradients, count the step; returns the learning rate used."""
-    lr = run.scheduler.get_last_lr()[0]
-    run.optimizer.step()
-    run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    run.step += 1
+def optimizer_step(ctx: StepContext) -> float:
+    """Update, advance the schedule (if any), drop the gradients, count the step; returns the learning rate used."""
+    lr = ctx.scheduler.get_last_lr()[0] if ctx.scheduler is not None else ctx.optimizer.param_groups[0]["lr"]
+    ctx.optimizer.step()
+    if ctx.scheduler is not None:
+        ctx.scheduler.step()
+    ctx.optimizer.zero_grad(set_to_none=True)
+    ctx.step += 1
     return lr
 
 
-def record(run, counts: StepCounts, stats: StepStats, gnorm: float, lr: float, dt: float) -> StepRecord:
+def record(ctx: StepContext, counts: StepCounts, stats: StepStats, gnorm: float, lr: float, dt: float) -> StepRecord:
     """The step's :class:`StepRecord`: log-likelihoods per answer token (forget: over the step's forget answer
     tokens; retain: only when the retain term reports one, i.e. an NLL retain term), throughput over ``dt``."""
     has_retain = counts.retain_tokens > 0
     return StepRecord(
-        step=run.step, epoch=run.stream.epoch, loss=stats.loss, forget_loss=stats.forget_loss,
+        step=ctx.step, epoch=ctx.epoch, loss=stats.loss, forget_loss=stats.forget_loss,
         retain_loss=stats.retain_loss if has_retain else None,
         forget_loglik=stats.forget_logp / max(1.0, float(counts.forget_tokens)),
         retain_loglik=stats.retain_logp / counts.retain_tokens if has_retain and stats.retain_logp != 0 else None,
         grad_norm=gnorm, lr=lr, tokens=counts.tokens, tokens_per_s=counts.tokens / dt, step_time_s=dt,
-        peak_mem_mb=peak_memory_mb(run.info.device),
+        peak_mem_mb=peak_memory_mb(ctx.device),
         alternate_loglik=stats.alternate_logp / counts.alternate_tokens if counts.alternate_tokens > 0 else None)
 
 
-def train_step(run, batches: List[ForgetRetainBatch], hooks: Optional[dict] = None) -> StepRecord:
-    """One optimizer step over this rank's micro-batches. ``hooks["after_backward"](run, s)`` runs before
-    update ``s`` with the step's gradients complete."""
-    counts = step_counts(run, batches)
+def train_step(ctx: StepContext, batches: List[ForgetRetainBatch], hooks: Optional[dict] = None) -> StepRecord:
+    """One optimizer step over this rank's micro-batches (``ctx.step`` then counts it).
+    ``hooks["after_backward"](ctx, s)`` runs before update ``s`` with the step's gradients complete."""
+    counts = step_counts(ctx, batches)
     t0 = time.perf_counter()
-    stats = forward_backward(run, batches, counts)
+    stats = forward_backward(ctx, batches, counts)
     if hooks and "after_backward" in hooks:
-        hooks["after_backward"](run, run.step + 1)
-    gnorm = clip_and_check(run, stats.loss)
-    lr = optimizer_step(run)
-    return record(run, counts, stats, gnorm, lr, time.perf_counter() - t0)
+        hooks["after_backward"](ctx, ctx.step + 1)
+    gnorm = clip_and_check(ctx, stats.loss)
+    lr = optimizer_step(ctx)
+    return record(ctx, counts, stats, gnorm, lr, time.perf_counter() - t0)
