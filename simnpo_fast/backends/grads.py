@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from . import gemm
-from .tiles import acc_dtype, pow2_split, row_pow2_
+from .tiles import acc_dtype, row_pow2_, split_scale
 
 
 class TileGrads:
@@ -82,14 +82,8 @@ class TileGrads:
             if w.dtype == torch.float16 and scale is None:
                 scale = row_pow2_(p)
             p = p.to(w.dtype)
-        alpha, sn = 1.0, scale  # fp16: scale = alpha * sn, alpha a power of two applied in fp32
-        if scale is not None and p.dtype == torch.float16:
-            alpha, sn = pow2_split(scale)
-        if self.db is not None:
-            if scale is None:
-                self.db.add_(p.sum(dim=0, dtype=self.acc))
-            else:
-                self.db.add_(torch.mv(p.t(), sn.to(p.dtype)).to(self.acc), alpha=alpha)
+        alpha, sn = split_scale(scale, p.dtype)  # fp16: scale = alpha * sn, alpha a power of two applied in fp32
+        self._add_db(p, sn, alpha, lambda q, s: torch.mv(q.t(), s.to(q.dtype)).to(self.acc))
         if self.dx is not None:
             if scale is None or self.dx.dtype == p.dtype:
                 # fp32 row scale (not rounded to 16 bits: that would be a systematic 2^-9 error per row)
@@ -129,9 +123,7 @@ class TileGrads:
         softmax filter, ``backends/filter.py``): per block of ``block_rows`` rows, only the vocabulary columns
         where some row has ``|p_rv| >= thr_r`` (or its target ``tgt_r``) enter the two products, on gathered
         ``W[cols]`` / ``p[:, cols]``, and ``dW[cols]`` (``db[cols]``) is added to. ``p`` must have ``w``'s dtype."""
-        alpha, sn = 1.0, scale
-        if scale is not None and p.dtype == torch.float16:
-            alpha, sn = pow2_split(scale)
+        alpha, sn = split_scale(scale, p.dtype)
         if self.dw is not None and self._dw_fresh:
             self.dw.zero_()
             self._dw_fresh = False
@@ -163,6 +155,16 @@ class TileGrads:
             if self.dw is not None:
                 xs = xc[b0:b1] if snb is None else torch.mul(xc[b0:b1], snb.unsqueeze(1)).to(xc.dtype)
                 self.dw.index_add_(0, cols, torch.mm(pc.t(), xs).to(self.acc), alpha=alpha)
+
+    def _add_db(self, p: torch.Tensor, sn: Optional[torch.Tensor], alpha: float, matvec) -> None:
+        """``db += alpha * p^T sn`` (``p``'s column sums when ``sn`` is None), ``matvec(p, sn)`` giving ``p^T sn``
+        in the accumulator's dtype."""
+        if self.db is None:
+            return
+        if sn is None:
+            self.db.add_(p.sum(dim=0, dtype=self.acc))
+        else:
+            self.db.add_(matvec(p, sn), alpha=alpha)
 
     def _scaled_rows(self, xc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """``scale * xc`` (rows scaled in fp32, rounded once to ``xc``'s dtype) in a reused ``[R, d]`` buffer."""

@@ -7,18 +7,19 @@ import torch
 
 from .grads import TileGrads
 from .inputs import GradNeeds, HeadInputs
-from .tiles import RowSource, acc_dtype
+from .tiles import RowSource, TileBuffer, acc_dtype, tile_logits
 
 #: rows of the per-row-block epilogue of the KL tiles (three [rows, V] fp32 temporaries)
 KL_BLOCK_ROWS = 32
 
 
-def _fp32_logits(xc, w, b, out):
-    """``xc w^T (+ b)`` written into the fp32 (fp64 for fp64 inputs) buffer ``out``."""
-    if xc.dtype == out.dtype:
-        torch.mm(xc, w.t(), out=out)
-    else:  # low-precision GEMM (fp32 accumulation inside), widened once
-        out.copy_(torch.mm(xc, w.t()))
+def _fp32_logits(xc, w, b, buf: TileBuffer):
+    """``xc w^T (+ b)`` as an fp32 (fp64 for fp64 inputs) tile: by the tile engine (``backends/gemm.py``; into
+    ``buf`` where it writes in place) when the GEMM runs in that dtype, else the 16-bit product (fp32 accumulation
+    inside) widened once into ``buf``."""
+    if xc.dtype == buf.dtype:
+        return tile_logits(xc, w, b, buf.take)
+    out = buf.take(xc.shape[0]).copy_(torch.mm(xc, w.t()))
     if b is not None:
         out.add_(b.to(out.dtype))
     return out
@@ -57,14 +58,13 @@ def chunked_kl(inp: HeadInputs, ref: HeadInputs, scale, needs: GradNeeds, R: int
     """
     x, w, b = inp.x, inp.w, inp.b
     acc_t = acc_dtype(x)
-    M, V = inp.num_rows, w.shape[0]
+    M = inp.num_rows
     acc = TileGrads(x, w, b, *needs)
     total = torch.zeros((), dtype=acc_t, device=x.device)
     if M == 0:
         return (total, *acc.finish())
     n = min(R, M)
-    zbuf = torch.empty(n * V, dtype=acc_t, device=x.device)
-    rbuf = torch.empty(n * V, dtype=acc_t, device=x.device)
+    zbuf, rbuf = TileBuffer(n, x, w, dtype=acc_t), TileBuffer(n, ref.x, ref.w, dtype=acc_t)
     flt = inp.grad_filter
     per_row = isinstance(scale, torch.Tensor)
     # the filter needs the tile in the GEMM dtype (fp32 / fp64 inputs, or 16-bit ones widened to fp32)
@@ -73,16 +73,15 @@ def chunked_kl(inp: HeadInputs, ref: HeadInputs, scale, needs: GradNeeds, R: int
     for r0 in range(0, M, R):
         r1 = min(M, r0 + R)
         xc = src.get(r0, r1)
-        z = _fp32_logits(xc, w, b, zbuf[: (r1 - r0) * V].view(r1 - r0, V))
-        zr = _fp32_logits(rsrc.get(r0, r1), ref.w, ref.b, rbuf[: (r1 - r0) * V].view(r1 - r0, V))
+        z = _fp32_logits(xc, w, b, zbuf)
+        zr = _fp32_logits(rsrc.get(r0, r1), ref.w, ref.b, rbuf)
         s = scale[r0:r1] if per_row else scale
         _kl_tile_(z, zr, s, acc.any, total)
-        if not acc.any:
-            continue
-        if sparse:  # softmax filter: entries with |p - p_ref| < eps left out of the products
+        if acc.any and sparse:  # softmax filter: entries with |p - p_ref| < eps left out of the products
             thr = (flt.probs * s.abs()).to(acc_t) if per_row else torch.full(
                 (r1 - r0,), flt.probs * abs(scale), dtype=acc_t, device=x.device)
             acc.add_tile_sparse(z, xc, w, inp.dst_rows(r0, r1), None, thr, None, flt.block_rows)
-        else:
+        elif acc.any:
             acc.add_tile(z, xc, w, r0, r1, inp.rows)
+        del z, zr  # fresh tiles per step (oneDNN): drop these before the next are made
     return (total if per_row else total * scale, *acc.finish())

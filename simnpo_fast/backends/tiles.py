@@ -94,13 +94,15 @@ class TileBuffer:
     keeps the peak to exactly one tile.
     """
 
-    def __init__(self, rows: int, x: torch.Tensor, w: torch.Tensor):
-        # the tile takes w's dtype: the dtype of the tile GEMMs (fp32 for 16-bit x where they are widened)
+    def __init__(self, rows: int, x: torch.Tensor, w: torch.Tensor, dtype: Optional[torch.dtype] = None):
+        # the tile takes w's dtype (the dtype of the tile GEMMs: fp32 for 16-bit x where they are widened) unless
+        # ``dtype`` says otherwise; nothing is allocated until the first ``take``
         self.rows, self.V, self.w, self._buf = rows, w.shape[0], w, None
+        self.dtype = w.dtype if dtype is None else dtype
 
     def take(self, r: int) -> torch.Tensor:
         if self._buf is None:
-            self._buf = torch.empty(self.rows * self.V, dtype=self.w.dtype, device=self.w.device)
+            self._buf = torch.empty(self.rows * self.V, dtype=self.dtype, device=self.w.device)
         return self._buf[: r * self.V].view(r, self.V)
 
 
@@ -163,6 +165,15 @@ def pow2_split(scale: torch.Tensor) -> "tuple[float, torch.Tensor]":
         return 1.0, scale
     alpha = math.ldexp(1.0, math.frexp(amax)[1])
     return alpha, scale / alpha
+
+
+def split_scale(scale: Optional[torch.Tensor], dtype: torch.dtype) -> "tuple[float, Optional[torch.Tensor]]":
+    """``(alpha, sn)`` with ``scale = alpha * sn`` for GEMM operands of ``dtype``: fp16 takes ``pow2_split`` (a
+    power of two applied in fp32, a factor in [1/2, 1) on the operand, inside fp16's range); other dtypes (and
+    ``scale=None``) ``(1.0, scale)``."""
+    if scale is not None and dtype == torch.float16:
+        return pow2_split(scale)
+    return 1.0, scale
 
 
 def row_pow2_(p: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,7 @@ from .chunked import ChunkedBackend
 from .filter import RowRule
 from .grads import TileGrads
 from .inputs import GradNeeds, HeadInputs, SeqWeightFn
-from .tiles import pow2_split
+from .tiles import split_scale
 
 
 def _interpreting() -> bool:
@@ -189,7 +189,7 @@ class _GemmGrads(TileGrads):
     them (``torch.mm/addmm(out_dtype=torch.float32)`` on CUDA): ``dx`` rows written as fp32 (the row scale
     applied to them in fp32) and ``dW`` accumulated in fp32 inside the GEMM (``scale * x`` as the 16-bit
     operand; for fp16 split into a power of two per tile, passed as the GEMM's ``alpha``, and a factor in
-    [1/2, 1), see ``chunked.pow2_split``: one host sync per fp16 tile). Elsewhere (CPU torch, older torch), and
+    [1/2, 1), see ``tiles.split_scale``: one host sync per fp16 tile). Elsewhere (CPU torch, older torch), and
     for fp32/fp64 tiles, the chunked accumulation runs unchanged.
     """
 
@@ -203,14 +203,8 @@ class _GemmGrads(TileGrads):
     def add_tile(self, p, xc, w, r0, r1, rows=None, scale=None):
         if p.dtype == self.acc or not self._native:
             return super().add_tile(p, xc, w, r0, r1, rows, scale)
-        alpha, sn = 1.0, scale
-        if scale is not None and p.dtype == torch.float16:
-            alpha, sn = pow2_split(scale)
-        if self.db is not None:
-            if scale is None:
-                self.db.add_(p.sum(dim=0, dtype=self.acc))
-            else:
-                self.db.add_(_mm_f32_native(sn.to(p.dtype).unsqueeze(0), p).squeeze(0), alpha=alpha)
+        alpha, sn = split_scale(scale, p.dtype)
+        self._add_db(p, sn, alpha, lambda q, s: _mm_f32_native(s.to(q.dtype).unsqueeze(0), q).squeeze(0))
         if self.dx is not None:
             if scale is None:
                 prod_fn = lambda out: _mm_f32_native(p, w, out=out)  # noqa: E731
