@@ -16,7 +16,8 @@ for ``dX`` where torch runs AVX-512 code (``torch.backends.cpu.get_cpu_capabilit
 ``torch.mm`` (16-bit products already go to oneDNN through ``torch.mm`` on CPUs with native bf16 / fp16 GEMMs
 and are widened to fp32 elsewhere, ``backends/lowp.py``; fp64 has no oneDNN path; CUDA uses cuBLAS). Intel Xeon
 CPUs follow the AVX-512 rule without a measurement of their own. ``SIMNPO_FAST_TILE_GEMM=auto|torch|onednn``
-overrides (``onednn``: both products, where oneDNN can run). Both engines accumulate in fp32, each in its own
+overrides (``onednn``: both products, where oneDNN can run). A ``W`` that is not contiguous (a view) takes
+``torch.mm``, which reads any strides, rather than a copy per tile. Both engines accumulate in fp32, each in its own
 summation order; neither rounds below fp32 unless the user lowers ``torch.backends.mkldnn``'s fp32 matmul
 precision.
 
@@ -86,7 +87,7 @@ def logits(xc: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor],
            out: Optional[Callable[[int], torch.Tensor]] = None) -> torch.Tensor:
     """The logits tile ``xc w^T (+ b)`` in ``w``'s dtype. ``out(rows)`` gives a ``[rows, V]`` buffer to write into
     (used by the ``torch`` engine; oneDNN returns a fresh tile and the buffer is never asked for)."""
-    if engine(w, "logits") == "onednn" and xc.dtype == w.dtype:
+    if engine(w, "logits") == "onednn" and xc.dtype == w.dtype and w.is_contiguous():
         return _onednn(xc.contiguous(), w, None if b is None else b.to(w.dtype))
     z = torch.mm(xc, w.t()) if out is None else torch.mm(xc, w.t(), out=out(xc.shape[0]))
     if b is not None:
@@ -98,7 +99,7 @@ def rows_times_w(p: torch.Tensor, w: torch.Tensor, out: torch.Tensor,
                  scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``diag(scale) (p w)`` written into ``out`` (``[rows, d]``, ``p``'s dtype; ``scale=None``: no scaling); the
     per-row ``scale`` (fp32) is applied to the product in ``out``'s dtype, never rounded to 16 bits first."""
-    if engine(w, "dx") == "onednn" and p.dtype == w.dtype:
+    if engine(w, "dx") == "onednn" and p.dtype == w.dtype and w.is_contiguous():
         prod = _onednn(p.contiguous(), w.t())
         return out.copy_(prod) if scale is None else torch.mul(prod, scale.unsqueeze(1), out=out)
     torch.mm(p, w, out=out)
