@@ -19,7 +19,7 @@ Stages (``--stages`` picks a subset; each measurement is a fresh subprocess of `
             (method, point); quick mode: one fresh process per method measures all its points (start-up /
             compile paid once).
   scaling   time and peak memory vs N = 2048 .. 16384 at V=128256 (Llama-3), d=512, fp32, one timed call per
-            point; not in the default stages (~10 min on 2 cores): ``--stages scaling``.
+            point; not in the default stages (~20 min on 2 cores): ``--stages scaling``.
   step      python -m bench.step (the trainer's end-to-end step), its JSON embedded under ``step.result``.
   plan      python -m bench.plan_validate: planner prediction vs measured peak of small Llama models.
 Output: bench/results/<machine>-<date>[-quick].json, PNG plots next to it, bench/results/README_section.md
@@ -49,7 +49,7 @@ TARGETS = {"time_vs_naive": 0.9, "memory_vs_naive": 0.15, "time_vs_floor": 1.10,
 #: the scaling stage: Llama-3's vocabulary, N up to 16384 tokens, one timed call per point (the first, whose
 #: peak memory is measured); methods whose estimated peak exceeds the budget are marked, not run
 #: (``max_call_s``: a method whose time, extrapolated linearly in N from its previous point, exceeds it is not run
-#: at the larger points: the stage stays within ~15 min on 2 cores)
+#: at the larger points: the stage stays within ~20 min on 2 cores)
 SCALING = {"N": [2048, 4096, 8192, 16384], "d": 512, "V": 128256, "dtypes": ["fp32"], "repeats": 1,
            "max_call_s": 90.0}
 
