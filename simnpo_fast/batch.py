@@ -20,7 +20,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from ._inputs import answer_tokens
+from .packing import answer_tokens
 from .objectives import check_normalize
 
 IGNORE_INDEX = -100

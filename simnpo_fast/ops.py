@@ -15,7 +15,7 @@ from typing import Optional, Union
 
 import torch
 
-from ._inputs import check_inputs, check_reference, pack
+from .packing import check_inputs, check_reference, pack
 from .backends import Backend, ChunkedBackend, HeadInputs, get_backend
 from .backends.filter import FilterSpec, resolve
 from .backends.tiles import acc_dtype

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
     ("foundation", {"errors", "synthetic_batch"}),
     ("Triton kernels", {"kernels"}),
-    ("backends", {"_inputs", "backends", "objectives"}),
+    ("backends", {"packing", "backends", "objectives"}),
     ("losses", {"ops", "methods", "batch", "criterion", "modules"}),
     ("data and processes", {"data", "distributed"}),
     ("model glue", {"model", "hf", "likelihood", ""}),

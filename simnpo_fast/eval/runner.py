@@ -20,7 +20,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from .._inputs import pack
+from ..packing import pack
 from ..backends import get_backend
 from ..data import DataCollator
 from ..distributed import rank, world_size

@@ -1,4 +1,4 @@
-"""Input checking and the HF-style label shift, shared by every backend.
+"""Input checks and the packing of valid target rows (the HF-style label shift), shared by every backend.
 
 Every fused op starts from hidden states ``[B, T, d]`` (or ``[N, d]``), the LM-head weight ``[V, d]`` and
 labels ``[B, T]`` aligned with ``input_ids`` (prompt and padding = ``ignore_index``). With ``shift=True``
