@@ -28,7 +28,7 @@ from ..markov.chains import CHAINS, make_chain, transition_chi2
 from ..markov.core import (EvalSet, TrueChain, UnlearnData, build_model, cache_ref_logp, evaluate, make_evalset,
                            make_schedule, pretrain, unlearn)
 from ..methods import get_method
-from ..train.metrics import load_average, machine_info
+from ..train.run_log import load_average, machine_info
 
 DEFAULT_NAME = "markov"
 

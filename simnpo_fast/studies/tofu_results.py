@@ -45,7 +45,7 @@ def machine() -> str:
     """CPU model and core count (wall times depend on them; the CPU may be shared)."""
     import platform
 
-    from ..train.metrics import machine_info
+    from ..train.run_log import machine_info
 
     info = machine_info()
     return f"{info.get('cpu') or platform.processor() or platform.machine()}, {info['cores']} cores"

@@ -21,7 +21,7 @@ from ..errors import NonFiniteError, Preempted
 from ..likelihood import mean_loglik, sequence_logps
 from .checkpoint import export_hf, load_checkpoint, save_checkpoint
 from .config_io import config_yaml, save_config
-from .metrics import JsonlLogger, plot_curves, progress
+from .run_log import JsonlLogger, plot_curves, progress
 from .preempt import PreemptionGuard
 from .setup import Run
 from .step import train_step

@@ -29,7 +29,7 @@ from ..criterion import UnlearningCriterion
 from ..distributed import all_reduce_sum, clip_grad_norm_
 from ..errors import NonFiniteError
 from ..model import FrozenReference
-from .metrics import peak_memory_mb
+from .run_log import peak_memory_mb
 
 
 @dataclass(kw_only=True)
