@@ -43,6 +43,13 @@ def lowp_gemm_report() -> dict:
     return report("cpu")
 
 
+def onednn_available() -> bool:
+    """Whether torch runs oneDNN matmuls on CPU tensors here (``simnpo_fast/backends/gemm.py``)."""
+    from simnpo_fast.backends.gemm import onednn_available as available
+
+    return available()
+
+
 def tile_gemm_report() -> dict:
     """The engine of the chunked backend's fp32 / bf16 tile products here (``simnpo_fast/backends/gemm.py``)."""
     from simnpo_fast.backends.gemm import report

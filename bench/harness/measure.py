@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable
 
+from .library import onednn_available
 from .machine import ROOT
 
 EXACT_RSS_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
@@ -207,7 +208,7 @@ def gemm_floor(rows: int, d: int, V: int, dtype, repeats: int, device: str = "cp
     torch.mm(x[:64], w.t())  # library start-up
     engines = {"torch": {"t_logits": lambda: torch.mm(x, w.t(), out=o_logits),
                          "t_dx": lambda: torch.mm(g, w, out=o_dx), "t_dw": lambda: torch.mm(g.t(), x, out=o_dw)}}
-    if device == "cpu" and _onednn_cpu(dtype):
+    if device == "cpu" and dtype in (torch.float32, torch.bfloat16) and onednn_available():
         lin = torch.ops.mkldnn._linear_pointwise
         engines["onednn"] = {"t_logits": lambda: lin(x, w, None, "none", [], ""),
                              "t_dx": lambda: lin(g, w.t(), None, "none", [], ""),
@@ -221,10 +222,3 @@ def gemm_floor(rows: int, d: int, V: int, dtype, repeats: int, device: str = "cp
     return dict(out, rows=rows, d=d, V=V, floor_s=floor, gemm_gflops=6 * rows * d * V / floor / 1e9,
                 engines=times)
 
-
-def _onednn_cpu(dtype) -> bool:
-    """Whether torch runs oneDNN matmuls of ``dtype`` CPU tensors here (fp32 / bf16 builds with oneDNN)."""
-    import torch
-
-    return (dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
