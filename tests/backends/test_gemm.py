@@ -75,8 +75,13 @@ def test_fused_simnpo_under_each_engine_matches_fp64(monkeypatch, mode):
     """SimNPO on a batch whose forget set is memorised (target probabilities near 1) and with a bias."""
     monkeypatch.setenv("SIMNPO_FAST_TILE_GEMM", mode)
     h, w, lab = lm_batch(3, 40, 32, 500, dtype=torch.float32, seed=3)
-    w = w * 4.0  # peaked rows: p_t near 1 for many tokens
+    w = w * 8.0  # peaked rows: p_t near 1 for most tokens
     b = torch.randn(500, generator=torch.Generator().manual_seed(1))
+    # the regime this test is for: most answer tokens memorised (p_t > 0.99)
+    z = (h[:, :-1].double() @ w.double().t() + b.double()).log_softmax(-1)
+    tgt, valid = lab[:, 1:].clamp_min(0), lab[:, 1:] != -100
+    p_t = z.gather(-1, tgt.unsqueeze(-1)).squeeze(-1).exp()[valid]
+    assert (p_t > 0.99).float().mean() > 0.5
 
     def run(dtype, backend):
         hh = h.to(dtype).detach().requires_grad_()
